@@ -1,0 +1,308 @@
+"""Pure model functions over the params pytree, cut the way the runtime chains them.
+
+A forward pass is ``embed`` → per layer ``qkv`` / ``attend`` / ``attention_output`` (which also
+routes) → per expert group ``expert_group`` (plus ``shared_expert``) → ``logits``. The runtime
+jits each piece as its own segment over a paged KV cache; ``reference_forward`` chains the same
+pieces over one contiguous sequence with no cache, as the oracle the runtime is checked against.
+
+Numerics follow HF transformers for the same dtype: norms, softmax and router probabilities in
+float32, matmuls in the parameter dtype.
+
+Shapes: N rows (tokens of a pass), M keys, D hidden, Hq/Hkv heads, hd head dim, E experts,
+k experts per token, F expert FFN width, G experts in a group, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .params import (
+    AttentionParams,
+    ExpertParams,
+    NormParams,
+    Params,
+    SharedExpertParams,
+)
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms and RoPE
+
+
+def norm(x: Array, p: NormParams, cfg: ModelConfig) -> Array:
+    """RMSNorm (most families) or LayerNorm with bias (PhiMoE) over the last axis, in f32."""
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "layer":
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        y = y * p.weight.astype(jnp.float32) + p.bias.astype(jnp.float32)
+        return y.astype(x.dtype)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps)
+    return p.weight * y.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    # Computed in float32 exactly as HF does, so cos/sin agree bit for bit in the inputs.
+    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(
+        np.float32
+    )
+
+
+def rope(x: Array, positions: Array, cfg: ModelConfig) -> Array:
+    """Rotary embedding (rotate-half convention) at each row's own position.
+
+    x [N, H, hd], positions [N] int32 → [N, H, hd]
+    """
+    inv_freq = jnp.asarray(_inv_freq(cfg.head_dim, cfg.rope_theta))  # [hd/2]
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [N, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [N, hd]
+    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]
+    half = cfg.head_dim // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding, attention, routing
+
+
+def embed(params: Params, token_ids: Array) -> Array:
+    """token_ids [N] → residual stream [N, D]."""
+    return params.embed[token_ids]
+
+
+def _linear(x: Array, w: Array, b: Array | None) -> Array:
+    y = x @ w
+    return y if b is None else y + b
+
+
+def qkv(p: AttentionParams, cfg: ModelConfig, x: Array, positions: Array):
+    """Input norm, projections, q/k norm, clipping and RoPE.
+
+    x [N, D], positions [N] → q [N, Hq, hd], k [N, Hkv, hd], v [N, Hkv, hd]
+    """
+    n = x.shape[0]
+    h = norm(x, p.input_norm, cfg)
+    q = _linear(h, p.wq, p.bq)  # [N, Hq*hd]
+    k = _linear(h, p.wk, p.bk)  # [N, Hkv*hd]
+    v = _linear(h, p.wv, p.bv)  # [N, Hkv*hd]
+    if cfg.qk_norm == "full":  # OLMoE: one norm over all heads, before the head split
+        q, k = norm(q, p.q_norm, cfg), norm(k, p.k_norm, cfg)
+    if cfg.clip_qkv is not None:
+        c = cfg.clip_qkv
+        q, k, v = jnp.clip(q, -c, c), jnp.clip(k, -c, c), jnp.clip(v, -c, c)
+    q = q.reshape(n, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm == "head":  # Qwen3-MoE: per-head norm over hd
+        q, k = norm(q, p.q_norm, cfg), norm(k, p.k_norm, cfg)
+    return rope(q, positions, cfg), rope(k, positions, cfg), v
+
+
+def attention_mask(
+    q_pos: Array,
+    q_seq: Array,
+    k_pos: Array,
+    k_seq: Array,
+    k_valid: Array,
+    window: int | None,
+) -> Array:
+    """Which keys each query row may see: its own sequence, causal, optional sliding window.
+
+    q_pos/q_seq [N], k_pos/k_seq/k_valid [M] → [N, M] bool
+    """
+    same = q_seq[:, None] == k_seq[None, :]
+    causal = k_pos[None, :] <= q_pos[:, None]
+    mask = same & causal & k_valid[None, :]
+    if window is not None:
+        mask &= (q_pos[:, None] - k_pos[None, :]) < window
+    return mask
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, cfg: ModelConfig) -> Array:
+    """Grouped-query attention with a float32 softmax, as HF's eager attention computes it.
+
+    q [N, Hq, hd], k/v [M, Hkv, hd], mask [N, M] → [N, Hq*hd]. A row whose mask is all false
+    (a padding row) gets a harmless uniform average instead of NaN.
+    """
+    n, m = q.shape[0], k.shape[0]
+    groups = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(n, cfg.num_kv_heads, groups, cfg.head_dim)  # [N, Hkv, G, hd]
+    scores = jnp.einsum("nhgd,mhd->hgnm", qg, k) * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
+    scores = jnp.where(mask[None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [Hkv, G, N, M]
+    out = jnp.einsum("hgnm,mhd->nhgd", probs, v)  # [N, Hkv, G, hd]
+    del m
+    return out.reshape(n, cfg.q_size)
+
+
+def route(router: Array, cfg: ModelConfig, x: Array) -> tuple[Array, Array]:
+    """Router top-k: x [N, D] → weights [N, k], expert ids [N, k] int32."""
+    logits = x @ router  # [N, E]
+    if cfg.router == "sparsemixer":
+        return _sparsemixer(logits, cfg.router_jitter_eps)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, cfg.top_k)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    if not cfg.routing_weights_f32:
+        weights = weights.astype(x.dtype)
+    return weights, ids.astype(jnp.int32)
+
+
+def _sparsemixer_pick(scores: Array, candidates: Array, eps: float) -> tuple[Array, Array]:
+    """One sparsemixer step (PhiMoE at inference): the best candidate and its masked-softmax gate.
+
+    scores, candidates [N, E] (candidates = scores with earlier picks set to -inf).
+    """
+    top = candidates.max(-1, keepdims=True)  # [N, 1]
+    idx = jnp.argmax(candidates, axis=-1)[:, None]  # [N, 1]
+    factor = jnp.maximum(jnp.abs(scores), top)
+    masked = jnp.where((top - scores) / factor > 2 * eps, -jnp.inf, candidates)
+    gates = jax.nn.softmax(masked.astype(jnp.float32), axis=-1).astype(scores.dtype)
+    return jnp.take_along_axis(gates, idx, axis=-1), idx
+
+
+def _sparsemixer(scores: Array, eps: float) -> tuple[Array, Array]:
+    w1, i1 = _sparsemixer_pick(scores, scores, eps)
+    rest = jnp.where(jnp.arange(scores.shape[-1])[None, :] == i1, -jnp.inf, scores)
+    w2, i2 = _sparsemixer_pick(scores, rest, eps)
+    return jnp.concatenate([w1, w2], -1), jnp.concatenate([i1, i2], -1).astype(jnp.int32)
+
+
+def attention_output(p: AttentionParams, cfg: ModelConfig, residual: Array, attn: Array):
+    """Output projection, residual add, MoE input norm and routing.
+
+    residual [N, D], attn [N, Hq*hd] → h [N, D] (new residual), moe_in [N, D],
+    weights [N, k], ids [N, k]
+    """
+    h = residual + _linear(attn, p.wo, p.bo)
+    moe_in = norm(h, p.post_norm, cfg)
+    weights, ids = route(p.router, cfg, moe_in)
+    return h, moe_in, weights, ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts: dispatch rows to a group of experts, run their FFNs, combine weighted outputs
+
+
+def dispatch(ids: Array, group_start: Array | int, group_size: int):
+    """Sort the (row, slot) assignments that fall in experts [start, start+G) by expert.
+
+    ids [N, k] → order [N*k] (assignment index, in-group ones first, by expert), group_sizes [G],
+    in_group [N*k] (for the sorted assignments).
+    """
+    local = ids.reshape(-1) - group_start  # [N*k]
+    in_group = (local >= 0) & (local < group_size)
+    key = jnp.where(in_group, local, group_size)
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.bincount(key, length=group_size + 1)[:group_size].astype(jnp.int32)
+    return order, group_sizes, in_group[order]
+
+
+def expert_ffn(x: Array, w_gate_up: Array, w_down: Array, group_sizes: Array) -> Array:
+    """SwiGLU FFNs of G experts over rows sorted by expert.
+
+    x [M, D] (rows of expert 0, then 1, ...), w_gate_up [G, D, 2F], w_down [G, F, D],
+    group_sizes [G] → [M, D]; rows past sum(group_sizes) come out zero.
+    """
+    f = w_down.shape[1]
+    h = jax.lax.ragged_dot(x, w_gate_up, group_sizes)  # [M, 2F]
+    h = jax.nn.silu(h[:, :f]) * h[:, f:]
+    return jax.lax.ragged_dot(h, w_down, group_sizes)  # [M, D]
+
+
+def combine(y: Array, order: Array, in_group: Array, weights: Array, num_rows: int) -> Array:
+    """Weight each sorted expert output and add it back to its row.
+
+    y [N*k, D] sorted outputs, weights [N, k] → [N, D]
+    """
+    k = weights.shape[1]
+    w = weights.reshape(-1)[order]  # [N*k]
+    contrib = (y * w[:, None]).astype(y.dtype)
+    contrib = jnp.where(in_group[:, None], contrib, 0)
+    return jnp.zeros((num_rows, y.shape[1]), y.dtype).at[order // k].add(contrib)
+
+
+def expert_group(
+    ep: ExpertParams,
+    x: Array,
+    weights: Array,
+    ids: Array,
+    group_start: Array | int,
+    group_size: int,
+) -> Array:
+    """Contribution of experts [group_start, group_start + group_size) to each row.
+
+    x [N, D] (normed MoE input), weights/ids [N, k] → [N, D]. ``group_start`` may be traced,
+    so one compiled function serves every group of every layer.
+    """
+    n, k = ids.shape
+    order, group_sizes, in_group = dispatch(ids, group_start, group_size)
+    xs = x[order // k]  # [N*k, D]
+    w_gu = jax.lax.dynamic_slice_in_dim(ep.w_gate_up, group_start, group_size, axis=0)
+    w_d = jax.lax.dynamic_slice_in_dim(ep.w_down, group_start, group_size, axis=0)
+    y = expert_ffn(xs, w_gu, w_d, group_sizes)
+    return combine(y, order, in_group, weights, n)
+
+
+def shared_expert(sp: SharedExpertParams, x: Array) -> Array:
+    """Qwen2-MoE's always-on expert behind a sigmoid gate: x [N, D] → [N, D]."""
+    f = sp.w_down.shape[0]
+    h = x @ sp.w_gate_up  # [N, 2Fs]
+    out = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ sp.w_down
+    return jax.nn.sigmoid(x @ sp.gate) * out
+
+
+def logits(params: Params, cfg: ModelConfig, h: Array) -> Array:
+    """Final norm and LM head: h [N, D] → logits [N, V] float32."""
+    out = norm(h, params.final_norm, cfg) @ params.lm_head.T
+    if params.lm_head_bias is not None:
+        out = out + params.lm_head_bias
+    return out.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The oracle: a full-sequence forward without a cache, chaining the pieces above
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Array:
+    b, s = token_ids.shape
+    positions = jnp.tile(jnp.arange(s, dtype=jnp.int32), b)  # [B*S]
+    seq = jnp.repeat(jnp.arange(b, dtype=jnp.int32), s)  # [B*S]
+    valid = jnp.ones((b * s,), bool)
+    h = embed(params, token_ids.reshape(-1))  # [B*S, D]
+    for layer, lp in enumerate(params.layers):
+        q, k, v = qkv(lp.attn, cfg, h, positions)
+        window = cfg.sliding_windows[layer]
+        mask = attention_mask(positions, seq, positions, seq, valid, window)
+        h, moe_in, weights, ids = attention_output(lp.attn, cfg, h, attend(q, k, v, mask, cfg))
+        moe = expert_group(lp.experts, moe_in, weights, ids, 0, cfg.num_experts)
+        if lp.shared is not None:
+            moe = moe + shared_expert(lp.shared, moe_in)
+        h = h + moe
+    return logits(params, cfg, h).reshape(b, s, cfg.vocab_size)
+
+
+def reference_forward(model, token_ids) -> Array:
+    """Full-sequence logits with no cache: token_ids [B, S] → logits [B, S, V] float32.
+
+    A readable oracle built from the same functions the runtime's segments use.
+    """
+    ids = jnp.asarray(np.asarray(token_ids, dtype=np.int32))
+    if ids.ndim != 2:
+        raise ValueError(f"token_ids must be [batch, seq], got shape {ids.shape}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= model.config.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {model.config.vocab_size})")
+    return _reference_forward(model.params, model.config, ids)
