@@ -76,9 +76,9 @@ def rope(x: Array, positions: Array, cfg: ModelConfig) -> Array:
 # Embedding, attention, routing
 
 
-def embed(params: Params, token_ids: Array) -> Array:
-    """token_ids [N] → residual stream [N, D]."""
-    return params.embed[token_ids]
+def embed(embedding: Array, token_ids: Array) -> Array:
+    """embedding [V, D], token_ids [N] → residual stream [N, D]."""
+    return embedding[token_ids]
 
 
 def _linear(x: Array, w: Array, b: Array | None) -> Array:
@@ -264,11 +264,13 @@ def shared_expert(sp: SharedExpertParams, x: Array) -> Array:
     return jax.nn.sigmoid(x @ sp.gate) * out
 
 
-def logits(params: Params, cfg: ModelConfig, h: Array) -> Array:
-    """Final norm and LM head: h [N, D] → logits [N, V] float32."""
-    out = norm(h, params.final_norm, cfg) @ params.lm_head.T
-    if params.lm_head_bias is not None:
-        out = out + params.lm_head_bias
+def logits(
+    final_norm: NormParams, lm_head: Array, lm_head_bias: Array | None, cfg: ModelConfig, h: Array
+) -> Array:
+    """Final norm and LM head: h [N, D], lm_head [V, D] → logits [N, V] float32."""
+    out = norm(h, final_norm, cfg) @ lm_head.T
+    if lm_head_bias is not None:
+        out = out + lm_head_bias
     return out.astype(jnp.float32)
 
 
@@ -282,7 +284,7 @@ def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Ar
     positions = jnp.tile(jnp.arange(s, dtype=jnp.int32), b)  # [B*S]
     seq = jnp.repeat(jnp.arange(b, dtype=jnp.int32), s)  # [B*S]
     valid = jnp.ones((b * s,), bool)
-    h = embed(params, token_ids.reshape(-1))  # [B*S, D]
+    h = embed(params.embed, token_ids.reshape(-1))  # [B*S, D]
     for layer, lp in enumerate(params.layers):
         q, k, v = qkv(lp.attn, cfg, h, positions)
         window = cfg.sliding_windows[layer]
@@ -292,7 +294,8 @@ def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Ar
         if lp.shared is not None:
             moe = moe + shared_expert(lp.shared, moe_in)
         h = h + moe
-    return logits(params, cfg, h).reshape(b, s, cfg.vocab_size)
+    out = logits(params.final_norm, params.lm_head, params.lm_head_bias, cfg, h)
+    return out.reshape(b, s, cfg.vocab_size)
 
 
 def reference_forward(model, token_ids) -> Array:
