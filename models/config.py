@@ -122,6 +122,11 @@ def _sliding_windows(hf: Mapping[str, Any], num_layers: int) -> tuple[int | None
     return (window,) * num_layers
 
 
+def _dtype_name(dtype: Any) -> str:
+    """"bfloat16" from "bfloat16", "torch.bfloat16" or a torch dtype object."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _common(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     hidden = int(_get(hf, "hidden_size"))
     heads = int(_get(hf, "num_attention_heads"))
@@ -145,7 +150,7 @@ def _common(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_ids(hf),
         pad_token_id=hf.get("pad_token_id"),
-        checkpoint_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+        checkpoint_dtype=_dtype_name(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
     )
 
 

@@ -240,6 +240,7 @@ class _Write:
     path: str | None  # None = drop
     placement: Placement | None
     expert: int | None
+    rule_key: str
 
 
 def _match(info: TensorInfo, rules: tuple[Rule, ...], cfg: ModelConfig, shapes) -> _Write | None:
@@ -249,12 +250,12 @@ def _match(info: TensorInfo, rules: tuple[Rule, ...], cfg: ModelConfig, shapes) 
             continue
         groups = m.groupdict()
         if rule.target is None or (rule.target == "lm_head" and cfg.tie_word_embeddings):
-            return _Write(info, None, None, None)  # known, not needed
+            return _Write(info, None, None, None, rule.key)  # known, not needed
         path = rule.target.format(**groups)
         expert = int(groups["e"]) if "e" in groups else None
         if path not in shapes or (expert is not None and expert >= cfg.num_experts):
             return None  # a tensor this config has no place for (extra layer, bias, expert, ...)
-        return _Write(info, path, rule.placement, expert)
+        return _Write(info, path, rule.placement, expert, rule.key)
     return None
 
 
@@ -275,18 +276,27 @@ def _check(w: _Write, shapes: dict[str, tuple[int, ...]]) -> None:
         )
 
 
-def _expected_names(path: str, units: set[str], rules: tuple[Rule, ...]) -> list[str]:
-    """HF key names that would have covered the missing units of a target, for the error."""
+def _expected_names(
+    path: str, units: set[str], rules: tuple[Rule, ...], seen: set[str]
+) -> list[str]:
+    """HF key names that would have covered the missing units of a target, for the error.
+
+    Names follow the layout the checkpoint uses elsewhere (``seen`` rule templates), so a fused
+    checkpoint missing a tensor is told the fused name, a per-expert one the per-expert name.
+    """
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", path)
     layer, rest = (m.group(1), m.group(2)) if m else (None, path)
     candidates = [r for r in rules if r.target and r.target.replace("layers.{L}.", "") == rest]
-    names = []
+    candidates.sort(key=lambda r: r.key not in seen)  # stable: layouts in use first
+    names: list[str] = []
     for unit in sorted(units):
         head = unit.partition(".")[0]
         expert = int(head) if head.isdigit() else None
-        exact = [r for r in candidates if r.placement.unit(expert) == unit]
-        rule = (exact or candidates or [None])[0]
-        names.append(rule.key.format(L=layer, e=expert) if rule else f"<{path}>")
+        covering = [r for r in candidates if r.placement.unit(expert) in (unit, ALL)]
+        rule = (covering or candidates or [None])[0]
+        name = rule.key.format(L=layer, e=expert) if rule else f"<{path}>"
+        if name not in names:
+            names.append(name)
     return names
 
 
@@ -294,7 +304,7 @@ def plan(
     tensors: dict[str, TensorInfo], cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]
 ) -> list[_Write]:
     rules = COMMON_RULES + FAMILY_RULES[cfg.model_type]
-    writes, unexpected = [], []
+    writes, unexpected, seen = [], [], set()
     for info in iter_file_order(tensors):
         w = _match(info, rules, cfg, shapes)
         if w is None:
@@ -302,6 +312,7 @@ def plan(
             continue
         _check(w, shapes)
         writes.append(w)
+        seen.add(w.rule_key)
     if unexpected:
         listed = ", ".join(f"{t.key!r} (in {t.file.name})" for t in unexpected[:8])
         more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
@@ -320,7 +331,7 @@ def plan(
     for path in shapes:
         lacking = _required_units(path, cfg) - covered.get(path, set())
         if lacking:
-            missing += _expected_names(path, lacking, rules)
+            missing += _expected_names(path, lacking, rules, seen)
     if missing:
         files = sorted({t.file.name for t in tensors.values()})
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""

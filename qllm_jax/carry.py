@@ -49,15 +49,14 @@ ROW_FIELDS = ("h", "moe_in", "weights", "ids", "acc", "positions", "seq", "valid
 KEY_FIELDS = ("key_pages", "key_seq", "key_base")
 
 
-def bucket(n: int, minimum: int = 8) -> int:
+ROW_BUCKET_MIN = 16  # rows of a pass
+PAGE_BUCKET_MIN = 16  # key pages of a pass
+SAMPLE_BUCKET_MIN = 8  # rows that sample a token
+
+
+def bucket(n: int, minimum: int = ROW_BUCKET_MIN) -> int:
     """Smallest power of two >= n (and >= minimum): bounds the number of compilations."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-def _pad(x: np.ndarray, size: int, fill) -> np.ndarray:
-    out = np.full((size, *x.shape[1:]), fill, dtype=x.dtype)
-    out[: x.shape[0]] = x
-    return out
 
 
 def split_rows(carry: Carry, keep: np.ndarray, row_bucket: int, key_bucket: int) -> Carry:

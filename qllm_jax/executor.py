@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qllm_jax.carry import Carry, bucket
+from qllm_jax.carry import PAGE_BUCKET_MIN, SAMPLE_BUCKET_MIN, Carry, bucket
 from qllm_jax.kv_cache import KVCache
 from qllm_jax.models import Model
 from qllm_jax.segments import (
@@ -118,7 +118,7 @@ class Executor:
         ps = self.page_size
         n = sum(len(c.token_ids) for c in chunks)
         key_counts = [math.ceil((c.start + len(c.token_ids)) / ps) for c in chunks]
-        nb, pb = bucket(n), bucket(sum(key_counts))
+        nb, pb = bucket(n), bucket(sum(key_counts), PAGE_BUCKET_MIN)
         tok, pos, seq = np.zeros(nb, np.int32), np.zeros(nb, np.int32), np.full(nb, -1, np.int32)
         valid, slot = np.zeros(nb, bool), np.zeros(nb, np.int32)
         kp, kseq, kbase = np.zeros(pb, np.int32), np.full(pb, -1, np.int32), np.zeros(pb, np.int32)
@@ -143,7 +143,7 @@ class Executor:
 
     @staticmethod
     def _sample_inputs(samples: list[tuple[int, SampleSpec]]) -> SampleInputs:
-        sb = bucket(len(samples), minimum=1)
+        sb = bucket(len(samples), SAMPLE_BUCKET_MIN)
         rows, temp = np.zeros(sb, np.int32), np.zeros(sb, np.float32)
         top_k, top_p = np.zeros(sb, np.int32), np.ones(sb, np.float32)
         seeds, steps = np.zeros(sb, np.uint32), np.zeros(sb, np.int32)
