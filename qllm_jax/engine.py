@@ -19,10 +19,14 @@ from typing import Literal
 import jax
 import numpy as np
 
+from qllm_jax.carry import PAGE_BUCKET_MIN, Carry, bucket, split_rows
+from qllm_jax.carry import merge as merge_carries
 from qllm_jax.executor import Executor, RowChunk, SampleSpec
 from qllm_jax.kv_cache import pages_for_budget
 from qllm_jax.models import Model, load
 from qllm_jax.scheduler import Plan, Request, SamplingParams, Scheduler, SchedulerConfig
+from qllm_jax.scheduler.core import PRESETS, Granularity, Policy
+from qllm_jax.scheduler.plan import Chunk
 
 Prompt = str | Sequence[int]
 Mode = Literal["fused", "segmented"]
@@ -73,7 +77,10 @@ class Engine:
         model: str | os.PathLike | Model,
         *,
         dtype: str = "auto",
-        mode: Mode = "fused",
+        policy: Policy = "qllm",
+        granularity: Granularity = "expert",
+        preset: str | None = None,
+        mode: Mode | None = None,
         max_batch_size: int = 32,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
@@ -81,13 +88,34 @@ class Engine:
         kv_bytes: int | None = None,
         page_size: int = 16,
         expert_group_size: int | None = None,
+        prefill_chunk: int | None = None,
+        aging_s: float | None = 10.0,
+        max_park_s: float | None = 5.0,
+        absorb_be: bool = False,
+        preempt_prefill: bool = True,
         lookahead: int = 2,
         seed: int = 0,
         compilation_cache_dir: str | os.PathLike | None | Literal["default"] = "default",
         clock=time.monotonic,
     ) -> None:
+        knobs = dict(
+            policy=policy,
+            granularity=granularity,
+            aging_s=aging_s,
+            max_park_s=max_park_s,
+            absorb_be=absorb_be,
+            preempt_prefill=preempt_prefill,
+        )
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+            knobs |= PRESETS[preset]
+        if mode is None:
+            mode = "segmented" if knobs["policy"] == "qllm" else "fused"
         if mode not in ("fused", "segmented"):
             raise ValueError(f"mode must be 'fused' or 'segmented', got {mode!r}")
+        if mode == "fused" and knobs["policy"] == "qllm":
+            raise ValueError("the qllm policy preempts between segments: use mode='segmented'")
         if compilation_cache_dir == "default":
             compilation_cache_dir = default_cache_dir()
         enable_compilation_cache(compilation_cache_dir)
@@ -99,6 +127,8 @@ class Engine:
             if kv_bytes is None and jax.devices()[0].memory_stats() is None:
                 kv_bytes = _CPU_DEFAULT_KV_BYTES
             kv_pages = pages_for_budget(cfg, page_size, self.model.dtype, kv_bytes)
+        if expert_group_size is None:
+            expert_group_size = default_group_size(cfg.num_experts, knobs["granularity"])
         self.executor = Executor(self.model, kv_pages, page_size, expert_group_size, lookahead)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -107,10 +137,14 @@ class Engine:
                 max_model_len=max_len,
                 max_batch_size=max_batch_size,
                 max_num_batched_tokens=max_num_batched_tokens,
+                prefill_chunk=prefill_chunk,
                 eos_token_ids=cfg.eos_token_ids,
+                **knobs,
             ),
+            self.executor.schedule,
             clock=clock,
         )
+        self.carries: dict[int, Carry] = {}  # live passes' carries, parked ones included
         self.clock = clock
         self._rng = random.Random(seed)
         self._seq_ids = itertools.count()
@@ -165,8 +199,20 @@ class Engine:
         return rid
 
     def abort(self, request_id: str) -> bool:
-        """Abort a request and free its KV pages. False if it was unknown or already done."""
-        return self.scheduler.abort(str(request_id)) is not None
+        """Abort a request, drop its rows from any pass (parked or not) and free its KV pages.
+        False if it was unknown or already done."""
+        result = self.scheduler.abort(str(request_id))
+        if result is None:
+            return False
+        req, pass_id, gone = result
+        if pass_id in self.carries:
+            if gone:
+                del self.carries[pass_id]
+            else:
+                carry = self.carries[pass_id]
+                seq = np.asarray(carry.seq)
+                self.carries[pass_id] = _select(carry, (seq >= 0) & (seq != req.seq_id))
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -183,15 +229,28 @@ class Engine:
         return [self.output(r) for r in self.scheduler.update(plan, tokens)]
 
     def _execute(self, plan: Plan) -> dict[str, int]:
-        chunks = [_row_chunk(c.request, c.start, c.num_tokens, c.samples) for c in plan.chunks]
-        inputs, samples = self.executor.build_inputs(chunks)
-        if self.mode == "fused":
-            out = self.executor.run_fused(inputs, samples)
-        else:
-            out = self.executor.run_segmented(inputs, samples)
-        out = np.asarray(out)
-        sampling = [c.request for c in plan.chunks if c.samples]
-        return {r.request_id: int(t) for r, t in zip(sampling, out, strict=False)}
+        """Carry out a plan on the executor; the tokens of a pass that reached the head."""
+        ex = self.executor
+        if plan.fused and self.mode == "fused":
+            inputs, samples = ex.build_inputs([_row_chunk(c) for c in plan.new])
+            return _tokens(plan, np.asarray(ex.run_fused(inputs, samples)))
+        if plan.new is not None:
+            inputs, _ = ex.build_inputs([_row_chunk(c) for c in plan.new])
+            self.carries[plan.pass_id] = ex.start(inputs)
+        carry = self.carries.pop(plan.pass_id)
+        if plan.absorb:
+            carry = _merge([carry, *(self.carries.pop(a) for a in plan.absorb)])
+        if plan.split_seq_ids:
+            seq = np.asarray(carry.seq)
+            moved = np.isin(seq, plan.split_seq_ids)
+            self.carries[plan.split_pass_id] = _select(carry, moved)
+            carry = _select(carry, (seq >= 0) & ~moved)
+        carry, _ = ex.advance(carry, plan.cursor, plan.num_segments)
+        if not plan.finishes:
+            self.carries[plan.pass_id] = carry
+            return {}
+        chunks = [_row_chunk(c) for c in plan.chunks]
+        return _tokens(plan, np.asarray(ex.finish(carry, ex.sample_inputs_for(carry, chunks))))
 
     def output(self, req: Request) -> RequestOutput:
         text = None
@@ -213,23 +272,63 @@ class Engine:
             ),
         )
 
-    def stats(self) -> dict[str, int]:
-        alloc = self.scheduler.allocator
+    def stats(self) -> dict:
+        """Engine counters: KV pages, queue sizes, preemptions by granularity, parked rows."""
+        sched = self.scheduler
+        alloc = sched.allocator
+        waits = sorted(sched.preempt_waits)
         return {
             "kv_pages_total": alloc.num_pages - 1,
             "kv_pages_used": alloc.num_used,
             "kv_pages_free": alloc.num_free,
-            "waiting": len(self.scheduler.waiting),
-            "running": len(self.scheduler.running),
+            "waiting": len(sched.waiting),
+            "running": len(sched.admitted),
+            "passes_live": len(sched.passes),
+            "parked_rows": sched.parked_rows(),
             "steps": self.num_steps,
             "segments_run": self.executor.segments_run,
+            "preemptions_layer": sched.stats["preemptions_layer"],
+            "preemptions_expert": sched.stats["preemptions_expert"],
+            "splits": sched.stats["splits"],
+            "absorbed_passes": sched.stats["absorbed_passes"],
+            "evictions": sched.stats["evictions"],
+            "preempt_wait_s_max": waits[-1] if waits else None,
         }
 
 
-def _row_chunk(req: Request, start: int, n: int, samples: bool) -> RowChunk:
-    spec = None
-    if samples:
+def default_group_size(num_experts: int, granularity: str) -> int:
+    """Experts per segment: the whole layer for layer granularity; else about 8 groups."""
+    if granularity == "layer":
+        return num_experts
+    size = max(1, num_experts // 8)
+    while num_experts % size:
+        size -= 1
+    return size
+
+
+def _row_chunk(chunk: Chunk) -> RowChunk:
+    req, spec = chunk.request, None
+    if chunk.samples:
         sp = req.sampling
         spec = SampleSpec(sp.temperature, sp.top_k, sp.top_p, req.seed, len(req.output_token_ids))
-    tokens = tuple(req.all_token_ids[start : start + n])
-    return RowChunk(req.seq_id, tokens, start, tuple(req.pages), spec)
+    tokens = tuple(req.all_token_ids[chunk.start : chunk.end])
+    return RowChunk(req.seq_id, tokens, chunk.start, tuple(req.pages), spec)
+
+
+def _tokens(plan: Plan, out: np.ndarray) -> dict[str, int]:
+    """Map the head's outputs (in sampling-chunk order) to request ids."""
+    sampling = [c.request.request_id for c in plan.chunks if c.samples]
+    return {rid: int(t) for rid, t in zip(sampling, out, strict=False)}
+
+
+def _select(carry: Carry, rows: np.ndarray) -> Carry:
+    """The carry restricted to some rows (a bool mask) and their sequences' key pages."""
+    idx = np.nonzero(rows)[0]
+    n_keys = int(np.isin(np.asarray(carry.key_seq), np.asarray(carry.seq)[idx]).sum())
+    return split_rows(carry, idx, bucket(len(idx)), bucket(n_keys, PAGE_BUCKET_MIN))
+
+
+def _merge(carries: list[Carry]) -> Carry:
+    rows = sum(int(np.asarray(c.valid).sum()) for c in carries)
+    keys = sum(int((np.asarray(c.key_seq) >= 0).sum()) for c in carries)
+    return merge_carries(carries, bucket(rows), bucket(keys, PAGE_BUCKET_MIN))

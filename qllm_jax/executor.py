@@ -20,6 +20,7 @@ import numpy as np
 from qllm_jax.carry import PAGE_BUCKET_MIN, SAMPLE_BUCKET_MIN, Carry, bucket
 from qllm_jax.kv_cache import KVCache
 from qllm_jax.models import Model
+from qllm_jax.scheduler.plan import Segment, segment_schedule
 from qllm_jax.segments import (
     PassInputs,
     SampleInputs,
@@ -32,14 +33,6 @@ from qllm_jax.segments import (
     head_segment,
     shared_segment,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    kind: str  # "attention" | "experts" | "shared" | "head"
-    layer: int  # -1 for the head
-    stage: int  # 0 = attention, 1.. = expert groups, last = shared expert
-    group_start: int = 0  # first expert of an "experts" segment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +58,6 @@ class SampleSpec:
     step: int  # index of the token being sampled in the request's output
 
 
-def build_segments(model: Model, group_size: int) -> list[Segment]:
-    cfg = model.config
-    segments = []
-    for layer in range(cfg.num_layers):
-        segments.append(Segment("attention", layer, 0))
-        for g, start in enumerate(range(0, cfg.num_experts, group_size)):
-            segments.append(Segment("experts", layer, g + 1, start))
-        if cfg.shared_intermediate_size:
-            segments.append(Segment("shared", layer, cfg.num_experts // group_size + 1))
-    segments.append(Segment("head", -1, 0))
-    return segments
-
-
 class Executor:
     """Runs passes of one model over its paged KV cache."""
 
@@ -91,10 +71,6 @@ class Executor:
     ) -> None:
         cfg = model.config
         group = cfg.num_experts if expert_group_size is None else expert_group_size
-        if not 1 <= group <= cfg.num_experts or cfg.num_experts % group:
-            raise ValueError(
-                f"expert_group_size must divide num_experts={cfg.num_experts}, got {group}"
-            )
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if lookahead < 1:
@@ -106,7 +82,9 @@ class Executor:
         self.lookahead = lookahead
         self.dtype = jnp.dtype(model.dtype)
         self.kv = KVCache.create(cfg, num_pages, page_size, self.dtype)
-        self.schedule = build_segments(model, group)
+        self.schedule: list[Segment] = segment_schedule(
+            cfg.num_layers, cfg.num_experts, group, bool(cfg.shared_intermediate_size)
+        )
         self._head = head_params(model.params)
         self._inflight: collections.deque[jax.Array] = collections.deque()
         self.segments_run = 0
@@ -151,6 +129,18 @@ class Executor:
             rows[i], temp[i], top_k[i], top_p[i] = row, s.temperature, s.top_k, s.top_p
             seeds[i], steps[i] = s.seed % (1 << 32), s.step
         return SampleInputs(rows, temp, top_k, top_p, seeds, steps)
+
+    def sample_inputs_for(self, carry: Carry, chunks: list[RowChunk]) -> SampleInputs:
+        """Sampling inputs for a carry whose rows were reordered by merges and splits: each
+        sampling chunk's row is found by (sequence, position)."""
+        seq, pos = np.asarray(carry.seq), np.asarray(carry.positions)
+        row_of = {(int(s), int(p)): i for i, (s, p) in enumerate(zip(seq, pos)) if s >= 0}
+        samples = [
+            (row_of[(c.seq_id, c.start + len(c.token_ids) - 1)], c.sample)
+            for c in chunks
+            if c.sample is not None
+        ]
+        return self._sample_inputs(samples)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -208,7 +198,7 @@ class Executor:
             )
         elif seg.kind == "experts":
             start = np.int32(seg.group_start)
-            carry = experts_segment(lp.experts, carry, start, group_size=self.group_size)
+            carry = experts_segment(lp.experts, carry, start, group_size=seg.group_size)
         elif seg.kind == "shared":
             carry = shared_segment(lp.shared, carry)
         else:

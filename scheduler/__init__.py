@@ -3,12 +3,15 @@
 Installed as ``qllm_jax.scheduler``.
 """
 
-from .core import Chunk, Plan, Scheduler, SchedulerConfig
+from .core import POLICIES, PRESETS, Scheduler, SchedulerConfig
 from .pages import PageAllocator
+from .plan import Chunk, Plan, Segment, segment_schedule
 from .request import Request, Status
 from .sampling_params import SamplingParams
 
 __all__ = [
+    "POLICIES",
+    "PRESETS",
     "Chunk",
     "PageAllocator",
     "Plan",
@@ -16,5 +19,7 @@ __all__ = [
     "SamplingParams",
     "Scheduler",
     "SchedulerConfig",
+    "Segment",
     "Status",
+    "segment_schedule",
 ]

@@ -1,10 +1,27 @@
-"""Iteration-level scheduling with continuous batching. Plain Python, never imports jax.
+"""Priority-aware scheduling, including preemption inside a forward pass. Plain Python.
 
-Contract with the executor: ``schedule() -> Plan | None`` says which tokens of which requests
-form the next pass; the engine runs it and calls ``update(plan, tokens)`` with the token each
-sampling request produced. Requests are admitted first come first served, each reserving the KV
-pages of its whole prompt plus ``max_tokens`` up front, so a running request never runs out of
-pages: when the cache is full, new requests wait.
+Contract (see ``plan.py``): ``schedule() -> Plan | None`` picks the next piece of work and
+``update(plan, tokens)`` records the tokens of a pass that reached the head. Only the executor
+touches device arrays.
+
+Policies, all over the same segments:
+
+- ``fcfs``: the paper's baseline. Iteration level, first come first served, decode-first: while
+  any admitted request is decoding, passes hold only decode rows and new requests wait.
+- ``priority``: a stronger baseline. Iteration level; each pass takes rows in priority order
+  (lower is more urgent), so LS work goes first at every iteration boundary and a waiting LS
+  request displaces BE requests from the pass (and, if KV pages are short, evicts an idle BE
+  request, which later recomputes its KV).
+- ``qllm``: preemptive. Passes advance one segment (``granularity="expert"``) or one layer
+  (``"layer"``) per plan. When more urgent work is runnable, the active pass is parked at its
+  cursor and the urgent work runs. Parked passes wait in per-cursor queues; a later pass that
+  reaches a parked pass's cursor absorbs its rows (LS rows always, BE rows when that pass is BE
+  or ``absorb_be``). A mixed pass is split when an LS request waits: its LS rows continue,
+  its BE rows park. Aging and a maximum park time bound how long BE work can be held back.
+
+Priority keys are ``(effective priority, arrival time, seq_id)``; lower sorts first. KV pages are
+reserved at admission for the whole prompt plus ``max_tokens``, so an admitted request never runs
+out of pages; when pages are short, new work waits.
 """
 
 from __future__ import annotations
@@ -12,35 +29,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable
+from typing import Literal
 
 from .pages import PageAllocator
+from .plan import Chunk, Plan, Segment
 from .request import Request, Status
 
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """``num_tokens`` tokens of ``request`` starting at position ``start``; ``samples``: the
-    chunk reaches the end of the known tokens, so its last row yields the next token."""
-
-    request: Request
-    start: int
-    num_tokens: int
-    samples: bool
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start : self.start + self.num_tokens]
-
-
-@dataclasses.dataclass
-class Plan:
-    chunks: list[Chunk]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+Policy = Literal["fcfs", "priority", "qllm"]
+Granularity = Literal["layer", "expert"]
+POLICIES: tuple[str, ...] = ("fcfs", "priority", "qllm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,29 +47,92 @@ class SchedulerConfig:
     page_size: int
     num_pages: int
     max_model_len: int
-    max_batch_size: int = 32  # requests running at once
-    max_num_batched_tokens: int = 512  # rows in one pass (prefill is chunked to fit)
+    policy: Policy = "qllm"
+    granularity: Granularity = "expert"
+    max_batch_size: int = 32  # requests in one pass
+    max_num_batched_tokens: int = 512  # rows in one pass
+    prefill_chunk: int | None = None  # tokens of one prompt per pass (None: the row budget)
+    aging_s: float | None = 10.0  # a BE request gains one priority level per aging_s waited
+    max_park_s: float | None = 5.0  # a pass parked longer than this resumes first
+    absorb_be: bool = False  # LS passes also absorb parked BE passes (the paper does)
+    preempt_prefill: bool = True  # the paper never preempts a prefill pass
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.granularity not in ("layer", "expert"):
+            raise ValueError(f"granularity must be 'layer' or 'expert', got {self.granularity!r}")
         if self.max_batch_size < 1 or self.max_num_batched_tokens < self.max_batch_size:
             raise ValueError(
                 "need max_batch_size >= 1 and max_num_batched_tokens >= max_batch_size, got "
                 f"{self.max_batch_size} and {self.max_num_batched_tokens}"
             )
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        for name in ("aging_s", "max_park_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None (off), got {value!r}")
+
+    @property
+    def chunk_size(self) -> int:
+        return self.prefill_chunk or self.max_num_batched_tokens
+
+
+PRESETS: dict[str, dict] = {
+    # The reference code's behaviour: no aging, no park timeout, parked rows ride along with any
+    # later pass, prefill never preempted, preemption between layers only.
+    "paper": dict(
+        policy="qllm",
+        granularity="layer",
+        aging_s=None,
+        max_park_s=None,
+        absorb_be=True,
+        preempt_prefill=False,
+    ),
+}
+
+
+@dataclasses.dataclass
+class PassState:
+    pass_id: int
+    chunks: list[Chunk]
+    cursor: int = 0  # next segment to run
+    parked_since: float | None = None  # None while not parked
+
+    @property
+    def requests(self) -> list[Request]:
+        return [c.request for c in self.chunks]
+
+    @property
+    def has_prefill(self) -> bool:
+        return any(c.num_tokens > 1 or not c.samples for c in self.chunks)
 
 
 class Scheduler:
-    """First come first served with continuous batching: each pass carries one decode token of
-    every running request, then prefill chunks of admitted requests in arrival order."""
-
-    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        segments: list[Segment],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not segments or segments[-1].kind != "head":
+            raise ValueError("the segment schedule must end with the head")
         self.config = config
+        self.segments = segments
+        self.head = len(segments) - 1  # cursor of the head segment
         self.clock = clock
         self.allocator = PageAllocator(config.num_pages)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # not admitted: no pages yet
+        self.admitted: list[Request] = []  # hold pages (running, or parked inside a pass)
+        self.passes: dict[int, PassState] = {}
+        self.active: int | None = None  # the pass being advanced (qllm)
+        self.in_pass: dict[str, int] = {}  # request_id -> pass_id
+        self.stats: Counter[str] = Counter()
+        self.preempt_waits: list[float] = []  # urgent arrival -> its pass starts (qllm)
+        self._next_pass = 0
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -96,58 +158,293 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
-    def abort(self, request_id: str) -> Request | None:
-        """Stop a request and free everything it holds. Unknown or finished ids: None."""
+    def abort(self, request_id: str) -> tuple[Request, int | None, bool] | None:
+        """Stop a request and free what it holds. Returns (request, pass it was in or None,
+        whether that pass is gone), or None for unknown or finished ids. The executor must drop
+        the request's rows from that pass's carry (or the carry, when the pass is gone)."""
         req = self.requests.get(request_id)
         if req is None or req.status.done:
             return None
+        pass_id, gone = self.in_pass.pop(request_id, None), False
+        if pass_id is not None:
+            ps = self.passes[pass_id]
+            ps.chunks = [c for c in ps.chunks if c.request is not req]
+            if not ps.chunks:
+                gone = True
+                del self.passes[pass_id]
+                if self.active == pass_id:
+                    self.active = None
         self._finish(req, "abort", Status.ABORTED)
-        return req
+        return req, pass_id, gone
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.admitted)
+
+    def key(self, req: Request, now: float) -> tuple[float, float, int]:
+        return (self.effective_priority(req, now), req.arrival_time, req.seq_id)
+
+    def effective_priority(self, req: Request, now: float) -> int:
+        """Priority after aging: BE work gains one level per ``aging_s`` waited, down to 0."""
+        if req.priority <= 0 or self.config.aging_s is None:
+            return req.priority
+        return max(0, req.priority - int((now - req.arrival_time) / self.config.aging_s))
 
     # -- the two calls of the contract ----------------------------------------------------------
 
     def schedule(self) -> Plan | None:
-        self._admit()
-        budget = self.config.max_num_batched_tokens
-        chunks = []
-        for req in sorted(self.running, key=lambda r: r.in_prefill):  # decodes first
-            if budget == 0:
-                break
-            n = min(req.num_tokens - req.num_computed, budget)
-            chunks.append(Chunk(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
-            budget -= n
-        return Plan(chunks) if chunks else None
+        now = self.clock()
+        self._admit(now)
+        if self.config.policy == "qllm":
+            return self._schedule_preemptive(now)
+        return self._schedule_iteration(now)
 
     def update(self, plan: Plan, tokens: dict[str, int]) -> list[Request]:
-        """Record a finished pass: advance each chunk's request, append sampled tokens, finish
-        requests that hit a stop condition. Returns the requests that advanced."""
+        """Record a plan's outcome. Returns the requests whose pass finished (they advanced)."""
+        if not plan.finishes:
+            return []
+        ps = self.passes.pop(plan.pass_id, None)
+        if self.active == plan.pass_id:
+            self.active = None
+        if ps is None:
+            return []
         now = self.clock()
         advanced = []
-        for chunk in plan.chunks:
+        for chunk in ps.chunks:
             req = chunk.request
-            if req.status.done:  # aborted while the pass ran
+            self.in_pass.pop(req.request_id, None)
+            if req.status.done:
                 continue
-            req.num_computed = chunk.start + chunk.num_tokens
+            req.num_computed = chunk.end
+            req.status = Status.RUNNING
             if chunk.samples:
                 self._append(req, tokens[req.request_id], now)
             advanced.append(req)
         return advanced
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- iteration-level policies ---------------------------------------------------------------
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.config.max_batch_size:
-            req = self.waiting[0]
+    def _schedule_iteration(self, now: float) -> Plan | None:
+        free = [r for r in self.admitted if r.request_id not in self.in_pass]
+        if self.config.policy == "fcfs":
+            free.sort(key=lambda r: (r.arrival_time, r.seq_id))
+            decoding = [r for r in free if not r.in_prefill]
+            if decoding:  # decode-first: prefills wait until every decode is done
+                free = decoding
+        else:
+            free.sort(key=lambda r: self.key(r, now))
+        chunks = self._chunks(free)
+        if not chunks:
+            return None
+        ps = self._new_pass(chunks)
+        ps.cursor = self.head
+        return Plan(ps.pass_id, 0, self.head, list(chunks), new=chunks, finishes=True, fused=True)
+
+    # -- the preemptive policy ------------------------------------------------------------------
+
+    def _schedule_preemptive(self, now: float) -> Plan | None:
+        active = self.passes.get(self.active) if self.active is not None else None
+        urgent = self._most_urgent_free(now)
+        if active is not None and urgent is not None:
+            best = self.key(urgent, now)[0]
+            if best < self._pass_priority(active, now) and self._may_park(active):
+                self._park(active, now)
+                self.preempt_waits.append(now - urgent.arrival_time)
+                active = None
+            elif best <= self._pass_priority(active, now) and self._is_mixed(active, now):
+                return self._split(active, now)
+        if active is None:
+            active = self._pick_pass(now)
+            if active is None:
+                return None
+        return self._advance(active, now)
+
+    def _pick_pass(self, now: float) -> PassState | None:
+        """The next pass to run: a parked one, or a new one from free requests, by urgency."""
+        parked = [p for p in self.passes.values() if p.parked_since is not None]
+        best_parked = min(parked, key=lambda p: self._parked_key(p, now), default=None)
+        free = sorted(self._free(), key=lambda r: self.key(r, now))
+        if free:
+            top = self.effective_priority(free[0], now)
+            # one priority class per new pass: BE rows never slow down an LS pass
+            free = [r for r in free if self.effective_priority(r, now) == top]
+        if best_parked is not None and (
+            not free or self._parked_key(best_parked, now) <= self.key(free[0], now)
+        ):
+            self._unpark(best_parked, now)
+            self.active = best_parked.pass_id
+            return best_parked
+        chunks = self._chunks(free)
+        if not chunks:
+            return None
+        ps = self._new_pass(chunks)
+        self.active = ps.pass_id
+        return ps
+
+    def _advance(self, ps: PassState, now: float) -> Plan:
+        new = list(ps.chunks) if ps.cursor == 0 else None
+        absorb = self._absorbable(ps, now) if ps.cursor > 0 else []
+        for other in absorb:
+            self._unpark(other, now)
+            del self.passes[other.pass_id]
+            for c in other.chunks:
+                self.in_pass[c.request.request_id] = ps.pass_id
+            ps.chunks += other.chunks
+            self.stats["absorbed_passes"] += 1
+        start = end = ps.cursor
+        if not self._may_park(ps):
+            end = self.head  # not preemptible: run to the end
+        elif self.config.granularity == "expert":
+            end = start + 1
+        else:
+            end = start + 1
+            while not self.segments[end].layer_boundary:
+                end += 1
+        ps.cursor = min(end, self.head)
+        finishes = ps.cursor == self.head
+        return Plan(
+            ps.pass_id,
+            start,
+            ps.cursor - start,
+            list(ps.chunks),
+            new=new,
+            absorb=[o.pass_id for o in absorb],
+            finishes=finishes,
+        )
+
+    def _split(self, ps: PassState, now: float) -> Plan:
+        """LS rows of a mixed pass continue; its BE rows park at the same cursor."""
+        best = min(self.effective_priority(r, now) for r in ps.requests)
+        keep = [c for c in ps.chunks if self.effective_priority(c.request, now) == best]
+        moved = [c for c in ps.chunks if self.effective_priority(c.request, now) != best]
+        ps.chunks = keep
+        parked = self._new_pass(moved)
+        parked.cursor = ps.cursor
+        self._park(parked, now, count=True)
+        self.stats["splits"] += 1
+        plan = self._advance(ps, now)
+        plan.split_seq_ids = [c.request.seq_id for c in moved]
+        plan.split_pass_id = parked.pass_id
+        return plan
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _free(self) -> list[Request]:
+        return [r for r in self.admitted if r.request_id not in self.in_pass]
+
+    def _most_urgent_free(self, now: float) -> Request | None:
+        return min(self._free(), key=lambda r: self.key(r, now), default=None)
+
+    def _pass_priority(self, ps: PassState, now: float) -> float:
+        """A pass is as urgent as its most urgent row."""
+        return min(self.effective_priority(r, now) for r in ps.requests)
+
+    def _is_mixed(self, ps: PassState, now: float) -> bool:
+        return len({self.effective_priority(r, now) for r in ps.requests}) > 1
+
+    def _may_park(self, ps: PassState) -> bool:
+        return self.config.preempt_prefill or not ps.has_prefill
+
+    def _expired(self, ps: PassState, now: float) -> bool:
+        limit = self.config.max_park_s
+        return ps.parked_since is not None and limit is not None and now - ps.parked_since > limit
+
+    def _parked_key(self, ps: PassState, now: float) -> tuple[float, float, int]:
+        best = min(self.key(r, now) for r in ps.requests)
+        return (-1, *best[1:]) if self._expired(ps, now) else best
+
+    def _absorbable(self, ps: PassState, now: float) -> list[PassState]:
+        """Parked passes waiting at ``ps``'s cursor that may ride along with it."""
+        mine = self._pass_priority(ps, now)
+        rows = sum(c.num_tokens for c in ps.chunks)
+        out = []
+        for other in self.passes.values():
+            if other.parked_since is None or other.cursor != ps.cursor or other is ps:
+                continue
+            theirs = self._pass_priority(other, now)
+            welcome = theirs <= mine or self.config.absorb_be or self._expired(other, now)
+            n = sum(c.num_tokens for c in other.chunks)
+            if welcome and rows + n <= self.config.max_num_batched_tokens:
+                out.append(other)
+                rows += n
+        return out
+
+    def _park(self, ps: PassState, now: float, count: bool = True) -> None:
+        ps.parked_since = now
+        if self.active == ps.pass_id:
+            self.active = None
+        boundary = "layer" if self.segments[ps.cursor].layer_boundary else "expert"
+        self.stats[f"preemptions_{boundary}"] += 1
+        for r in ps.requests:
+            r.status = Status.PARKED
+            if count:
+                r.num_preemptions += 1
+
+    def _unpark(self, ps: PassState, now: float) -> None:
+        for r in ps.requests:
+            r.parked_time += now - ps.parked_since
+            r.status = Status.RUNNING
+        ps.parked_since = None
+
+    def _new_pass(self, chunks: list[Chunk]) -> PassState:
+        ps = PassState(self._next_pass, chunks)
+        self._next_pass += 1
+        self.passes[ps.pass_id] = ps
+        for c in chunks:
+            self.in_pass[c.request.request_id] = ps.pass_id
+        return ps
+
+    def _chunks(self, ordered: list[Request]) -> list[Chunk]:
+        """Rows for a new pass from requests in order: one decode row, or a prefill chunk."""
+        budget = self.config.max_num_batched_tokens
+        chunks = []
+        for req in ordered:
+            if budget == 0 or len(chunks) == self.config.max_batch_size:
+                break
+            remaining = req.num_tokens - req.num_computed
+            n = min(remaining, budget, self.config.chunk_size if remaining > 1 else 1)
+            chunks.append(Chunk(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
+            budget -= n
+        return chunks
+
+    def _admit(self, now: float) -> None:
+        """Give waiting requests their KV pages, most urgent first (arrival order for fcfs).
+        The preemptive and priority policies may evict idle, less urgent requests for pages."""
+        if self.config.policy == "fcfs":
+            order = sorted(self.waiting, key=lambda r: (r.arrival_time, r.seq_id))
+        else:
+            order = sorted(self.waiting, key=lambda r: self.key(r, now))
+        for req in order:
+            if self.config.policy == "fcfs" and len(self.admitted) >= self.config.max_batch_size:
+                break
             need = self.pages_needed(req)
+            if not self.allocator.can_allocate(need) and self.config.policy != "fcfs":
+                self._evict_for(req, need, now)
             if not self.allocator.can_allocate(need):
-                break  # FCFS: later requests wait behind the head of the queue
-            self.waiting.popleft()
+                break  # later requests wait behind this one
+            self.waiting.remove(req)
             req.pages = self.allocator.allocate(need)
             req.status = Status.RUNNING
-            self.running.append(req)
+            self.admitted.append(req)
+
+    def _evict_for(self, req: Request, need: int, now: float) -> None:
+        """Free the pages of idle admitted requests less urgent than ``req`` (worst first).
+        An evicted request returns to the queue and recomputes its KV when readmitted."""
+        mine = self.key(req, now)
+        victims = sorted(
+            (r for r in self._free() if self.key(r, now)[0] > mine[0]),
+            key=lambda r: self.key(r, now),
+            reverse=True,
+        )
+        for victim in victims:
+            if self.allocator.can_allocate(need):
+                return
+            self.admitted.remove(victim)
+            self.allocator.free(victim.pages)
+            victim.pages, victim.num_computed = [], 0
+            victim.status = Status.WAITING
+            victim.num_preemptions += 1
+            self.waiting.append(victim)
+            self.stats["evictions"] += 1
 
     def _append(self, req: Request, token: int, now: float) -> None:
         req.output_token_ids.append(token)
@@ -160,11 +457,19 @@ class Scheduler:
             self._finish(req, "length", Status.FINISHED)
 
     def _finish(self, req: Request, reason: str, status: Status) -> None:
-        if req.status == Status.WAITING:
+        if req in self.waiting:
             self.waiting.remove(req)
-        elif req in self.running:
-            self.running.remove(req)
+        if req in self.admitted:
+            self.admitted.remove(req)
         if req.pages:
             self.allocator.free(req.pages)
             req.pages = []
         req.status, req.finish_reason, req.finish_time = status, reason, self.clock()
+
+    def parked_rows(self) -> int:
+        return sum(
+            c.num_tokens
+            for p in self.passes.values()
+            if p.parked_since is not None
+            for c in p.chunks
+        )

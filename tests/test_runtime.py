@@ -22,6 +22,7 @@ PROMPT_LENS = (5, 11, 17)
 # that mix one request's prefill chunk with other requests' decode rows.
 ENGINE = dict(
     dtype="float32",
+    policy="priority",
     kv_pages=24,
     page_size=8,
     max_batch_size=4,
