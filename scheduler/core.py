@@ -316,12 +316,12 @@ class Scheduler:
         best = min(self.effective_priority(r, now) for r in ps.requests)
         keep = [c for c in ps.chunks if self.effective_priority(c.request, now) == best]
         moved = [c for c in ps.chunks if self.effective_priority(c.request, now) != best]
-        ps.chunks = keep
+        cursor, ps.chunks = ps.cursor, keep
+        plan = self._advance(ps, now)  # before the split-off pass exists: it must not absorb it
         parked = self._new_pass(moved)
-        parked.cursor = ps.cursor
+        parked.cursor = cursor
         self._park(parked, now, count=True)
         self.stats["splits"] += 1
-        plan = self._advance(ps, now)
         plan.split_seq_ids = [c.request.seq_id for c in moved]
         plan.split_pass_id = parked.pass_id
         return plan
