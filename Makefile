@@ -11,7 +11,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m qllm_jax.demo
+	$(BIN)/python experiments/reproduce_paper.py --backend real --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -27,7 +27,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,experiments]'
 	touch $@
 
 clean:

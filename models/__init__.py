@@ -14,15 +14,18 @@ from .errors import CheckpointError, UnsupportedModelError
 from .loader import load_params, resolve_dtype
 from .model import reference_forward
 from .params import Params
+from .random_init import MODEL_PRESETS, random_model
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "MODEL_PRESETS",
     "CheckpointError",
     "Model",
     "ModelConfig",
     "Params",
     "UnsupportedModelError",
     "load",
+    "random_model",
     "reference_forward",
 ]
 

@@ -15,6 +15,7 @@ from qllm_jax.models import (
     ModelConfig,
     UnsupportedModelError,
     load,
+    random_model,
     reference_forward,
 )
 from qllm_jax.scheduler import SamplingParams
@@ -39,5 +40,6 @@ __all__ = [
     "UnsupportedModelError",
     "builtin_model_dir",
     "load",
+    "random_model",
     "reference_forward",
 ]

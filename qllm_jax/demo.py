@@ -23,7 +23,8 @@ PROMPTS = [
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF checkpoint dir (default: the built-in model)")
-    ap.add_argument("--mode", choices=["fused", "segmented"], default="fused")
+    ap.add_argument("--policy", choices=["fcfs", "priority", "qllm"], default="priority")
+    ap.add_argument("--mode", choices=["fused", "segmented"], default=None)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8, help="number of prompts")
     args = ap.parse_args(argv)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.model or qllm_jax.builtin_model_dir()
     print(f"model: {model_dir}")
     t0 = time.perf_counter()
-    llm = qllm_jax.LLM(model_dir, dtype="float32", mode=args.mode)
+    llm = qllm_jax.LLM(model_dir, dtype="float32", policy=args.policy, mode=args.mode)
     print(f"loaded in {time.perf_counter() - t0:.1f}s")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     sp = qllm_jax.SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     n = sum(len(o.token_ids) for o in outs)
     for o in outs[:4]:
         print(f"  [{o.request_id}] {o.text!r}")
-    print(f"{len(outs)} requests, {n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s ({args.mode})")
+    rate = f"{n / dt:.1f} tokens/s ({args.policy}, {llm.engine.mode})"
+    print(f"{len(outs)} requests, {n} tokens in {dt:.2f}s: {rate}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from qllm_jax.kv_cache import pages_for_budget
 from qllm_jax.models import Model, load
 from qllm_jax.scheduler import Plan, Request, SamplingParams, Scheduler, SchedulerConfig
 from qllm_jax.scheduler.core import PRESETS, Granularity, Policy
-from qllm_jax.scheduler.plan import Chunk
+from qllm_jax.scheduler.plan import Chunk, default_group_size
 
 Prompt = str | Sequence[int]
 Mode = Literal["fused", "segmented"]
@@ -294,16 +294,6 @@ class Engine:
             "evictions": sched.stats["evictions"],
             "preempt_wait_s_max": waits[-1] if waits else None,
         }
-
-
-def default_group_size(num_experts: int, granularity: str) -> int:
-    """Experts per segment: the whole layer for layer granularity; else about 8 groups."""
-    if granularity == "layer":
-        return num_experts
-    size = max(1, num_experts // 8)
-    while num_experts % size:
-        size -= 1
-    return size
 
 
 def _row_chunk(chunk: Chunk) -> RowChunk:

@@ -50,6 +50,17 @@ def segment_schedule(
     return out
 
 
+def default_group_size(num_experts: int, granularity: str) -> int:
+    """Experts per segment: the whole layer for layer granularity, else about 8 groups a layer
+    (one expert each for 8-expert models)."""
+    if granularity == "layer":
+        return num_experts
+    size = max(1, num_experts // 8)
+    while num_experts % size:
+        size -= 1
+    return size
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """``num_tokens`` tokens of ``request`` from position ``start``. ``samples``: the chunk
