@@ -123,7 +123,7 @@ def _sliding_windows(hf: Mapping[str, Any], num_layers: int) -> tuple[int | None
 
 
 def _dtype_name(dtype: Any) -> str:
-    """ "bfloat16" from "bfloat16", "torch.bfloat16" or a torch dtype object."""
+    """The dtype's name, from "bfloat16", "torch.bfloat16" or a torch dtype object."""
     return str(dtype).removeprefix("torch.")
 
 
