@@ -37,7 +37,7 @@ def decode_step_times(engine: qllm_jax.Engine, prompts, new_tokens: int) -> list
         engine.add_request(p, sp)
     times = []
     while engine.has_unfinished():
-        prefill = any(r.in_prefill for r in engine.scheduler.running) or engine.scheduler.waiting
+        prefill = any(r.in_prefill for r in engine.scheduler.admitted) or engine.scheduler.waiting
         t0 = time.perf_counter()
         engine.step()
         if not prefill:
@@ -67,7 +67,9 @@ def run_arm(model, prompts, new_tokens: int, repeats: int, **kw) -> dict:
 
 def dispatch_us(model, prompts, **kw) -> float:
     """Host time to enqueue one segment (nothing blocks: lookahead above the segment count)."""
-    engine = qllm_jax.Engine(model, max_batch_size=len(prompts), lookahead=10_000, **kw)
+    engine = qllm_jax.Engine(
+        model, max_batch_size=len(prompts), lookahead=10_000, policy="priority", **kw
+    )
     decode_step_times(engine, prompts, 4)
     ex = engine.executor
     chunks = [
@@ -133,7 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
         [int(t) for t in rng.integers(3, cfg.vocab_size, args.prompt_len)]
         for _ in range(args.batch)
     ]
-    kw = dict(page_size=16, max_num_batched_tokens=max(512, args.batch * args.prompt_len))
+    # iteration-level scheduling in every arm: this measures segmentation, not preemption
+    kw = dict(
+        policy="priority",
+        page_size=16,
+        max_num_batched_tokens=max(512, args.batch * args.prompt_len),
+    )
     arms = {
         "fused": dict(mode="fused"),
         "segmented_layer": dict(mode="segmented", expert_group_size=cfg.num_experts),

@@ -241,19 +241,39 @@ def expert_group(
     ids: Array,
     group_start: Array | int,
     group_size: int,
+    impl: str = "auto",
 ) -> Array:
     """Contribution of experts [group_start, group_start + group_size) to each row.
 
     x [N, D] (normed MoE input), weights/ids [N, k] → [N, D]. ``group_start`` may be traced,
-    so one compiled function serves every group of every layer.
+    so one compiled function serves every group of every layer. ``impl``: "ragged" (sort rows by
+    expert, grouped matmuls: work ∝ N*k, the right choice on accelerators), "dense" (every
+    expert of the group on every row, unrouted rows weighted 0: XLA:CPU lowers ragged_dot
+    densely over N*k rows anyway, so N*G rows is less work there), or "auto" (by backend).
     """
-    n, k = ids.shape
-    order, group_sizes, in_group = dispatch(ids, group_start, group_size)
-    xs = x[order // k]  # [N*k, D]
     w_gu = jax.lax.dynamic_slice_in_dim(ep.w_gate_up, group_start, group_size, axis=0)
     w_d = jax.lax.dynamic_slice_in_dim(ep.w_down, group_start, group_size, axis=0)
-    y = expert_ffn(xs, w_gu, w_d, group_sizes)
+    if impl == "auto":
+        impl = "dense" if jax.default_backend() == "cpu" else "ragged"
+    if impl == "dense":
+        return _expert_group_dense(x, weights, ids, group_start, w_gu, w_d)
+    n, k = ids.shape
+    order, group_sizes, in_group = dispatch(ids, group_start, group_size)
+    y = expert_ffn(x[order // k], w_gu, w_d, group_sizes)  # [N*k, D]
     return combine(y, order, in_group, weights, n)
+
+
+def _expert_group_dense(x, weights, ids, group_start, w_gate_up, w_down) -> Array:
+    """x [N, D], w_gate_up [G, D, 2F], w_down [G, F, D] → [N, D], experts added in id order."""
+    f = w_down.shape[1]
+    h = jnp.einsum("nd,gdf->gnf", x, w_gate_up)  # [G, N, 2F]
+    y = jnp.einsum("gnf,gfd->gnd", jax.nn.silu(h[..., :f]) * h[..., f:], w_down)  # [G, N, D]
+    local = ids - group_start  # [N, k]
+    out = jnp.zeros_like(x)
+    for g in range(w_down.shape[0]):  # static; in expert order, as HF accumulates
+        w = jnp.where(local == g, weights, 0).sum(-1)  # [N] routing weight of expert g
+        out = out + (y[g] * w[:, None]).astype(x.dtype)
+    return out
 
 
 def shared_expert(sp: SharedExpertParams, x: Array) -> Array:

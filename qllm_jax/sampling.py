@@ -36,15 +36,30 @@ def sample(
     steps: Array,
 ) -> Array:
     """logits [S, V] f32; temperature/top_p [S] f32; top_k/steps [S] int32; seeds [S] uint32
-    → tokens [S] int32. Rows with temperature 0 take the argmax."""
-    greedy = jnp.argmax(logits, axis=-1)
-    t = jnp.where(temperature > 0, temperature, 1.0)
-    scaled = logits / t[:, None]
-    masked = jnp.where(_top_k_top_p_mask(scaled, top_k, top_p), scaled, -jnp.inf)
+    → tokens [S] int32. Rows with temperature 0 take the argmax.
 
-    def draw(seed, step, row):
-        key = jax.random.fold_in(jax.random.key(seed), step)
-        return jax.random.categorical(key, row)
+    A sampled row draws one uniform number, keyed by (seed, step), and inverts the CDF of its
+    filtered distribution: one random draw per row instead of V Gumbel draws. The sort that
+    top-k/top-p need, and all sampling work, are skipped when no row asks for them.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    sampled = jax.vmap(draw)(seeds, steps, masked)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    def sampled() -> Array:
+        t = jnp.where(temperature > 0, temperature, 1.0)
+        scaled = logits / t[:, None]
+        filtered = jax.lax.cond(
+            jnp.any((top_k > 0) | (top_p < 1)),
+            lambda: jnp.where(_top_k_top_p_mask(scaled, top_k, top_p), scaled, -jnp.inf),
+            lambda: scaled,
+        )
+        probs = jax.nn.softmax(filtered, axis=-1)
+        cdf = jnp.cumsum(probs, axis=-1)  # [S, V]
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+        u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]  # [S], in [0, total mass)
+        # the first token whose CDF exceeds u: never one of zero probability
+        token = jnp.sum(cdf <= u[:, None], axis=-1)
+        last = probs.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)  # rounding guard
+        token = jnp.minimum(token, last).astype(jnp.int32)
+        return jnp.where(temperature > 0, token, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
