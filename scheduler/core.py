@@ -53,7 +53,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # rows in one pass
     prefill_chunk: int | None = None  # tokens of one prompt per pass (None: the row budget)
     aging_s: float | None = 10.0  # a BE request gains one priority level per aging_s waited
-    max_park_s: float | None = 5.0  # a pass parked longer than this resumes first
+    max_park_s: float | None = 5.0  # parked longer than this: resumes first, runs to its end
     absorb_be: bool = False  # LS passes also absorb parked BE passes (the paper does)
     preempt_prefill: bool = True  # the paper never preempts a prefill pass
     eos_token_ids: tuple[int, ...] = ()
@@ -100,6 +100,7 @@ class PassState:
     chunks: list[Chunk]
     cursor: int = 0  # next segment to run
     parked_since: float | None = None  # None while not parked
+    overdue: bool = False  # holds rows parked past max_park_s: runs to its end, never parked again
 
     @property
     def requests(self) -> list[Request]:
@@ -244,7 +245,7 @@ class Scheduler:
     def _schedule_preemptive(self, now: float) -> Plan | None:
         active = self.passes.get(self.active) if self.active is not None else None
         urgent = self._most_urgent_free(now)
-        if active is not None and urgent is not None:
+        if active is not None and urgent is not None and not active.overdue:
             best = self.key(urgent, now)[0]
             if best < self._pass_priority(active, now) and self._may_park(active):
                 self._park(active, now)
@@ -270,6 +271,7 @@ class Scheduler:
         if best_parked is not None and (
             not free or self._parked_key(best_parked, now) <= self.key(free[0], now)
         ):
+            best_parked.overdue = self._expired(best_parked, now)
             self._unpark(best_parked, now)
             self.active = best_parked.pass_id
             return best_parked
@@ -283,6 +285,7 @@ class Scheduler:
     def _advance(self, ps: PassState, now: float) -> Plan:
         new = list(ps.chunks) if ps.cursor == 0 else None
         absorb = self._absorbable(ps, now) if ps.cursor > 0 else []
+        ps.overdue |= any(self._expired(other, now) for other in absorb)
         for other in absorb:
             self._unpark(other, now)
             del self.passes[other.pass_id]
@@ -355,7 +358,7 @@ class Scheduler:
     def _absorbable(self, ps: PassState, now: float) -> list[PassState]:
         """Parked passes waiting at ``ps``'s cursor that may ride along with it."""
         mine = self._pass_priority(ps, now)
-        rows = sum(c.num_tokens for c in ps.chunks)
+        rows, seqs = sum(c.num_tokens for c in ps.chunks), len(ps.chunks)
         out = []
         for other in self.passes.values():
             if other.parked_since is None or other.cursor != ps.cursor or other is ps:
@@ -363,9 +366,10 @@ class Scheduler:
             theirs = self._pass_priority(other, now)
             welcome = theirs <= mine or self.config.absorb_be or self._expired(other, now)
             n = sum(c.num_tokens for c in other.chunks)
-            if welcome and rows + n <= self.config.max_num_batched_tokens:
+            fits = seqs + len(other.chunks) <= self.config.max_batch_size
+            if welcome and fits and rows + n <= self.config.max_num_batched_tokens:
                 out.append(other)
-                rows += n
+                rows, seqs = rows + n, seqs + len(other.chunks)
         return out
 
     def _park(self, ps: PassState, now: float, count: bool = True) -> None:

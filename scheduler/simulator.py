@@ -1,0 +1,445 @@
+"""A fake executor: a cost model and a virtual clock drive the *same* ``Scheduler`` as the engine.
+
+Why: scheduler tests need exact, hand-computable timelines, and the paper-scale experiments need
+Mixtral-8x7B on an A100, which a laptop cannot run. The simulator carries out each ``Plan`` the
+way ``Engine._execute`` does (create / absorb / split / advance carries, sample at the head), but
+a carry is just the list of its rows and time advances by ``CostModel.plan_time``. It also
+rejects plans that break the contract (an unknown carry, a cursor mismatch, a row in two passes,
+a chunk not starting at its request's computed length, a chunk whose earlier K/V are no longer
+in its KV pages): a real device would silently compute garbage instead. The KV cache is modelled
+as slot -> (sequence, position) written by each chunk; a new chunk checks the first slot of every
+page of its context and its last position. Plain Python; never imports jax.
+
+    clock = VirtualClock()
+    sched = Scheduler(SchedulerConfig(...), segment_schedule(32, 8, 1, False), clock=clock)
+    result = Simulator(sched, load_profile("mixtral-a100-efficient"), clock).run(
+        [(0.0, make_request("a", 0, 100, 20, priority=1)), (0.5, "abort", "a")]
+    )
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+from .core import Scheduler
+from .plan import Chunk, Plan, Segment
+from .request import Request
+from .sampling_params import SamplingParams
+
+FAKE_TOKEN = 3  # every sampled token; not an EOS id of any test config (ignore_eos anyway)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Seconds per segment, linear in the pass's size.
+
+    ``rows``: token rows of the pass; ``ctx``: context tokens it attends over (the sum of
+    ``chunk.end`` over its chunks); ``sampled``: rows that reach the LM head (our head projects
+    only the sampling rows). ``attn_per_row_ctx``: this engine's attention is dense over the
+    pass's key pages (every row scores every key, masked), so it also grows with rows * ctx;
+    paged-attention kernels do not. ``expert_*`` are for all experts of a layer; a group of ``g`` of
+    ``E`` experts pays ``g/E`` of it (weights read and routed rows both scale so). Every segment
+    also pays ``segment_overhead`` (one jitted call's fixed cost: what makes fine granularity
+    dearer). A plan pays ``host_overhead`` once (scheduler work, added serially: an upper bound,
+    the engine overlaps it with the device), and ``embed_base`` when it creates a pass.
+    """
+
+    name: str = "custom"
+    attn_base: float = 0.0
+    attn_per_row: float = 0.0
+    attn_per_ctx: float = 0.0
+    attn_per_row_ctx: float = 0.0
+    expert_base: float = 0.0
+    expert_per_row: float = 0.0
+    shared_base: float = 0.0
+    shared_per_row: float = 0.0
+    head_base: float = 0.0
+    head_per_row: float = 0.0  # per sampled row
+    segment_overhead: float = 0.0
+    embed_base: float = 0.0
+    host_overhead: float = 0.0
+
+    def segment_time(self, seg: Segment, rows: int, ctx: int, num_experts: int) -> float:
+        """``rows``: the pass's rows, or its sampled rows for the head."""
+        if seg.kind == "attention":
+            t = self.attn_base + self.attn_per_row * rows + self.attn_per_ctx * ctx
+            t += self.attn_per_row_ctx * rows * ctx
+        elif seg.kind == "experts":
+            t = (self.expert_base + self.expert_per_row * rows) * seg.group_size / num_experts
+        elif seg.kind == "shared":
+            t = self.shared_base + self.shared_per_row * rows
+        elif seg.kind == "head":
+            t = self.head_base + self.head_per_row * rows
+        else:
+            raise ValueError(f"unknown segment kind {seg.kind!r}")
+        return self.segment_overhead + t
+
+    def plan_time(
+        self, plan: Plan, segments: list[Segment], num_experts: int | None = None
+    ) -> float:
+        """Time to carry out ``plan``: its segments, plus the head when it finishes the pass."""
+        if num_experts is None:
+            num_experts = count_experts(segments)
+        rows, ctx = plan.num_rows, sum(c.end for c in plan.chunks)
+        t = self.host_overhead + (self.embed_base if plan.new is not None else 0.0)
+        for seg in segments[plan.cursor : plan.cursor + plan.num_segments]:
+            t += self.segment_time(seg, rows, ctx, num_experts)
+        if plan.finishes:
+            sampled = sum(c.samples for c in plan.chunks)
+            t += self.segment_time(segments[-1], sampled, ctx, num_experts)
+        return t
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known - {"meta"}  # "meta": free-form provenance, ignored
+        if unknown:
+            raise ValueError(f"unknown cost model fields: {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self, meta: dict | None = None) -> str:
+        d = self.to_dict() | ({"meta": meta} if meta else {})
+        return json.dumps(d, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> CostModel:
+        return cls.from_dict(json.loads(text))
+
+
+def count_experts(segments: list[Segment]) -> int:
+    return max((s.group_start + s.group_size for s in segments if s.kind == "experts"), default=1)
+
+
+# -- profiles ------------------------------------------------------------------------------------
+#
+# Mixtral-8x7B: 32 layers, 8 experts (top-2), hidden 4096, FFN 14336, 32 query / 8 KV heads of
+# 128, vocab 32000. Per layer: attention weights 4096*(4096+2*1024) + 4096*4096 = 41.9M params;
+# experts 8 * 3 * 4096*14336 = 1.41G params, of which a token uses 2/8. Active params per token
+# ~13e9, so a token costs 2*13e9 = 26 GFLOP. A100-80GB: 312 TFLOP/s bf16, 2.04 TB/s HBM.
+
+MIXTRAL_A100_PAPER = CostModel(
+    # The reference code (HF transformers, bitsandbytes NF4, a Python loop over the 8 experts of
+    # every layer, per-sequence KV caches padded and concatenated at every layer). Its decode
+    # step of a batch of 32 takes ~1.25 s, almost all fixed cost: 32 layers * ~38 ms (7 ms
+    # attention: 4-bit dequantising projections and the per-layer Python cache concat; 31 ms for
+    # 8 experts * 3 dequantise-then-matmul calls each, Python-driven) + ~15 ms head and per-step
+    # Python.
+    # Prefill grows with the prompt: ~0.48 ms per token (5 us attention + 10 us experts per
+    # layer), i.e. 26 GFLOP/token at ~54 TFLOP/s, 17% of peak -- eager HF attention, fp16
+    # matmuls on freshly dequantised weights, prompts padded to the batch's longest. A 160-token
+    # prompt (ShareGPT mean) prefills in ~1.3 s, 32 of them in ~3.7 s. The KV concat copies
+    # ~4 KB per context token per layer and pads: 20 ns per context token per layer.
+    name="mixtral-a100-paper",
+    attn_base=7e-3,
+    attn_per_row=5e-6,
+    attn_per_ctx=2e-8,
+    expert_base=31e-3,
+    expert_per_row=10e-6,
+    # once per pass: fp16 LM head (bnb leaves it unquantised), sampling, and ~10 ms of per-step
+    # Python (the reference's scheduler loop, HF logits processors and stopping criteria, cache
+    # bookkeeping); charged per pass, not per plan, so fine-grained plans are not taxed with it
+    head_base=14e-3,
+    head_per_row=1e-6,
+    embed_base=5e-4,
+    host_overhead=50e-6,  # our scheduler's decision per plan (a preemption check)
+)
+
+MIXTRAL_A100_EFFICIENT = CostModel(
+    # An efficient engine on the same GPU. Bf16 weights (93 GB) do not fit in 80 GB, so int8
+    # weight-only (47 GB). Decode is memory-bound: at batch 32 with top-2 routing every expert is
+    # hit (P(an expert is idle) = (6/8)^32 ~ 1e-4), so a step reads all 47 GB at ~1.8 TB/s
+    # (88% of peak): 0.78 ms of experts + 23 us of attention weights per layer. Compute at ~50%
+    # of peak (156 TFLOP/s): attention projections 2*41.9M FLOP = 0.54 us per row per layer,
+    # experts 2*2*3*4096*14336 FLOP = 4.5 us per row per layer, so prefill costs
+    # 32*(0.54+4.5) us = 0.16 ms per token. Decode attention reads K and V, 2*1024 bf16 = 4 KB
+    # per context token per layer: 2.3 ns each. Decode batch 32 at 200 context tokens each:
+    # 32 * (67 + 928) us + 0.2 ms head ~ 32 ms. (Adding memory and compute time instead of taking
+    # the max overstates that by ~15%; the linear form keeps the model simple.)
+    name="mixtral-a100-efficient",
+    attn_base=30e-6,  # 23 us weight reads + a few kernels
+    attn_per_row=0.54e-6,
+    attn_per_ctx=2.3e-9,
+    expert_base=0.78e-3,
+    expert_per_row=4.5e-6,
+    head_base=0.17e-3,  # bf16 LM head, 262 MB at 1.8 TB/s, + sampling
+    head_per_row=1.7e-6,  # 2*4096*32000 FLOP per sampled row
+    segment_overhead=5e-6,  # launch gap between jitted calls (host dispatch runs ahead)
+    embed_base=10e-6,
+    # The host time per plan that the device does not hide. One schedule() + update() of this
+    # scheduler plus a dispatch takes ~50-80 us in CPython (measured with the simulator, 32
+    # running requests), but the engine dispatches up to `lookahead` segments ahead, so it
+    # overlaps with segments of >= ~70 us (an expert segment here: ~100 us at batch 32).
+    host_overhead=10e-6,
+)
+
+# Fitted on the built-in model (4 layers, 8 experts, hidden 256, float32) on a 2-core CPU by
+# experiments/profile_cost.py; a copy of experiments/results/profile-builtin-cpu.json, whose
+# "meta" holds the measured points and the fit's largest relative error per kind (25-45%). A
+# jitted segment costs ~0.8 ms however small, so expert granularity (8 expert segments a layer)
+# costs a layer ~6 ms more than layer granularity here; the attention is dense (rows * ctx).
+BUILTIN_CPU = CostModel(
+    name="builtin-cpu",
+    attn_per_row=1.045e-05,
+    attn_per_row_ctx=9.408e-08,
+    expert_base=0.005366,
+    expert_per_row=0.0001402,
+    head_base=0.008141,
+    head_per_row=0.000365,
+    segment_overhead=0.0008347,
+    embed_base=0.001087,
+    host_overhead=8.001e-05,
+)
+
+PROFILES: dict[str, CostModel] = {
+    p.name: p for p in (MIXTRAL_A100_PAPER, MIXTRAL_A100_EFFICIENT, BUILTIN_CPU)
+}
+
+
+def load_profile(name_or_path: str | Path) -> CostModel:
+    """A built-in profile by name (``PROFILES``), or a cost model JSON file."""
+    if str(name_or_path) in PROFILES:
+        return PROFILES[str(name_or_path)]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"unknown profile {name_or_path!r}: not one of {sorted(PROFILES)}")
+    return CostModel.from_json(path.read_text())
+
+
+# -- the simulator -------------------------------------------------------------------------------
+
+
+class VirtualClock:
+    """The scheduler's clock: time moves only when the simulator says so."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SimulationError(RuntimeError):
+    """The scheduler produced a plan the executor cannot carry out, or stopped making progress."""
+
+
+def make_request(
+    request_id: str,
+    seq_id: int,
+    prompt_len: int,
+    max_tokens: int,
+    priority: int = 0,
+    arrival_time: float = 0.0,
+) -> Request:
+    """A request with ``prompt_len`` prompt tokens that generates exactly ``max_tokens``."""
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return Request(
+        request_id=request_id,
+        seq_id=seq_id,
+        prompt_token_ids=[5] * prompt_len,
+        sampling=sampling,
+        seed=0,
+        priority=priority,
+        arrival_time=arrival_time,
+    )
+
+
+@dataclasses.dataclass
+class SimRecord:
+    """One request's outcome (``metrics.record_of(request)`` gives the metrics view)."""
+
+    request_id: str
+    priority: int
+    arrival: float
+    first_token: float | None
+    finish: float | None
+    finish_reason: str | None
+    num_preemptions: int
+    parked_time: float
+    prompt_len: int
+    output_len: int
+    computed_tokens: int  # rows run for it in finished passes (recomputation included)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def turnaround(self) -> float | None:
+        return None if self.finish is None else self.finish - self.arrival
+
+
+@dataclasses.dataclass
+class SimResult:
+    records: dict[str, SimRecord]
+    stats: dict[str, float]  # the scheduler's counters plus plans, busy time, end time
+
+
+# A carry on the fake device: its cursor and rows as (seq_id, start, num_tokens).
+Rows = list[tuple[int, int, int]]
+
+
+class Simulator:
+    """Runs a ``Scheduler`` against a cost model on a virtual clock (see the module docstring)."""
+
+    def __init__(self, scheduler: Scheduler, cost: CostModel, clock: VirtualClock) -> None:
+        if scheduler.clock is not clock:
+            raise ValueError("construct the Scheduler with clock=<this simulator's clock>")
+        self.scheduler, self.cost, self.clock = scheduler, cost, clock
+        self.segments = scheduler.segments
+        self.num_experts = count_experts(self.segments)
+        self.carries: dict[int, tuple[int, Rows]] = {}  # pass_id -> (cursor, rows)
+        self.kv: dict[int, tuple[int, int]] = {}  # KV slot -> (seq_id, position) written there
+        self.computed: Counter[str] = Counter()
+        self.num_plans = 0
+        self.busy_time = 0.0
+
+    def run(self, events: list[tuple], max_plans: int = 10_000_000) -> SimResult:
+        """Events: ``(time, Request)`` arrivals and ``(time, "abort", request_id)``."""
+        events = sorted(events, key=lambda e: e[0])  # stable: same-time events keep their order
+        i = 0
+        while True:
+            while i < len(events) and events[i][0] <= self.clock.now:
+                self._apply(events[i])
+                i += 1
+            plan = self.scheduler.schedule()
+            if plan is None:
+                if i < len(events):
+                    self.clock.now = max(self.clock.now, events[i][0])
+                    continue
+                if self.scheduler.has_unfinished():
+                    raise SimulationError(f"stuck at t={self.clock.now}: no plan, work left")
+                break
+            self.step(plan)
+            if self.num_plans >= max_plans:
+                raise SimulationError(f"gave up after {max_plans} plans")
+        return self.result()
+
+    def step(self, plan: Plan) -> None:
+        """Carry out one plan: execute it, let its time pass, report its tokens."""
+        dt = self.cost.plan_time(plan, self.segments, self.num_experts)
+        tokens = self.execute(plan)
+        self.clock.now += dt
+        self.busy_time += dt
+        self.num_plans += 1
+        self.scheduler.update(plan, tokens)
+
+    def execute(self, plan: Plan) -> dict[str, int]:
+        """The fake device: the same carry bookkeeping as ``Engine._execute``, checked."""
+        head = len(self.segments) - 1
+        if plan.new is not None:
+            if plan.pass_id in self.carries or plan.cursor != 0:
+                raise SimulationError(f"pass {plan.pass_id} created twice or not at cursor 0")
+            for c in plan.new:
+                self._check_and_write_kv(c)
+            self.carries[plan.pass_id] = (0, [_row(c) for c in plan.new])
+        cursor, rows = self._pop(plan.pass_id, plan.cursor)
+        for other in plan.absorb:
+            rows += self._pop(other, plan.cursor)[1]
+        if plan.split_seq_ids:
+            moved = [r for r in rows if r[0] in plan.split_seq_ids]
+            if plan.split_pass_id in self.carries or not moved:
+                raise SimulationError(f"bad split into pass {plan.split_pass_id}")
+            self.carries[plan.split_pass_id] = (cursor, moved)
+            rows = [r for r in rows if r[0] not in plan.split_seq_ids]
+        if sorted(rows) != sorted(_row(c) for c in plan.chunks):
+            raise SimulationError(f"pass {plan.pass_id}: carry rows differ from plan.chunks")
+        end = cursor + plan.num_segments
+        if end > head or plan.finishes != (end == head):
+            raise SimulationError(f"pass {plan.pass_id}: runs to {end}, head is {head}")
+        seqs = [r[0] for _, rs in self.carries.values() for r in rs] + [r[0] for r in rows]
+        if len(seqs) != len(set(seqs)):
+            raise SimulationError(f"pass {plan.pass_id}: a request has rows in two passes")
+        if not plan.finishes:
+            self.carries[plan.pass_id] = (end, rows)
+            return {}
+        for c in plan.chunks:
+            if c.start != c.request.num_computed and not c.request.status.done:
+                raise SimulationError(f"{c.request.request_id}: rows lost or run twice")
+            self.computed[c.request.request_id] += c.num_tokens
+        return {c.request.request_id: FAKE_TOKEN for c in plan.chunks if c.samples}
+
+    def abort(self, request_id: str) -> bool:
+        """Abort like ``Engine.abort``: drop the request's rows from its carry."""
+        result = self.scheduler.abort(request_id)
+        if result is None:
+            return False
+        req, pass_id, gone = result
+        if pass_id in self.carries:
+            cursor, rows = self.carries.pop(pass_id)
+            rows = [r for r in rows if r[0] != req.seq_id]
+            if gone != (not rows):
+                raise SimulationError(f"abort of {request_id}: pass {pass_id} gone={gone}")
+            if rows:
+                self.carries[pass_id] = (cursor, rows)
+        return True
+
+    def result(self) -> SimResult:
+        records = {
+            r.request_id: SimRecord(
+                request_id=r.request_id,
+                priority=r.priority,
+                arrival=r.arrival_time,
+                first_token=r.first_token_time,
+                finish=r.finish_time,
+                finish_reason=r.finish_reason,
+                num_preemptions=r.num_preemptions,
+                parked_time=r.parked_time,
+                prompt_len=len(r.prompt_token_ids),
+                output_len=len(r.output_token_ids),
+                computed_tokens=self.computed[r.request_id],
+            )
+            for r in self.scheduler.requests.values()
+        }
+        waits = self.scheduler.preempt_waits
+        stats = dict(self.scheduler.stats) | {
+            "plans": self.num_plans,
+            "busy_time": self.busy_time,
+            "end_time": self.clock.now,
+            "preempt_wait_max": max(waits, default=0.0),
+        }
+        return SimResult(records, stats)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _apply(self, event: tuple) -> None:
+        if len(event) == 2 and isinstance(event[1], Request):
+            if event[1].output_token_ids or event[1].num_computed:
+                raise ValueError(f"request {event[1].request_id!r} already ran: build a new one")
+            self.scheduler.add(event[1])
+        elif len(event) == 3 and event[1] == "abort":
+            self.abort(event[2])
+        else:
+            raise ValueError(f"unknown event {event!r}")
+
+    def _check_and_write_kv(self, chunk: Chunk) -> None:
+        req, ps = chunk.request, self.scheduler.config.page_size
+        if chunk.start != req.num_computed:
+            raise SimulationError(
+                f"{req.request_id}: chunk starts at {chunk.start}, {req.num_computed} computed"
+            )
+        if len(req.pages) * ps < chunk.end:
+            raise SimulationError(f"{req.request_id}: {len(req.pages)} pages for {chunk.end}")
+        slot = lambda pos: req.pages[pos // ps] * ps + pos % ps  # noqa: E731
+        for pos in [*range(0, chunk.start, ps), *([chunk.start - 1] if chunk.start else [])]:
+            if self.kv.get(slot(pos)) != (req.seq_id, pos):
+                raise SimulationError(f"{req.request_id}: K/V of position {pos} is gone")
+        for pos in range(chunk.start, chunk.end):
+            self.kv[slot(pos)] = (req.seq_id, pos)
+
+    def _pop(self, pass_id: int, cursor: int) -> tuple[int, Rows]:
+        if pass_id not in self.carries:
+            raise SimulationError(f"no carry for pass {pass_id}")
+        at, rows = self.carries.pop(pass_id)
+        if at != cursor:
+            raise SimulationError(f"pass {pass_id} is at cursor {at}, plan says {cursor}")
+        return at, rows
+
+
+def _row(chunk: Chunk) -> tuple[int, int, int]:
+    return (chunk.request.seq_id, chunk.start, chunk.num_tokens)
