@@ -9,6 +9,7 @@ as the reference code effectively did). Arms, all on the same engine and kernels
   priority     a stronger baseline: iteration-level priority (LS first at every iteration)
   qllm-layer   preemption inside the pass, between layers (no aging: the paper's setting)
   qllm-expert  preemption between expert groups
+  qllm-mix     qllm-expert whose passes top LS rows up with BE rows (throughput-oriented)
   qllm-aging   qllm-expert with aging and a maximum park time (bounded BE delay)
   ls-only      the LS requests alone, no BE load: the floor for LS latency
 
@@ -43,6 +44,9 @@ ARMS: dict[str, dict] = {
     "qllm-layer": dict(policy="qllm", granularity="layer", aging_s=None, max_park_s=None),
     "qllm-expert": dict(policy="qllm", granularity="expert", aging_s=None, max_park_s=None),
     "qllm-aging": dict(policy="qllm", granularity="expert", aging_s=10.0, max_park_s=5.0),
+    "qllm-mix": dict(
+        policy="qllm", granularity="expert", aging_s=None, max_park_s=None, mix_classes=True
+    ),
     # same engine and knobs as qllm-expert, fed only the LS requests
     "ls-only": dict(policy="qllm", granularity="expert", aging_s=None, max_park_s=None),
 }
@@ -353,7 +357,7 @@ def parse_args(argv):
     ap.add_argument("--prompt-mean", type=float)
     ap.add_argument("--output-mean", type=float)
     ap.add_argument("--sharegpt", help="a local ShareGPT JSON to draw lengths from")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: all (--quick: 5)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -366,6 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     real = args.backend == "real"
     quick = args.quick
+    if not args.arms:
+        quick_arms = ["fcfs", "priority", "qllm-layer", "qllm-expert", "ls-only"]
+        args.arms = quick_arms if quick else list(ARMS)
     rates = args.rates or (
         [1.0, 2.0]
         if real and quick

@@ -56,6 +56,14 @@ class SchedulerConfig:
     max_park_s: float | None = 5.0  # parked longer than this: resumes first, runs to its end
     absorb_be: bool = False  # LS passes also absorb parked BE passes (the paper does)
     preempt_prefill: bool = True  # the paper never preempts a prefill pass
+    # New passes top LS rows up with BE rows (split off again when another LS request waits);
+    # False: one priority class per pass
+    mix_classes: bool = False
+    # A parked pass whose class has free requests waiting is rejoined by a new pass of them
+    # (absorbed at its cursor) rather than resumed alone
+    rejoin_parked: bool = True
+    # A mixed pass sheds its BE rows (they park) when an LS request waits for the executor
+    split_mixed: bool = True
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -251,7 +259,11 @@ class Scheduler:
                 self._park(active, now)
                 self.preempt_waits.append(now - urgent.arrival_time)
                 active = None
-            elif best <= self._pass_priority(active, now) and self._is_mixed(active, now):
+            elif (
+                self.config.split_mixed
+                and best <= self._pass_priority(active, now)
+                and self._is_mixed(active, now)
+            ):
                 return self._split(active, now)
         if active is None:
             active = self._pick_pass(now)
@@ -264,13 +276,16 @@ class Scheduler:
         parked = [p for p in self.passes.values() if p.parked_since is not None]
         best_parked = min(parked, key=lambda p: self._parked_key(p, now), default=None)
         free = sorted(self._free(), key=lambda r: self.key(r, now))
-        if free:
+        if free and not self.config.mix_classes:
             top = self.effective_priority(free[0], now)
             # one priority class per new pass: BE rows never slow down an LS pass
             free = [r for r in free if self.effective_priority(r, now) == top]
-        if best_parked is not None and (
+        resume = best_parked is not None and (
             not free or self._parked_key(best_parked, now) <= self.key(free[0], now)
-        ):
+        )
+        if resume and free and self._rejoin(best_parked, free[0], now):
+            resume = False  # a new pass of its class will absorb it at its cursor
+        if resume:
             best_parked.overdue = self._expired(best_parked, now)
             self._unpark(best_parked, now)
             self.active = best_parked.pass_id
@@ -281,6 +296,16 @@ class Scheduler:
         ps = self._new_pass(chunks)
         self.active = ps.pass_id
         return ps
+
+    def _rejoin(self, parked: PassState, free_head: Request, now: float) -> bool:
+        """Start a new pass instead of resuming ``parked`` alone when both are the same class:
+        the new pass absorbs it on reaching its cursor, so the rows share one weight read per
+        segment instead of two half-empty passes (the paper's per-expert queues)."""
+        if not self.config.rejoin_parked or self._expired(parked, now):
+            return False
+        same = self._pass_priority(parked, now) == self.effective_priority(free_head, now)
+        rows = sum(c.num_tokens for c in parked.chunks)
+        return same and rows < self.config.max_num_batched_tokens
 
     def _advance(self, ps: PassState, now: float) -> Plan:
         new = list(ps.chunks) if ps.cursor == 0 else None

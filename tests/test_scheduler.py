@@ -491,3 +491,35 @@ def test_every_row_runs_exactly_once_and_nothing_leaks(scenario):
         assert rec.arrival <= rec.first_token <= rec.finish
         # every prompt and output row but the last sampled token ran once, plus recomputation
         assert rec.computed_tokens == prompt + tokens - 1 + sim.recomputed[f"r{i}"]
+
+
+# -- rejoining parked passes -------------------------------------------------------------------
+
+
+def test_parked_pass_is_rejoined_by_a_new_pass_of_its_class():
+    """BE pass A parks at t=4 (cursor 4) for an LS prefill (4 -> 21). A second BE request B
+    arrived meanwhile. With rejoin, B's new pass starts at 21 and absorbs A at cursor 4
+    (t=25): both share the rest of the pass, so A's first token comes with B's at 21 + 17 = 38.
+    Without rejoin, A resumes alone (21 -> 34) and B runs after it (34 -> 51)."""
+
+    def events():
+        return [
+            req("a", 0, 8, 1, BE),
+            req("ls", 1, 4, 1, LS, at=3.0),
+            req("b", 2, 8, 1, BE, at=5.0),
+        ]
+
+    records, stats, _ = simulate(events())
+    assert stats["absorbed_passes"] == 1
+    assert records["a"].finish == records["b"].finish == 38.0
+    records, stats, _ = simulate(events(), rejoin_parked=False)
+    assert stats.get("absorbed_passes", 0) == 0
+    assert records["a"].finish == 34.0 and records["b"].finish == 51.0
+
+
+def test_free_ls_work_goes_before_a_parked_be_pass():
+    """While an LS request still decodes, every new pass is its decode, never the parked BE
+    pass: LS prefill 4 -> 21, decodes 21 -> 38 -> 55; only then does BE resume (55 -> 68)."""
+    records, _, _ = simulate(be_then_ls(be_tokens=1, ls_tokens=3))
+    assert records["ls"].finish == 55.0
+    assert records["be"].first_token == 68.0
