@@ -123,13 +123,15 @@ def sharegpt_lengths(path: str, tokenizer=None, limit: int = 20_000) -> tuple[tu
 def make_workload(
     rate: float, num: int, ls_fraction: float, lengths: Lengths, seed: int
 ) -> list[Item]:
-    """Open-loop Poisson arrivals; each request independently LS with probability ls_fraction."""
+    """Open-loop Poisson arrivals; round(num * ls_fraction) of them, chosen at random, are LS
+    (an exact share, so short runs are never left without LS requests)."""
     rng = random.Random(seed)
+    ls = set(rng.sample(range(num), round(num * ls_fraction)))
     t, items = 0.0, []
     for i in range(num):
         t += rng.expovariate(rate)
         p, o = lengths.sample(rng)
-        prio = 0 if rng.random() < ls_fraction else 1
+        prio = 0 if i in ls else 1
         items.append(Item(f"{'ls' if prio == 0 else 'be'}{i}", t, p, o, prio))
     return items
 
