@@ -116,7 +116,9 @@ def hf_decode(model_dir, prompts, new_tokens: int, dtype: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="HF checkpoint dir (default: the built-in model)")
+    ap.add_argument(
+        "--model", help="HF checkpoint dir (default: the built-in model) or random:PRESET"
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -128,7 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     model_dir = args.model or str(qllm_jax.builtin_model_dir())
-    model = qllm_jax.load(model_dir, dtype=args.dtype)
+    if model_dir.startswith("random:"):  # random weights of a preset's shapes, on the device
+        model = qllm_jax.random_model(model_dir.removeprefix("random:"), args.dtype)
+        args.no_hf = True
+    else:
+        model = qllm_jax.load(model_dir, dtype=args.dtype)
     cfg = model.config
     rng = np.random.default_rng(0)
     prompts = [

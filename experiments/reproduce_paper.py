@@ -295,25 +295,22 @@ def plot(results: dict[float, dict], slo: float, path: Path, title: str) -> None
     def series(arm, f):
         return [f(results[r][arm]) for r in rates]
 
-    for arm in arms:
-        ax[0, 0].plot(
-            rates, series(arm, lambda s: s["ls"]["ttft"]["mean"]), "o-", label=f"{arm} mean"
-        )
-        ax[0, 0].plot(rates, series(arm, lambda s: s["ls"]["ttft"]["p90"]), "x--", alpha=0.5)
-        ax[0, 1].plot(rates, series(arm, lambda s: s["ls"]["slo_attainment"]), "o-", label=arm)
+    for i, arm in enumerate(arms):
+        c = dict(color=f"C{i}")
+        ax[0, 0].plot(rates, series(arm, lambda s: s["ls"]["ttft"]["mean"]), "o-", label=arm, **c)
+        ax[0, 0].plot(rates, series(arm, lambda s: s["ls"]["ttft"]["p90"]), "x--", alpha=0.6, **c)
+        ax[0, 1].plot(rates, series(arm, lambda s: s["ls"]["slo_attainment"]), "o-", label=arm, **c)
         ax[1, 0].plot(
-            rates, series(arm, lambda s: s["ls"]["turnaround"]["mean"]), "o-", label=f"{arm} LS"
+            rates, series(arm, lambda s: s["ls"]["turnaround"]["mean"]), "o-", label=arm, **c
         )
         if arm != "ls-only":
-            ax[1, 0].plot(
-                rates, series(arm, lambda s: s["be"]["turnaround"]["mean"]), "x--", alpha=0.5
-            )
+            be_turn = series(arm, lambda s: s["be"]["turnaround"]["mean"])
+            ax[1, 0].plot(rates, be_turn, "x--", alpha=0.6, **c)
             ax[1, 1].plot(
-                rates, series(arm, lambda s: s["total_tokens_per_s"]), "o-", label=f"{arm} total"
+                rates, series(arm, lambda s: s["total_tokens_per_s"]), "o-", label=arm, **c
             )
-            ax[1, 1].plot(
-                rates, series(arm, lambda s: s["be"]["output_tokens_per_s"]), "x--", alpha=0.5
-            )
+            be_tput = series(arm, lambda s: s["be"]["output_tokens_per_s"])
+            ax[1, 1].plot(rates, be_tput, "x--", alpha=0.6, **c)
     ax[0, 0].axhline(slo, color="k", ls=":", label=f"SLO {slo:g}s")
     ax[0, 0].set(yscale="log", title="LS TTFT (o mean, x p90)", xlabel="req/s", ylabel="s")
     ax[0, 1].set(title=f"LS SLO attainment (TTFT <= {slo:g}s)", xlabel="req/s", ylim=(-0.05, 1.05))
@@ -365,6 +362,7 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a short run (what make demo uses)")
     ap.add_argument("--out", help="output name stem (default reproduce-<backend>-<profile|model>)")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="where JSON and PNG go")
     return ap.parse_args(argv)
 
 
@@ -451,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.update(1)
     table = paper_table(results, args.slo_target)
     stem = args.out or f"reproduce-{label}{'-quick' if quick else ''}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "backend": args.backend,
         "device": device,
@@ -463,9 +462,9 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_stats": {str(r): v for r, v in stats.items()},
         "paper_vs_ours": table,
     }
-    json_path = RESULTS / f"{stem}.json"
+    json_path = results_dir / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    png_path = RESULTS / f"{stem}.png"
+    png_path = results_dir / f"{stem}.png"
     plot(results, args.slo, png_path, f"{label}: {num} requests/rate, {args.ls_fraction:.0%} LS")
     print()
     print(format_table(table))

@@ -30,7 +30,7 @@ from qllm_jax.scheduler.plan import Chunk, default_group_size
 
 Prompt = str | Sequence[int]
 Mode = Literal["fused", "segmented"]
-_CPU_DEFAULT_KV_BYTES = 1 << 30  # when the device cannot report its free memory
+_CPU_DEFAULT_KV_BYTES = 256 << 20  # when the device cannot report its free memory
 
 
 @dataclasses.dataclass
