@@ -97,7 +97,13 @@ class Engine:
         seed: int = 0,
         compilation_cache_dir: str | os.PathLike | None | Literal["default"] = "default",
         clock=time.monotonic,
+        **scheduler_options,
     ) -> None:
+        """``scheduler_options``: any further ``SchedulerConfig`` field (``mix_classes``,
+        ``rejoin_parked``, ``split_mixed``)."""
+        unknown = set(scheduler_options) - {f.name for f in dataclasses.fields(SchedulerConfig)}
+        if unknown:
+            raise TypeError(f"unknown Engine option(s): {', '.join(sorted(unknown))}")
         knobs = dict(
             policy=policy,
             granularity=granularity,
@@ -105,6 +111,7 @@ class Engine:
             max_park_s=max_park_s,
             absorb_be=absorb_be,
             preempt_prefill=preempt_prefill,
+            **scheduler_options,
         )
         if preset is not None:
             if preset not in PRESETS:
