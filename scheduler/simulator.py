@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from .core import Scheduler
+from .metrics import RequestRecord, record_of
 from .plan import Chunk, Plan, Segment
 from .request import Request
 from .sampling_params import SamplingParams
@@ -249,29 +250,20 @@ def make_request(
     )
 
 
-@dataclasses.dataclass
-class SimRecord:
-    """One request's outcome (``metrics.record_of(request)`` gives the metrics view)."""
+@dataclasses.dataclass(frozen=True)
+class SimRecord(RequestRecord):
+    """One request's outcome: the metrics record plus what only the simulator knows."""
 
-    request_id: str
-    priority: int
-    arrival: float
-    first_token: float | None
-    finish: float | None
-    finish_reason: str | None
-    num_preemptions: int
-    parked_time: float
-    prompt_len: int
-    output_len: int
-    computed_tokens: int  # rows run for it in finished passes (recomputation included)
+    finish_reason: str | None = None
+    computed_tokens: int = 0  # rows run for it in finished passes (recomputation included)
 
     @property
-    def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.arrival
+    def prompt_len(self) -> int:
+        return self.prompt_tokens
 
     @property
-    def turnaround(self) -> float | None:
-        return None if self.finish is None else self.finish - self.arrival
+    def output_len(self) -> int:
+        return self.output_tokens
 
 
 @dataclasses.dataclass
@@ -382,16 +374,9 @@ class Simulator:
     def result(self) -> SimResult:
         records = {
             r.request_id: SimRecord(
-                request_id=r.request_id,
-                priority=r.priority,
-                arrival=r.arrival_time,
-                first_token=r.first_token_time,
-                finish=r.finish_time,
+                # aborted requests keep their finish time here (metrics count them unfinished)
+                **(dataclasses.asdict(record_of(r)) | {"finish": r.finish_time}),
                 finish_reason=r.finish_reason,
-                num_preemptions=r.num_preemptions,
-                parked_time=r.parked_time,
-                prompt_len=len(r.prompt_token_ids),
-                output_len=len(r.output_token_ids),
                 computed_tokens=self.computed[r.request_id],
             )
             for r in self.scheduler.requests.values()
