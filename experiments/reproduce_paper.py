@@ -11,6 +11,8 @@ as the reference code effectively did). Arms, all on the same engine and kernels
   qllm-expert  preemption between expert groups
   qllm-mix     qllm-expert whose passes top LS rows up with BE rows (throughput-oriented)
   qllm-aging   qllm-expert with aging and a maximum park time (bounded BE delay)
+  qllm-paper   the reference code's rules: layer granularity, prompts before decodes, parked
+               rows ride along with any pass, prefill never preempted, no aging
   ls-only      the LS requests alone, no BE load: the floor for LS latency
 
 ``--backend real`` runs the built-in model (or ``--model DIR``) for real on this machine;
@@ -46,6 +48,16 @@ ARMS: dict[str, dict] = {
     "qllm-aging": dict(policy="qllm", granularity="expert", aging_s=10.0, max_park_s=5.0),
     "qllm-mix": dict(
         policy="qllm", granularity="expert", aging_s=None, max_park_s=None, mix_classes=True
+    ),
+    # the reference code's behaviour (scheduler.core.PRESETS["paper"])
+    "qllm-paper": dict(
+        policy="qllm",
+        granularity="layer",
+        aging_s=None,
+        max_park_s=None,
+        absorb_be=True,
+        preempt_prefill=False,
+        prefill_first=True,
     ),
     # same engine and knobs as qllm-expert, fed only the LS requests
     "ls-only": dict(policy="qllm", granularity="expert", aging_s=None, max_park_s=None),

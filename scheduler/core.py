@@ -64,6 +64,8 @@ class SchedulerConfig:
     rejoin_parked: bool = True
     # A mixed pass sheds its BE rows (they park) when an LS request waits for the executor
     split_mixed: bool = True
+    # Within a priority class, prompts fill a pass before decodes (better TTFT, worse TPOT)
+    prefill_first: bool = False
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -98,6 +100,7 @@ PRESETS: dict[str, dict] = {
         max_park_s=None,
         absorb_be=True,
         preempt_prefill=False,
+        prefill_first=True,
     ),
 }
 
@@ -192,6 +195,13 @@ class Scheduler:
     def key(self, req: Request, now: float) -> tuple[float, float, int]:
         return (self.effective_priority(req, now), req.arrival_time, req.seq_id)
 
+    def _row_order(self, req: Request, now: float) -> tuple:
+        """Order in which requests fill a new pass: by key, or with ``prefill_first`` prompts
+        of a class ahead of that class's decodes (the reference code's order: a new LS prompt
+        never queues behind running LS decodes)."""
+        prio, arrival, seq = self.key(req, now)
+        return (prio, not req.in_prefill if self.config.prefill_first else 0, arrival, seq)
+
     def effective_priority(self, req: Request, now: float) -> int:
         """Priority after aging: BE work gains one level per ``aging_s`` waited, down to 0."""
         if req.priority <= 0 or self.config.aging_s is None:
@@ -240,7 +250,7 @@ class Scheduler:
             if decoding:  # decode-first: prefills wait until every decode is done
                 free = decoding
         else:
-            free.sort(key=lambda r: self.key(r, now))
+            free.sort(key=lambda r: self._row_order(r, now))
         chunks = self._chunks(free)
         if not chunks:
             return None
@@ -275,7 +285,7 @@ class Scheduler:
         """The next pass to run: a parked one, or a new one from free requests, by urgency."""
         parked = [p for p in self.passes.values() if p.parked_since is not None]
         best_parked = min(parked, key=lambda p: self._parked_key(p, now), default=None)
-        free = sorted(self._free(), key=lambda r: self.key(r, now))
+        free = sorted(self._free(), key=lambda r: self._row_order(r, now))
         if free and not self.config.mix_classes:
             top = self.effective_priority(free[0], now)
             # one priority class per new pass: BE rows never slow down an LS pass
