@@ -195,6 +195,7 @@ def run_sim(profile, arm: str, items: list[Item], sim_kw: dict):
         max_model_len=1 << 16,
         max_batch_size=sim_kw["max_batch_size"],
         max_num_batched_tokens=sim_kw["max_num_batched_tokens"],
+        prefill_chunk=sim_kw.get("prefill_chunk"),
         **knobs,
     )
     sched = Scheduler(config, segments, clock=clock)
@@ -371,6 +372,9 @@ def parse_args(argv):
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: all (--quick: 5)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument(
+        "--prefill-chunk", type=int, help="prompt tokens per pass (default: the row budget)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a short run (what make demo uses)")
     ap.add_argument("--out", help="output name stem (default reproduce-<backend>-<profile|model>)")
@@ -425,7 +429,11 @@ def main(argv: list[str] | None = None) -> dict:
                 lengths, pairs=sharegpt_lengths(args.sharegpt, model.tokenizer)
             )
         engine_kw = dict(
-            max_batch_size=args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens
+            max_batch_size=args.batch_size,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            # On a CPU a 512-token prefill segment takes hundreds of ms; short chunks keep
+            # segments, and so the wait for a preemption point, short.
+            prefill_chunk=args.prefill_chunk or (64 if jax.default_backend() == "cpu" else None),
         )
         label = f"real-{jax.devices()[0].platform}-{Path(model_dir).name}"
         warm = make_workload(4.0, 12, 0.5, lengths, args.seed + 99)
@@ -442,7 +450,10 @@ def main(argv: list[str] | None = None) -> dict:
             lengths = dataclasses.replace(lengths, pairs=sharegpt_lengths(args.sharegpt))
         meta = PROFILE_SHAPES.get(profile.name, PROFILE_SHAPES["mixtral"])
         sim_kw = dict(
-            meta, max_batch_size=args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens
+            meta,
+            max_batch_size=args.batch_size,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            prefill_chunk=args.prefill_chunk,
         )
         label = f"sim-{profile.name}"
         run = lambda arm, items: run_sim(profile, arm, items, sim_kw)  # noqa: E731
