@@ -290,32 +290,41 @@ class Scheduler:
             top = self.effective_priority(free[0], now)
             # one priority class per new pass: BE rows never slow down an LS pass
             free = [r for r in free if self.effective_priority(r, now) == top]
+        chunks = self._chunks(free)
         resume = best_parked is not None and (
             not free or self._parked_key(best_parked, now) <= self.key(free[0], now)
         )
-        if resume and free and self._rejoin(best_parked, free[0], now):
+        if resume and free and self._rejoin(best_parked, free[0], chunks, now):
             resume = False  # a new pass of its class will absorb it at its cursor
         if resume:
             best_parked.overdue = self._expired(best_parked, now)
             self._unpark(best_parked, now)
             self.active = best_parked.pass_id
             return best_parked
-        chunks = self._chunks(free)
         if not chunks:
             return None
         ps = self._new_pass(chunks)
         self.active = ps.pass_id
         return ps
 
-    def _rejoin(self, parked: PassState, free_head: Request, now: float) -> bool:
-        """Start a new pass instead of resuming ``parked`` alone when both are the same class:
-        the new pass absorbs it on reaching its cursor, so the rows share one weight read per
-        segment instead of two half-empty passes (the paper's per-expert queues)."""
+    def _rejoin(
+        self, parked: PassState, free_head: Request, chunks: list[Chunk], now: float
+    ) -> bool:
+        """Start a new pass (``chunks``) instead of resuming ``parked`` alone when both are the
+        same class and the new pass has room for it: it absorbs ``parked`` on reaching its
+        cursor, so the rows share one weight read per segment instead of two half-empty
+        passes (the paper's per-expert queues). Without room, ``parked`` resumes, so it can
+        never be passed over forever."""
         if not self.config.rejoin_parked or self._expired(parked, now):
             return False
         same = self._pass_priority(parked, now) == self.effective_priority(free_head, now)
-        rows = sum(c.num_tokens for c in parked.chunks)
-        return same and rows < self.config.max_num_batched_tokens
+        rows = sum(c.num_tokens for c in chunks + parked.chunks)
+        seqs = len(chunks) + len(parked.chunks)
+        return (
+            same
+            and rows <= self.config.max_num_batched_tokens
+            and seqs <= self.config.max_batch_size
+        )
 
     def _advance(self, ps: PassState, now: float) -> Plan:
         new = list(ps.chunks) if ps.cursor == 0 else None

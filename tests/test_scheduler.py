@@ -523,3 +523,12 @@ def test_free_ls_work_goes_before_a_parked_be_pass():
     records, _, _ = simulate(be_then_ls(be_tokens=1, ls_tokens=3))
     assert records["ls"].finish == 55.0
     assert records["be"].first_token == 68.0
+
+
+def test_parked_pass_resumes_when_a_new_pass_has_no_room_for_it():
+    """As above, but with one request per pass: B's pass could never absorb A, so A resumes
+    alone at 21 (13 segments + head: 34) and B runs after it (34 -> 51); A is not passed over."""
+    events = [req("a", 0, 8, 1, BE), req("ls", 1, 4, 1, LS, at=3.0), req("b", 2, 8, 1, BE, at=5.0)]
+    records, stats, _ = simulate(events, max_batch_size=1)
+    assert stats.get("absorbed_passes", 0) == 0
+    assert records["a"].finish == 34.0 and records["b"].finish == 51.0
