@@ -37,6 +37,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from qllm_jax.scheduler.core import PRESETS
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
@@ -50,15 +52,7 @@ ARMS: dict[str, dict] = {
         policy="qllm", granularity="expert", aging_s=None, max_park_s=None, mix_classes=True
     ),
     # the reference code's behaviour (scheduler.core.PRESETS["paper"])
-    "qllm-paper": dict(
-        policy="qllm",
-        granularity="layer",
-        aging_s=None,
-        max_park_s=None,
-        absorb_be=True,
-        preempt_prefill=False,
-        prefill_first=True,
-    ),
+    "qllm-paper": dict(PRESETS["paper"]),
     # same engine and knobs as qllm-expert, fed only the LS requests
     "ls-only": dict(policy="qllm", granularity="expert", aging_s=None, max_park_s=None),
 }
