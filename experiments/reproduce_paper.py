@@ -220,7 +220,7 @@ def max_rate_meeting_slo(rows: dict[float, dict], arm: str, target: float) -> fl
 
 
 def paper_table(results: dict[float, dict], slo_target: float) -> list[list[str]]:
-    """Rows: metric | paper | ours (qllm-layer vs fcfs) | ours (qllm-expert vs fcfs) |
+    """Rows: metric | paper | ours (qllm-paper, qllm-layer, qllm-expert vs fcfs) |
     priority vs fcfs (the baseline the paper lacks) | qllm-expert vs priority."""
     arms = next(iter(results.values())).keys()
 
@@ -250,6 +250,7 @@ def paper_table(results: dict[float, dict], slo_target: float) -> list[list[str]
         return "none" if r is None else f"{r:g} req/s"
 
     pairs = [
+        ("qllm-paper", "fcfs"),
         ("qllm-layer", "fcfs"),
         ("qllm-expert", "fcfs"),
         ("priority", "fcfs"),
