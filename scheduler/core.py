@@ -402,13 +402,16 @@ class Scheduler:
     def _absorbable(self, ps: PassState, now: float) -> list[PassState]:
         """Parked passes waiting at ``ps``'s cursor that may ride along with it."""
         mine = self._pass_priority(ps, now)
+        # a pass that already carries rows of some class takes parked rows of that class too
+        least = max(self.effective_priority(r, now) for r in ps.requests)
         rows, seqs = sum(c.num_tokens for c in ps.chunks), len(ps.chunks)
         out = []
         for other in self.passes.values():
             if other.parked_since is None or other.cursor != ps.cursor or other is ps:
                 continue
             theirs = self._pass_priority(other, now)
-            welcome = theirs <= mine or self.config.absorb_be or self._expired(other, now)
+            welcome = theirs <= max(mine, least) or self.config.absorb_be
+            welcome = welcome or self._expired(other, now)
             n = sum(c.num_tokens for c in other.chunks)
             fits = seqs + len(other.chunks) <= self.config.max_batch_size
             if welcome and fits and rows + n <= self.config.max_num_batched_tokens:
