@@ -286,15 +286,17 @@ class Scheduler:
         parked = [p for p in self.passes.values() if p.parked_since is not None]
         best_parked = min(parked, key=lambda p: self._parked_key(p, now), default=None)
         free = sorted(self._free(), key=lambda r: self._row_order(r, now))
+        top = self.effective_priority(free[0], now) if free else 0
         if free and not self.config.mix_classes:
-            top = self.effective_priority(free[0], now)
             # one priority class per new pass: BE rows never slow down an LS pass
             free = [r for r in free if self.effective_priority(r, now) == top]
-        chunks = self._chunks(free)
+        # parked rows this pass will absorb on its way keep their seats ahead of younger rows
+        on_the_way = [p for p in parked if free and self._welcome(top, top, p, now)]
+        chunks = self._chunks(free, now, on_the_way)
         resume = best_parked is not None and (
-            not free or self._parked_key(best_parked, now) <= self.key(free[0], now)
+            not chunks or self._parked_key(best_parked, now) <= self.key(free[0], now)
         )
-        if resume and free and self._rejoin(best_parked, free[0], chunks, now):
+        if resume and chunks and self._rejoin(best_parked, free[0], chunks, now):
             resume = False  # a new pass of its class will absorb it at its cursor
         if resume:
             best_parked.overdue = self._expired(best_parked, now)
@@ -326,10 +328,15 @@ class Scheduler:
             and seqs <= self.config.max_batch_size
         )
 
-    def _advance(self, ps: PassState, now: float) -> Plan:
+    def _advance(self, ps: PassState, now: float, partial: bool = True) -> Plan:
+        """Advance ``ps`` to its next preemption point, absorbing the parked passes waiting at
+        its cursor that fit. With ``partial`` a parked pass that only partly fits is taken in
+        part: its most urgent rows join, the rest stay parked as a new pass (one plan merges
+        and splits the carries)."""
         new = list(ps.chunks) if ps.cursor == 0 else None
-        absorb = self._absorbable(ps, now) if ps.cursor > 0 else []
+        absorb, left = self._absorbable(ps, now, partial) if ps.cursor > 0 else ([], [])
         ps.overdue |= any(self._expired(other, now) for other in absorb)
+        rest = self._leave_parked(absorb, left) if left else None
         for other in absorb:
             self._unpark(other, now)
             del self.passes[other.pass_id]
@@ -356,7 +363,21 @@ class Scheduler:
             new=new,
             absorb=[o.pass_id for o in absorb],
             finishes=finishes,
+            split_seq_ids=[c.request.seq_id for c in left],
+            split_pass_id=rest.pass_id if rest is not None else None,
         )
+
+    def _leave_parked(self, absorb: list[PassState], left: list[Chunk]) -> PassState:
+        """Rows ``left`` of the passes being absorbed stay parked, as one new pass at the same
+        cursor (parked since the earliest of their passes)."""
+        ids = {id(c) for c in left}
+        since = min(o.parked_since for o in absorb if any(id(c) in ids for c in o.chunks))
+        for other in absorb:
+            other.chunks = [c for c in other.chunks if id(c) not in ids]
+        rest = self._new_pass(left)
+        rest.cursor, rest.parked_since = absorb[0].cursor, since
+        self.stats["partial_absorbs"] += 1
+        return rest
 
     def _split(self, ps: PassState, now: float) -> Plan:
         """LS rows of a mixed pass continue; its BE rows park at the same cursor."""
@@ -364,7 +385,8 @@ class Scheduler:
         keep = [c for c in ps.chunks if self.effective_priority(c.request, now) == best]
         moved = [c for c in ps.chunks if self.effective_priority(c.request, now) != best]
         cursor, ps.chunks = ps.cursor, keep
-        plan = self._advance(ps, now)  # before the split-off pass exists: it must not absorb it
+        # before the split-off pass exists (it must not absorb it); one split per plan
+        plan = self._advance(ps, now, partial=False)
         parked = self._new_pass(moved)
         parked.cursor = cursor
         self._park(parked, now, count=True)
@@ -399,25 +421,50 @@ class Scheduler:
         best = min(self.key(r, now) for r in ps.requests)
         return (-1, *best[1:]) if self._expired(ps, now) else best
 
-    def _absorbable(self, ps: PassState, now: float) -> list[PassState]:
-        """Parked passes waiting at ``ps``'s cursor that may ride along with it."""
+    def _welcome(self, mine: int, least: int, other: PassState, now: float) -> bool:
+        """Whether a pass whose rows span classes ``mine`` (most urgent) to ``least`` may take
+        the rows of the parked pass ``other``: rows of a class it already carries or a more
+        urgent one, anything with ``absorb_be`` or ``mix_classes``, and overdue rows."""
+        theirs = self._pass_priority(other, now)
+        return (
+            theirs <= max(mine, least)
+            or self.config.absorb_be
+            or self.config.mix_classes
+            or self._expired(other, now)
+        )
+
+    def _absorbable(
+        self, ps: PassState, now: float, partial: bool
+    ) -> tuple[list[PassState], list[Chunk]]:
+        """Parked passes waiting at ``ps``'s cursor that may ride along with it, most urgent
+        first, and (with ``partial``) the rows of them that do not fit and stay parked."""
         mine = self._pass_priority(ps, now)
-        # a pass that already carries rows of some class takes parked rows of that class too
         least = max(self.effective_priority(r, now) for r in ps.requests)
         rows, seqs = sum(c.num_tokens for c in ps.chunks), len(ps.chunks)
-        out = []
-        for other in self.passes.values():
-            if other.parked_since is None or other.cursor != ps.cursor or other is ps:
+        waiting = [
+            p
+            for p in self.passes.values()
+            if p.parked_since is not None and p.cursor == ps.cursor and p is not ps
+        ]
+        out, left = [], []
+        for other in sorted(waiting, key=lambda p: self._parked_key(p, now)):
+            if not self._welcome(mine, least, other, now):
                 continue
-            theirs = self._pass_priority(other, now)
-            welcome = theirs <= max(mine, least) or self.config.absorb_be
-            welcome = welcome or self._expired(other, now)
-            n = sum(c.num_tokens for c in other.chunks)
-            fits = seqs + len(other.chunks) <= self.config.max_batch_size
-            if welcome and fits and rows + n <= self.config.max_num_batched_tokens:
+            ordered = sorted(other.chunks, key=lambda c: self._row_order(c.request, now))
+            take = 0
+            for c in ordered:
+                if seqs + take + 1 > self.config.max_batch_size:
+                    break
+                if rows + c.num_tokens > self.config.max_num_batched_tokens:
+                    break
+                rows, take = rows + c.num_tokens, take + 1
+            if take == len(ordered) or (take and partial):
                 out.append(other)
-                rows, seqs = rows + n, seqs + len(other.chunks)
-        return out
+                left += ordered[take:]
+                seqs += take
+            else:
+                rows -= sum(c.num_tokens for c in ordered[:take])
+        return out, left
 
     def _park(self, ps: PassState, now: float, count: bool = True) -> None:
         ps.parked_since = now
@@ -444,17 +491,36 @@ class Scheduler:
             self.in_pass[c.request.request_id] = ps.pass_id
         return ps
 
-    def _chunks(self, ordered: list[Request]) -> list[Chunk]:
-        """Rows for a new pass from requests in order: one decode row, or a prefill chunk."""
-        budget = self.config.max_num_batched_tokens
-        chunks = []
+    def _chunks(
+        self,
+        ordered: list[Request],
+        now: float = 0.0,
+        on_the_way: list[PassState] | None = None,
+    ) -> list[Chunk]:
+        """Rows for a new pass from requests in order: one decode row, or a prefill chunk.
+        The rows of the parked passes ``on_the_way`` (which the pass absorbs at their cursors)
+        keep their seats ahead of any request they precede in row order."""
+        budget, seats = self.config.max_num_batched_tokens, self.config.max_batch_size
+        held = sorted(
+            (
+                (self._row_order(c.request, now), c.num_tokens)
+                for p in on_the_way or []
+                for c in p.chunks
+            ),
+        )
+        chunks, i = [], 0
         for req in ordered:
-            if budget == 0 or len(chunks) == self.config.max_batch_size:
+            key = self._row_order(req, now) if held else None
+            while i < len(held) and held[i][0] < key:
+                if held[i][1] > budget or seats == 0:
+                    return chunks  # an earlier parked row takes the last room
+                budget, seats, i = budget - held[i][1], seats - 1, i + 1
+            if budget == 0 or seats == 0:
                 break
             remaining = req.num_tokens - req.num_computed
             n = min(remaining, budget, self.config.chunk_size if remaining > 1 else 1)
             chunks.append(Chunk(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
-            budget -= n
+            budget, seats = budget - n, seats - 1
         return chunks
 
     def _admit(self, now: float) -> None:
