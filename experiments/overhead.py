@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 import qllm_jax
+from qllm_jax.scheduler import CarryRecord, Chunk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,18 +73,17 @@ def dispatch_us(model, prompts, **kw) -> float:
     )
     decode_step_times(engine, prompts, 4)
     ex = engine.executor
-    chunks = [
-        qllm_jax.executor.RowChunk(i, (5,), 3, tuple(range(1 + i * 2, 3 + i * 2)))
-        for i in range(len(prompts))
-    ]
-    inputs, _ = ex.build_inputs(chunks)
+    rec = CarryRecord(
+        0,
+        tuple(Chunk(i, 3, (5,), tuple(range(1 + i * 2, 3 + i * 2))) for i in range(len(prompts))),
+    )
     samples = []
     for _ in range(5):
-        carry = ex.start(inputs)
+        carry = ex.start(rec)
         jax.block_until_ready(carry)
-        n = len(ex.schedule) - 1
+        n = ex.head
         t0 = time.perf_counter()
-        carry, _ = ex.advance(carry, 0, n)
+        carry = ex.advance(carry, 0, n)
         samples.append((time.perf_counter() - t0) / n)
         jax.block_until_ready(carry)
     return statistics.median(samples) * 1e6

@@ -41,8 +41,15 @@ import numpy as np
 
 import qllm_jax
 from qllm_jax.engine import default_cache_dir, enable_compilation_cache
-from qllm_jax.executor import Executor, RowChunk, SampleSpec
-from qllm_jax.scheduler import Scheduler, SchedulerConfig, segment_schedule
+from qllm_jax.executor import Executor
+from qllm_jax.scheduler import (
+    CarryRecord,
+    Chunk,
+    SampleSpec,
+    Scheduler,
+    SchedulerConfig,
+    segment_layout,
+)
 from qllm_jax.scheduler.simulator import CostModel, Simulator, VirtualClock, make_request
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,13 +64,13 @@ def passes(decode_batches, decode_ctx, prefill_rows, page_size):
             per = -(-c // page_size)
             out.append(
                 [
-                    RowChunk(i, (5,), c - 1, tuple(range(1 + i * per, 1 + (i + 1) * per)), GREEDY)
+                    Chunk(i, c - 1, (5,), tuple(range(1 + i * per, 1 + (i + 1) * per)), GREEDY)
                     for i in range(b)
                 ]
             )
     for r in prefill_rows:
         pages = tuple(range(1, 1 + -(-r // page_size)))
-        out.append([RowChunk(0, (5,) * r, 0, pages, GREEDY)])
+        out.append([Chunk(0, 0, (5,) * r, pages, GREEDY)])
     return out
 
 
@@ -82,26 +89,33 @@ def best_time(repeats: int, fn, *args) -> float:
 def measure(model, chunk_sets, page_size: int, repeats: int) -> list[dict]:
     num_experts = model.config.num_experts
     need = max(max(p for c in cs for p in c.pages) for cs in chunk_sets) + 1
-    executors = {g: Executor(model, need, page_size, g) for g in (1, num_experts)}
+    most = max(sum(c.num_tokens for c in cs) for cs in chunk_sets)
+    bounds = dict(
+        max_batch_size=max(len(cs) for cs in chunk_sets),
+        max_num_batched_tokens=most,
+        max_model_len=max(c.end for cs in chunk_sets for c in cs),
+    )
+    executors = {
+        g: Executor(model, need, page_size, expert_group_size=g, **bounds) for g in (1, num_experts)
+    }
     whole = executors[num_experts]
     rows_out = []
     for chunks in chunk_sets:
+        rec = CarryRecord(0, tuple(chunks))
         point = {
-            "rows": sum(len(c.token_ids) for c in chunks),
-            "ctx": sum(c.start + len(c.token_ids) for c in chunks),
+            "rows": rec.num_rows,
+            "ctx": sum(c.end for c in chunks),
             "sampled": len(chunks),
         }
-        inputs, samples = whole.build_inputs(chunks)
-        carry = whole.start(inputs)
-        point["embed"] = best_time(repeats, whole.build_inputs, chunks)
-        point["embed"] += best_time(repeats, whole.start, inputs)
-        point["attention"] = best_time(repeats, lambda c: whole.advance(c, 0, 1)[0], carry)
-        after_attn, _ = whole.advance(carry, 0, 1)
+        carry = whole.start(rec)
+        point["embed"] = best_time(repeats, whole.start, rec)
+        point["attention"] = best_time(repeats, lambda c: whole.advance(c, 0, 1), carry)
+        after_attn = whole.advance(carry, 0, 1)
         for g, ex in executors.items():  # cursor 1: the first expert group of layer 0
-            advance = lambda c, ex=ex: ex.advance(c, 1, 1)[0]  # noqa: E731
+            advance = lambda c, ex=ex: ex.advance(c, 1, 2)  # noqa: E731
             point[f"experts_g{g}"] = best_time(repeats, advance, after_attn)
-        done, _ = whole.advance(carry, 0, len(whole.schedule) - 1)
-        point["head"] = best_time(repeats, whole.finish, done, samples)
+        done = whole.advance(carry, 0, whole.head)
+        point["head"] = best_time(repeats, whole.head_tokens, done, rec)
         print(point, flush=True)
         rows_out.append(point)
     return rows_out
@@ -152,7 +166,7 @@ def host_overhead(num_layers: int, num_experts: int) -> float:
     """Seconds of scheduler work per plan: a zero-cost simulation of a mixed LS/BE workload."""
     clock = VirtualClock()
     config = SchedulerConfig(page_size=16, num_pages=1 << 14, max_model_len=2048)
-    segments = segment_schedule(num_layers, num_experts, 1, False)
+    segments = segment_layout(num_layers, num_experts, 1, False)
     sim = Simulator(Scheduler(config, segments, clock=clock), CostModel(attn_base=1e-3), clock)
     rng = random.Random(0)
     events = []

@@ -143,7 +143,7 @@ def make_workload(
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends: each runs one arm on one workload and returns the scheduler's requests
+# Backends: each runs one arm on one workload and returns its requests' metrics records
 
 
 def run_real(model, arm: str, items: list[Item], engine_kw: dict, seed: int):
@@ -156,7 +156,7 @@ def run_real(model, arm: str, items: list[Item], engine_kw: dict, seed: int):
     vocab = engine.model.config.vocab_size
     pending = [it for it in items if arm != "ls-only" or it.priority == 0]
     prompts = {it.request_id: rng.integers(3, vocab, it.prompt_len).tolist() for it in pending}
-    t0, i = time.monotonic(), 0
+    t0, i, done = time.monotonic(), 0, {}
     while i < len(pending) or engine.has_unfinished():
         now = time.monotonic() - t0
         while i < len(pending) and pending[i].arrival <= now:
@@ -167,21 +167,38 @@ def run_real(model, arm: str, items: list[Item], engine_kw: dict, seed: int):
             )
             i += 1
         if engine.has_unfinished():
-            engine.step()
+            done |= {out.request_id: out for out in engine.step() if out.finished}
         elif i < len(pending):
             time.sleep(min(pending[i].arrival - now, 0.05))
-    return list(engine.scheduler.requests.values()), engine.stats()
+    return [_record(out) for out in done.values()], engine.stats()
+
+
+def _record(out):
+    from qllm_jax.scheduler.metrics import RequestRecord
+
+    m = out.metrics
+    return RequestRecord(
+        request_id=out.request_id,
+        priority=out.priority,
+        arrival=m.arrival_time,
+        first_token=m.first_token_time,
+        finish=m.finish_time if out.finish_reason not in ("abort", "error") else None,
+        prompt_tokens=len(out.prompt_token_ids),
+        output_tokens=len(out.token_ids),
+        num_preemptions=m.num_preemptions,
+        parked_time=m.parked_time,
+    )
 
 
 def run_sim(profile, arm: str, items: list[Item], sim_kw: dict):
-    from qllm_jax.scheduler import Scheduler, SchedulerConfig, segment_schedule
+    from qllm_jax.scheduler import Scheduler, SchedulerConfig, segment_layout
     from qllm_jax.scheduler.plan import default_group_size
     from qllm_jax.scheduler.simulator import Simulator, VirtualClock, make_request
 
     knobs = ARMS[arm]
     layers, experts = sim_kw["num_layers"], sim_kw["num_experts"]
     group = default_group_size(experts, knobs.get("granularity", "expert"))
-    segments = segment_schedule(layers, experts, group, False)
+    segments = segment_layout(layers, experts, group, False)
     clock = VirtualClock()
     config = SchedulerConfig(
         page_size=16,
@@ -201,9 +218,8 @@ def run_sim(profile, arm: str, items: list[Item], sim_kw: dict):
         )
         for n, it in enumerate(pending)
     ]
-    Simulator(sched, profile, clock).run(events)
-    stats = dict(sched.stats) | {"preempt_wait_s_max": max(sched.preempt_waits, default=None)}
-    return list(sched.requests.values()), stats
+    result = Simulator(sched, profile, clock).run(events)
+    return list(result.records.values()), result.stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
             output_mean=args.output_mean or lengths.output_mean,
         )
 
-    from qllm_jax.scheduler.metrics import record_of, summarize
+    from qllm_jax.scheduler.metrics import summarize
 
     if real:
         import jax
@@ -462,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[rate], stats[rate] = {}, {}
             for arm in args.arms:
                 requests, st = run(arm, items)
-                results[rate][arm] = summarize([record_of(r) for r in requests], args.slo)
+                results[rate][arm] = summarize(requests, args.slo)
                 stats[rate][arm] = st
                 bar.update(1)
     table = paper_table(results, args.slo_target)

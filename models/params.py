@@ -8,27 +8,24 @@ family lacks them: ``None`` is an empty pytree, so jit sees a stable structure p
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
+from flax import struct
 
 Array = jax.Array
 
-
-def _pytree(cls):
-    """Register a dataclass whose fields are all pytree children."""
-    cls = dataclasses.dataclass(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+# The one helper for pytree dataclasses in this project (params, carries, segment inputs): a
+# frozen dataclass whose fields are all pytree children, registered with jax's fast C++ path
+# (``flax.struct.dataclass`` calls ``jax.tree_util.register_dataclass``), with ``.replace``.
+pytree_dataclass = struct.dataclass
 
 
-@_pytree
+@pytree_dataclass
 class NormParams:
     weight: Array  # [N]
     bias: Array | None = None  # [N]; LayerNorm only (PhiMoE)
 
 
-@_pytree
+@pytree_dataclass
 class AttentionParams:
     input_norm: NormParams  # over D
     wq: Array  # [D, Hq*hd]
@@ -45,27 +42,27 @@ class AttentionParams:
     router: Array  # [D, E]
 
 
-@_pytree
+@pytree_dataclass
 class ExpertParams:
     w_gate_up: Array  # [E, D, 2F]: gate in [..., :F], up in [..., F:]
     w_down: Array  # [E, F, D]
 
 
-@_pytree
+@pytree_dataclass
 class SharedExpertParams:
     w_gate_up: Array  # [D, 2Fs]
     w_down: Array  # [Fs, D]
     gate: Array  # [D, 1]: sigmoid gate on the shared expert's output (Qwen2-MoE)
 
 
-@_pytree
+@pytree_dataclass
 class LayerParams:
     attn: AttentionParams
     experts: ExpertParams
     shared: SharedExpertParams | None
 
 
-@_pytree
+@pytree_dataclass
 class Params:
     embed: Array  # [V, D]
     layers: tuple[LayerParams, ...]  # L entries of identical structure and shapes

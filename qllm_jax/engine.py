@@ -1,14 +1,18 @@
 """The engine: tokenizer + scheduler + executor, one synchronous host loop.
 
-``Engine.step()`` asks the scheduler for a plan, runs it on the executor (fused in one jit, or
-segment by segment), hands the sampled tokens back to the scheduler and reports the requests
-that advanced. ``LLM`` (offline, vLLM-shaped) drives the same engine to completion.
+``Engine.step()`` is three calls: ``plan = scheduler.schedule()``, ``result =
+executor.execute(plan)``, ``scheduler.update(plan, result)``; it reports the requests that
+advanced or ended. Inputs are validated at the door (``add_request``), so a bad request is
+refused before it reaches the scheduler, and a fault while executing fails only the requests it
+touched (``finish_reason="error"``). ``LLM`` (offline, vLLM-shaped) drives the same engine.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import numbers
 import os
 import random
 import time
@@ -19,14 +23,12 @@ from typing import Literal
 import jax
 import numpy as np
 
-from qllm_jax.carry import PAGE_BUCKET_MIN, Carry, bucket, split_rows
-from qllm_jax.carry import merge as merge_carries
-from qllm_jax.executor import Executor, RowChunk, SampleSpec
+from qllm_jax import compile_log
+from qllm_jax.executor import SEGMENT_KERNELS, Executor
 from qllm_jax.kv_cache import pages_for_budget
 from qllm_jax.models import Model, load
-from qllm_jax.scheduler import Plan, Request, SamplingParams, Scheduler, SchedulerConfig
-from qllm_jax.scheduler.core import PRESETS, Granularity, Policy
-from qllm_jax.scheduler.plan import Chunk, default_group_size
+from qllm_jax.scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+from qllm_jax.scheduler.plan import default_group_size
 
 Prompt = str | Sequence[int]
 Mode = Literal["fused", "segmented"]
@@ -51,8 +53,10 @@ class RequestOutput:
     token_ids: list[int]  # every token generated so far
     text: str | None  # detokenized ``token_ids`` when the model has a tokenizer
     finished: bool
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     metrics: RequestMetrics
+    priority: int = 0
+    error: str | None = None  # what went wrong, with finish_reason "error"
 
 
 def enable_compilation_cache(cache_dir: str | os.PathLike | None) -> None:
@@ -70,113 +74,148 @@ def default_cache_dir() -> Path:
 
 
 class Engine:
-    """Serve requests on one model. See the README for the knobs."""
+    """Serve requests on one model. See the README for the knobs.
+
+    ``scheduler_options`` are ``SchedulerConfig`` fields (``policy``, ``granularity``,
+    ``max_batch_size``, ``max_num_batched_tokens``, ``prefill_chunk``, ``aging_s``,
+    ``max_park_s``, ``absorb_be``, ``preempt_prefill``, ``mix_classes``, ``rejoin_parked``,
+    ``split_mixed``, ``prefill_first``) plus ``preset`` (a named set of them; explicit options
+    win); their defaults are ``SchedulerConfig``'s.
+    """
 
     def __init__(
         self,
         model: str | os.PathLike | Model,
         *,
         dtype: str = "auto",
-        policy: Policy = "qllm",
-        granularity: Granularity = "expert",
-        preset: str | None = None,
         mode: Mode | None = None,
-        max_batch_size: int = 32,
-        max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         kv_pages: int | None = None,
         kv_bytes: int | None = None,
         page_size: int = 16,
         expert_group_size: int | None = None,
-        prefill_chunk: int | None = None,
-        aging_s: float | None = 10.0,
-        max_park_s: float | None = 5.0,
-        absorb_be: bool = False,
-        preempt_prefill: bool = True,
         lookahead: int = 2,
         seed: int = 0,
         compilation_cache_dir: str | os.PathLike | None | Literal["default"] = "default",
         clock=time.monotonic,
         **scheduler_options,
     ) -> None:
-        """``scheduler_options``: any further ``SchedulerConfig`` field (``mix_classes``,
-        ``rejoin_parked``, ``split_mixed``)."""
-        unknown = set(scheduler_options) - {f.name for f in dataclasses.fields(SchedulerConfig)}
-        if unknown:
-            raise TypeError(f"unknown Engine option(s): {', '.join(sorted(unknown))}")
-        knobs = dict(
-            policy=policy,
-            granularity=granularity,
-            aging_s=aging_s,
-            max_park_s=max_park_s,
-            absorb_be=absorb_be,
-            preempt_prefill=preempt_prefill,
-            **scheduler_options,
-        )
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-            knobs |= PRESETS[preset]
-        if mode is None:
-            mode = "segmented" if knobs["policy"] == "qllm" else "fused"
-        if mode not in ("fused", "segmented"):
+        _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size)
+        if mode not in (None, "fused", "segmented"):
             raise ValueError(f"mode must be 'fused' or 'segmented', got {mode!r}")
-        if mode == "fused" and knobs["policy"] == "qllm":
-            raise ValueError("the qllm policy preempts between segments: use mode='segmented'")
         if compilation_cache_dir == "default":
             compilation_cache_dir = default_cache_dir()
         enable_compilation_cache(compilation_cache_dir)
         self.model = model if isinstance(model, Model) else load(model, dtype=dtype)
         cfg = self.model.config
-        self.mode = mode
-        max_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the model's "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        max_len = max_model_len or cfg.max_position_embeddings
         if kv_pages is None:
             if kv_bytes is None and jax.devices()[0].memory_stats() is None:
                 kv_bytes = _CPU_DEFAULT_KV_BYTES
             kv_pages = pages_for_budget(cfg, page_size, self.model.dtype, kv_bytes)
-        if expert_group_size is None:
-            expert_group_size = default_group_size(cfg.num_experts, knobs["granularity"])
-        self.executor = Executor(self.model, kv_pages, page_size, expert_group_size, lookahead)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                page_size=page_size,
-                num_pages=kv_pages,
-                max_model_len=max_len,
-                max_batch_size=max_batch_size,
-                max_num_batched_tokens=max_num_batched_tokens,
-                prefill_chunk=prefill_chunk,
-                eos_token_ids=cfg.eos_token_ids,
-                **knobs,
-            ),
-            self.executor.schedule,
-            clock=clock,
+        config = SchedulerConfig.from_options(
+            page_size=page_size,
+            num_pages=kv_pages,
+            max_model_len=max_len,
+            eos_token_ids=cfg.eos_token_ids,
+            **scheduler_options,
         )
-        self.carries: dict[int, Carry] = {}  # live passes' carries, parked ones included
+        self.mode: Mode = mode or ("segmented" if config.policy == "qllm" else "fused")
+        if self.mode == "fused" and config.policy == "qllm":
+            raise ValueError("the qllm policy preempts between segments: use mode='segmented'")
+        if expert_group_size is None:
+            expert_group_size = default_group_size(cfg.num_experts, config.granularity)
+        self.executor = Executor(
+            self.model,
+            kv_pages,
+            page_size,
+            max_batch_size=config.max_batch_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_len,
+            expert_group_size=expert_group_size,
+            lookahead=lookahead,
+        )
+        self.scheduler = Scheduler(config, self.executor.segments, clock=clock)
         self.clock = clock
         self._rng = random.Random(seed)
         self._seq_ids = itertools.count()
         self._ids = itertools.count()
+        self._ended: list[RequestOutput] = []  # aborted requests, reported by the next step
+        self._compiles_at_warmup: int | None = None
         self.num_steps = 0
+        compile_log.count()  # count compilations from here on
 
     @property
     def tokenizer(self):
         return self.model.tokenizer
 
+    @property
+    def config(self) -> SchedulerConfig:
+        return self.scheduler.config
+
     # -- requests -------------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt (a string, or a flat sequence of int token ids)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as token id lists")
             ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (bytes, bytearray, dict)) or not isinstance(
+            prompt, (Sequence, np.ndarray)
+        ):
+            raise TypeError(
+                f"a prompt is a string or a sequence of int token ids, got {type(prompt).__name__}"
+            )
         else:
-            ids = [int(t) for t in prompt]
+            ids = _token_ids(prompt)
         vocab = self.model.config.vocab_size
         if not ids:
             raise ValueError("empty prompt")
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         return ids
+
+    def make_request(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """A validated request, not yet queued (``ValueError``/``TypeError`` if it is bad)."""
+        if sampling is None:
+            sampling = SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams or None, got {sampling!r}")
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in sampling.stop_token_ids):
+            raise ValueError(f"stop_token_ids must lie in [0, {vocab})")
+        if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        if arrival_time is not None and not (
+            isinstance(arrival_time, numbers.Real) and math.isfinite(arrival_time)
+        ):
+            raise ValueError(f"arrival_time must be a finite number, got {arrival_time!r}")
+        if request_id is not None and not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string or None, got {request_id!r}")
+        req = Request(
+            request_id=request_id if request_id is not None else self._auto_id(),
+            seq_id=next(self._seq_ids),
+            prompt_token_ids=self.encode(prompt),
+            sampling=sampling,
+            seed=sampling.seed if sampling.seed is not None else self._rng.getrandbits(64),
+            priority=int(priority),
+            arrival_time=self.clock() if arrival_time is None else float(arrival_time),
+        )
+        self.scheduler.check(req)
+        return req
 
     def add_request(
         self,
@@ -187,77 +226,58 @@ class Engine:
         request_id: str | None = None,
     ) -> str:
         """Queue a request; returns its id. ``priority``: lower is more urgent (0 = LS)."""
-        sampling = sampling or SamplingParams()
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        if not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, got {priority!r}")
-        rid = str(next(self._ids)) if request_id is None else str(request_id)
-        req = Request(
-            request_id=rid,
-            seq_id=next(self._seq_ids),
-            prompt_token_ids=self.encode(prompt),
-            sampling=sampling,
-            seed=sampling.seed if sampling.seed is not None else self._rng.getrandbits(32),
-            priority=priority,
-            arrival_time=self.clock() if arrival_time is None else arrival_time,
-        )
+        return self.add(self.make_request(prompt, sampling, priority, arrival_time, request_id))
+
+    def add(self, req: Request) -> str:
+        """Queue a request from ``make_request``."""
         self.scheduler.add(req)
+        return req.request_id
+
+    def _auto_id(self) -> str:
+        """The next counter value that no live request uses (callers may pick ids too)."""
+        rid = str(next(self._ids))
+        while rid in self.scheduler.requests:
+            rid = str(next(self._ids))
         return rid
 
     def abort(self, request_id: str) -> bool:
-        """Abort a request, drop its rows from any pass (parked or not) and free its KV pages.
+        """Abort a request: its KV pages are freed now, its rows leave any pass (parked or not)
+        with the next plan, and the next ``step()`` reports it with ``finish_reason="abort"``.
         False if it was unknown or already done."""
-        result = self.scheduler.abort(str(request_id))
-        if result is None:
+        req = self.scheduler.abort(str(request_id))
+        if req is None:
             return False
-        req, pass_id, gone = result
-        if pass_id in self.carries:
-            if gone:
-                del self.carries[pass_id]
-            else:
-                carry = self.carries[pass_id]
-                seq = np.asarray(carry.seq)
-                self.carries[pass_id] = _select(carry, (seq >= 0) & (seq != req.seq_id))
+        self._ended.append(self.output(req))
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._ended)
 
     # -- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one pass; return the requests that advanced (tokens so far, finished or not)."""
+        """Run one plan; return the requests that advanced or ended (tokens so far)."""
+        outs, self._ended = self._ended, []
         plan = self.scheduler.schedule()
         if plan is None:
-            return []
-        tokens = self._execute(plan)
-        self.num_steps += 1
-        return [self.output(r) for r in self.scheduler.update(plan, tokens)]
+            return outs
+        result = self.executor.execute(plan)
+        self.num_steps += plan.runs
+        return outs + [self.output(r) for r in self.scheduler.update(plan, result)]
 
-    def _execute(self, plan: Plan) -> dict[str, int]:
-        """Carry out a plan on the executor; the tokens of a pass that reached the head."""
-        ex = self.executor
-        if plan.fused and self.mode == "fused":
-            inputs, samples = ex.build_inputs([_row_chunk(c) for c in plan.new])
-            return _tokens(plan, np.asarray(ex.run_fused(inputs, samples)))
-        if plan.new is not None:
-            inputs, _ = ex.build_inputs([_row_chunk(c) for c in plan.new])
-            self.carries[plan.pass_id] = ex.start(inputs)
-        carry = self.carries.pop(plan.pass_id)
-        if plan.absorb:
-            carry = _merge([carry, *(self.carries.pop(a) for a in plan.absorb)])
-        if plan.split_seq_ids:
-            seq = np.asarray(carry.seq)
-            moved = np.isin(seq, plan.split_seq_ids)
-            self.carries[plan.split_pass_id] = _select(carry, moved)
-            carry = _select(carry, (seq >= 0) & ~moved)
-        carry, _ = ex.advance(carry, plan.cursor, plan.num_segments)
-        if not plan.finishes:
-            self.carries[plan.pass_id] = carry
-            return {}
-        chunks = [_row_chunk(c) for c in plan.chunks]
-        return _tokens(plan, np.asarray(ex.finish(carry, ex.sample_inputs_for(carry, chunks))))
+    def warmup(self, max_rows: int | None = None, max_context: int | None = None) -> int:
+        """Compile every executable this engine can use (``Executor.signatures``; tighter with
+        a workload's ``max_rows`` per pass and ``max_context`` tokens per request), so that
+        serving compiles nothing; ``stats()["compiles_since_warmup"]`` counts any that still
+        happen. Returns the number of executables run."""
+        compile_log.count()  # start counting before the warm-up's own compilations
+        n = self.executor.warmup(max_rows, max_context, self._kernels())
+        self._compiles_at_warmup = compile_log.count()
+        return n
+
+    def _kernels(self) -> tuple[str, ...]:
+        """The kernels this engine's mode calls."""
+        return ("fused",) if self.mode == "fused" else SEGMENT_KERNELS
 
     def output(self, req: Request) -> RequestOutput:
         text = None
@@ -277,55 +297,49 @@ class Engine:
                 req.num_preemptions,
                 req.parked_time,
             ),
+            priority=req.priority,
+            error=req.error,
         )
 
     def stats(self) -> dict:
-        """Engine counters: KV pages, queue sizes, preemptions by granularity, parked rows."""
-        sched = self.scheduler
-        alloc = sched.allocator
-        waits = sorted(sched.preempt_waits)
-        return {
-            "kv_pages_total": alloc.num_pages - 1,
-            "kv_pages_used": alloc.num_used,
-            "kv_pages_free": alloc.num_free,
-            "waiting": len(sched.waiting),
-            "running": len(sched.admitted),
-            "passes_live": len(sched.passes),
-            "parked_rows": sched.parked_rows(),
+        """The scheduler's counters (KV pages, queues, preemptions, ...) plus the executor's:
+        steps and segments run, carries held, KV resets, executables and compilations."""
+        ex = self.executor
+        since = self._compiles_at_warmup
+        return self.scheduler.stats() | {
             "steps": self.num_steps,
-            "segments_run": self.executor.segments_run,
-            "preemptions_layer": sched.stats["preemptions_layer"],
-            "preemptions_expert": sched.stats["preemptions_expert"],
-            "splits": sched.stats["splits"],
-            "absorbed_passes": sched.stats["absorbed_passes"],
-            "evictions": sched.stats["evictions"],
-            "preempt_wait_s_max": waits[-1] if waits else None,
+            "segments_run": ex.segments_run,
+            "carries": ex.num_carries,
+            "kv_resets": ex.num_resets,
+            "executables": len(ex.signatures(kernels=self._kernels())),
+            "compiles": compile_log.count(),
+            "compiles_since_warmup": None if since is None else compile_log.count() - since,
         }
 
 
-def _row_chunk(chunk: Chunk) -> RowChunk:
-    req, spec = chunk.request, None
-    if chunk.samples:
-        sp = req.sampling
-        spec = SampleSpec(sp.temperature, sp.top_k, sp.top_p, req.seed, len(req.output_token_ids))
-    tokens = tuple(req.all_token_ids[chunk.start : chunk.end])
-    return RowChunk(req.seq_id, tokens, chunk.start, tuple(req.pages), spec)
+def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size) -> None:
+    for name, value, least in (
+        ("max_model_len", max_model_len, 1),
+        ("kv_pages", kv_pages, 2),
+        ("kv_bytes", kv_bytes, 1),
+    ):
+        if value is not None and (not _is_int(value) or value < least):
+            raise ValueError(f"{name} must be an int >= {least} or None, got {value!r}")
+    if not _is_int(page_size) or page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size!r}")
 
 
-def _tokens(plan: Plan, out: np.ndarray) -> dict[str, int]:
-    """Map the head's outputs (in sampling-chunk order) to request ids."""
-    sampling = [c.request.request_id for c in plan.chunks if c.samples]
-    return {rid: int(t) for rid, t in zip(sampling, out, strict=False)}
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _select(carry: Carry, rows: np.ndarray) -> Carry:
-    """The carry restricted to some rows (a bool mask) and their sequences' key pages."""
-    idx = np.nonzero(rows)[0]
-    n_keys = int(np.isin(np.asarray(carry.key_seq), np.asarray(carry.seq)[idx]).sum())
-    return split_rows(carry, idx, bucket(len(idx)), bucket(n_keys, PAGE_BUCKET_MIN))
-
-
-def _merge(carries: list[Carry]) -> Carry:
-    rows = sum(int(np.asarray(c.valid).sum()) for c in carries)
-    keys = sum(int((np.asarray(c.key_seq) >= 0).sum()) for c in carries)
-    return merge_carries(carries, bucket(rows), bucket(keys, PAGE_BUCKET_MIN))
+def _token_ids(prompt) -> list[int]:
+    """A flat sequence of integer token ids as ints; anything else is a ``TypeError``."""
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+            raise TypeError(f"token ids must be a 1-D integer array, got {prompt.dtype}")
+        return [int(t) for t in prompt]
+    if not all(_is_int(t) for t in prompt):
+        bad = next(t for t in prompt if not _is_int(t))
+        raise TypeError(f"token ids must be ints, got {bad!r} ({type(bad).__name__})")
+    return [int(t) for t in prompt]

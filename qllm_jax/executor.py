@@ -1,10 +1,20 @@
-"""The executor: the only code that touches device arrays.
+"""The executor: the only interpreter of plans, and the only code that touches device arrays.
 
-It owns the params, the paged KV cache and the segment schedule of one model, and advances a
-pass one segment at a time (``advance``) or runs it whole in one jit (``run_fused``). A pass's
-cursor is an index into ``schedule``; ``cursor_of`` turns it into the (layer, stage) pair of the
-design (stage 0 = attention, 1.. = expert groups, then the shared expert). Host inputs are built
-from plain-Python descriptions of the rows (``RowChunk``), so the scheduler never sees JAX.
+``Executor.execute(plan) -> StepResult`` carries out one ``Plan`` of the scheduler. The executor
+owns the params, the paged KV cache and every live and parked carry, and keeps a host-side
+record of each carry's rows (``scheduler.ledger.Ledger``: sequence, positions, pages, sampling
+knobs, cursor) from which it builds each carry's metadata, moves rows between carries (drop,
+merge, split: one jitted scatter per source carry), and picks the rows that sample. Nothing on
+the step path reads a device array back but the sampled tokens at the head.
+
+Shapes are bucketed (rows, key pages, sampled rows: powers of two), so the set of executables
+is finite and known from the configuration (``signatures``); ``warmup`` compiles all of them
+(or those a workload can reach) so that a steady workload compiles nothing.
+
+Faults are isolated: an exception while carrying out a plan fails the requests whose rows the
+plan touched (and those of any carry the error poisoned), drops their carries and returns them in
+``StepResult.failed``; if the KV cache itself was lost (a donated buffer consumed by a failed
+call), it is rebuilt and ``StepResult.reset`` tells the scheduler to recompute everyone else.
 """
 
 from __future__ import annotations
@@ -12,20 +22,32 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+from collections.abc import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from qllm_jax.carry import PAGE_BUCKET_MIN, SAMPLE_BUCKET_MIN, Carry, bucket
+from qllm_jax.carry import (
+    PAGE_BUCKET_MIN,
+    SAMPLE_BUCKET_MIN,
+    STATE_FIELDS,
+    Carry,
+    bucket,
+    buckets,
+    pass_meta,
+    scatter_rows,
+    token_ids,
+)
 from qllm_jax.kv_cache import KVCache
 from qllm_jax.models import Model
-from qllm_jax.scheduler.plan import Segment, segment_schedule
+from qllm_jax.sampling import split_seeds
+from qllm_jax.scheduler.ledger import Applied, CarryRecord, Ledger, Move
+from qllm_jax.scheduler.plan import Chunk, Plan, Segment, StepResult, segment_layout
 from qllm_jax.segments import (
-    PassInputs,
     SampleInputs,
     attention_segment,
     embed_segment,
+    empty_state_segment,
     experts_segment,
     fused_step,
     head_logits_segment,
@@ -36,122 +58,197 @@ from qllm_jax.segments import (
 
 
 @dataclasses.dataclass(frozen=True)
-class RowChunk:
-    """Consecutive tokens of one sequence fed in a pass (a prefill chunk, or one decode token).
+class Kernels:
+    """The jitted functions the executor calls: a table, so a test can wrap one (to inject a
+    fault) without touching the module."""
 
-    ``sample`` carries the sampling knobs when the chunk's last row produces a new token.
-    """
+    embed: Callable = embed_segment
+    empty_state: Callable = empty_state_segment
+    attention: Callable = attention_segment
+    experts: Callable = experts_segment
+    shared: Callable = shared_segment
+    head: Callable = head_segment
+    head_logits: Callable = head_logits_segment
+    fused: Callable = fused_step
+    scatter: Callable = scatter_rows
 
-    seq_id: int
-    token_ids: tuple[int, ...]
-    start: int  # position of the first token
-    pages: tuple[int, ...]  # the sequence's KV pages (enough for start + len(token_ids))
-    sample: SampleSpec | None = None
+
+# What a segmented pass calls (a fused pass calls only "fused").
+SEGMENT_KERNELS = ("embed", "empty_state", "attention", "experts", "shared", "head", "scatter")
 
 
 @dataclasses.dataclass(frozen=True)
-class SampleSpec:
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    step: int  # index of the token being sampled in the request's output
+class Signature:
+    """One executable: a kernel at one shape (``rows``, ``pages``, ``samples`` buckets;
+    ``src_rows`` for a scatter's source; ``window`` for attention)."""
+
+    kernel: str
+    rows: int
+    pages: int = 0
+    samples: int = 0
+    src_rows: int = 0
+    window: int | None = None
 
 
 class Executor:
-    """Runs passes of one model over its paged KV cache."""
+    """Runs plans of one model over its paged KV cache.
+
+    ``max_batch_size``, ``max_num_batched_tokens`` and ``max_model_len`` bound the shapes a
+    plan can produce (the scheduler enforces them); they only serve to enumerate executables.
+    """
 
     def __init__(
         self,
         model: Model,
         num_pages: int,
         page_size: int,
+        *,
+        max_batch_size: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
         expert_group_size: int | None = None,
         lookahead: int = 2,
     ) -> None:
         cfg = model.config
         group = cfg.num_experts if expert_group_size is None else expert_group_size
-        if page_size < 1 or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {page_size}")
-        if lookahead < 1:
-            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size!r}")
+        if not isinstance(lookahead, int) or lookahead < 1:
+            raise ValueError(f"lookahead must be an int >= 1, got {lookahead!r}")
         self.model = model
         self.cfg = cfg
         self.page_size = page_size
+        self.num_pages = num_pages
         self.group_size = group
         self.lookahead = lookahead
-        self.dtype = jnp.dtype(model.dtype)
+        self.max_batch_size = max_batch_size
+        self.max_rows = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.dtype = np.dtype(model.dtype)
         self.kv = KVCache.create(cfg, num_pages, page_size, self.dtype)
-        self.schedule: list[Segment] = segment_schedule(
+        self.segments: list[Segment] = segment_layout(
             cfg.num_layers, cfg.num_experts, group, bool(cfg.shared_intermediate_size)
         )
-        self._head = head_params(model.params)
-        self._inflight: collections.deque[jax.Array] = collections.deque()
+        self.head = len(self.segments) - 1
+        self.ledger = Ledger(self.head, page_size)
+        self.carries: dict[int, Carry] = {}  # device state of every pass in the ledger
+        self.kernels = Kernels()
         self.segments_run = 0
+        self.num_resets = 0
+        self._head_params = head_params(model.params)
+        self._empty: dict[int, tuple[jax.Array, ...]] = {}  # padding row state per bucket
+        self._inflight: collections.deque[jax.Array] = collections.deque()
 
-    # -- host inputs ----------------------------------------------------------------------------
+    # -- the contract -----------------------------------------------------------------------------
 
-    def build_inputs(self, chunks: list[RowChunk]) -> tuple[PassInputs, SampleInputs]:
-        """Pad a pass's rows and key pages to buckets; pick the rows that sample."""
-        ps = self.page_size
-        n = sum(len(c.token_ids) for c in chunks)
-        key_counts = [math.ceil((c.start + len(c.token_ids)) / ps) for c in chunks]
-        nb, pb = bucket(n), bucket(sum(key_counts), PAGE_BUCKET_MIN)
-        tok, pos, seq = np.zeros(nb, np.int32), np.zeros(nb, np.int32), np.full(nb, -1, np.int32)
-        valid, slot = np.zeros(nb, bool), np.zeros(nb, np.int32)
-        kp, kseq, kbase = np.zeros(pb, np.int32), np.full(pb, -1, np.int32), np.zeros(pb, np.int32)
-        samples: list[tuple[int, SampleSpec]] = []
-        r = k = 0
-        for c, nk in zip(chunks, key_counts, strict=True):
-            m = len(c.token_ids)
-            if len(c.pages) < nk:
-                raise ValueError(f"sequence {c.seq_id} has {len(c.pages)} pages, needs {nk}")
-            p = np.arange(c.start, c.start + m, dtype=np.int32)
-            pages = np.asarray(c.pages, np.int32)
-            tok[r : r + m], pos[r : r + m], seq[r : r + m] = c.token_ids, p, c.seq_id
-            valid[r : r + m] = True
-            slot[r : r + m] = pages[p // ps] * ps + p % ps
-            kp[k : k + nk], kseq[k : k + nk] = pages[:nk], c.seq_id
-            kbase[k : k + nk] = np.arange(nk, dtype=np.int32) * ps
-            if c.sample is not None:
-                samples.append((r + m - 1, c.sample))
-            r, k = r + m, k + nk
-        inputs = PassInputs(tok, pos, seq, valid, slot, kp, kseq, kbase)
-        return inputs, self._sample_inputs(samples)
+    def execute(self, plan: Plan) -> StepResult:
+        """Carry out ``plan``. An invalid plan raises ``PlanError`` before anything changes; an
+        error while running it fails only what it touched (see the module docstring)."""
+        applied = self.ledger.apply(plan)
+        try:
+            return StepResult(self._carry_out(plan, applied))
+        except Exception as err:  # noqa: BLE001 -- isolate the fault; see _recover
+            return self._recover(plan, applied.finished, err)
 
-    @staticmethod
-    def _sample_inputs(samples: list[tuple[int, SampleSpec]]) -> SampleInputs:
-        sb = bucket(len(samples), SAMPLE_BUCKET_MIN)
-        rows, temp = np.zeros(sb, np.int32), np.zeros(sb, np.float32)
-        top_k, top_p = np.zeros(sb, np.int32), np.ones(sb, np.float32)
-        seeds, steps = np.zeros(sb, np.uint32), np.zeros(sb, np.int32)
-        for i, (row, s) in enumerate(samples):
-            rows[i], temp[i], top_k[i], top_p[i] = row, s.temperature, s.top_k, s.top_p
-            seeds[i], steps[i] = s.seed % (1 << 32), s.step
-        return SampleInputs(rows, temp, top_k, top_p, seeds, steps)
+    def _carry_out(self, plan: Plan, applied: Applied) -> dict[int, int]:
+        for pid in applied.gone:
+            del self.carries[pid]
+        for move in applied.moves:
+            self.carries[move.dst] = self._moved(move)
+        for pid in plan.absorb:
+            del self.carries[pid]
+        if not plan.runs:
+            return {}
+        if plan.fused:
+            return self._tokens(applied.finished, self._fused(applied.finished))
+        if plan.new:
+            carry = self.start(applied.record or applied.finished)
+        else:
+            carry = self.carries.pop(plan.pass_id)
+        carry = self.advance(carry, plan.cursor, plan.cursor + plan.num_segments)
+        if not plan.finishes:
+            self.carries[plan.pass_id] = carry
+            return {}
+        return self._tokens(applied.finished, self.head_tokens(carry, applied.finished))
 
-    def sample_inputs_for(self, carry: Carry, chunks: list[RowChunk]) -> SampleInputs:
-        """Sampling inputs for a carry whose rows were reordered by merges and splits: each
-        sampling chunk's row is found by (sequence, position)."""
-        seq, pos = np.asarray(carry.seq), np.asarray(carry.positions)
-        row_of = {(int(s), int(p)): i for i, (s, p) in enumerate(zip(seq, pos)) if s >= 0}
-        samples = [
-            (row_of[(c.seq_id, c.start + len(c.token_ids) - 1)], c.sample)
-            for c in chunks
-            if c.sample is not None
-        ]
-        return self._sample_inputs(samples)
+    @property
+    def num_carries(self) -> int:
+        return len(self.carries)
 
-    # -- running --------------------------------------------------------------------------------
+    # -- running pieces of a pass -----------------------------------------------------------------
 
-    def run_fused(self, inputs: PassInputs, samples: SampleInputs, want_logits: bool = False):
-        """A whole pass in one jit. Returns tokens [S] (or logits [S, V]) as a device array."""
-        out, k, v = fused_step(
+    def advance(self, carry: Carry, start: int, end: int) -> Carry:
+        """Run segments ``start .. end`` (exclusive; the head is not one of them)."""
+        if not 0 <= start <= end <= self.head:
+            raise ValueError(f"cannot run segments {start}..{end}; the head is {self.head}")
+        for cursor in range(start, end):
+            carry = self._run(self.segments[cursor], carry)
+            self.segments_run += 1
+            self._bound_lookahead(carry.h)
+        return carry
+
+    def forward(
+        self, chunks: Iterable[Chunk], fused: bool = True, want_logits: bool = False
+    ) -> np.ndarray:
+        """One whole pass over ``chunks`` outside any plan (tests, profiling): writes their K/V
+        into their pages and returns the sampled tokens [S] (or logits [S, V]) of their sampling
+        rows, in chunk order. The scheduler's ledger is not involved."""
+        rec = CarryRecord(0, tuple(chunks))
+        if fused:
+            out = self._fused(rec, want_logits)
+        else:
+            carry = self.advance(self.start(rec), 0, self.head)
+            out = self.head_tokens(carry, rec, want_logits)
+        with jax.transfer_guard_device_to_host("allow"):
+            return np.asarray(out)[: len(rec.sample_rows())]
+
+    def start(self, rec: CarryRecord) -> Carry:
+        """The embed segment: a fresh carry at cursor 0."""
+        h = self.kernels.embed(self.model.params.embed, token_ids(rec))
+        state = dict(zip(STATE_FIELDS, self._padding(bucket(rec.num_rows)), strict=True))
+        return Carry(**(state | {"h": h}), **self._meta(rec))
+
+    def _run(self, seg: Segment, c: Carry) -> Carry:
+        k = self.kernels
+        lp = self.model.params.layers[seg.layer]
+        if seg.kind == "attention":
+            window = self.cfg.sliding_windows[seg.layer]
+            h, moe_in, weights, ids, self.kv.k[seg.layer], self.kv.v[seg.layer] = k.attention(
+                lp.attn,
+                self.kv.k[seg.layer],
+                self.kv.v[seg.layer],
+                c,
+                cfg=self.cfg,
+                window=window,
+                page_size=self.page_size,
+            )
+            acc = self._padding(c.num_rows)[4]  # zeros: the new layer's accumulator
+            return c.replace(h=h, moe_in=moe_in, weights=weights, ids=ids, acc=acc)
+        if seg.kind == "experts":
+            start = np.int32(seg.group_start)
+            acc = k.experts(lp.experts, c.moe_in, c.weights, c.ids, c.acc, start, seg.group_size)
+            return c.replace(acc=acc)
+        if seg.kind == "shared":
+            return c.replace(acc=k.shared(lp.shared, c.moe_in, c.acc))
+        raise ValueError(f"cannot advance through a {seg.kind} segment")
+
+    def head_tokens(self, carry: Carry, rec: CarryRecord, want_logits: bool = False) -> jax.Array:
+        """The head segment: sampled tokens [S] (or logits [S, V]) of a pass at the last cursor."""
+        s = self._sample_inputs(rec)
+        if want_logits:
+            return self.kernels.head_logits(self._head_params, carry.h, carry.acc, s.rows, self.cfg)
+        return self.kernels.head(self._head_params, carry.h, carry.acc, s, self.cfg)
+
+    def _fused(self, rec: CarryRecord, want_logits: bool = False) -> jax.Array:
+        """A whole pass in one jit."""
+        meta = pass_meta(rec, self.page_size)
+        out, k, v = self.kernels.fused(
             self.model.params,
             tuple(self.kv.k),
             tuple(self.kv.v),
-            inputs,
-            samples,
+            token_ids(rec),
+            meta,
+            self._sample_inputs(rec),
             cfg=self.cfg,
             page_size=self.page_size,
             dtype=self.dtype,
@@ -160,52 +257,46 @@ class Executor:
         self.kv.k, self.kv.v = list(k), list(v)
         return out
 
-    def start(self, inputs: PassInputs) -> Carry:
-        """The embed segment: a fresh carry at cursor 0."""
-        return embed_segment(self.model.params.embed, self.cfg, inputs, self.dtype)
+    def _tokens(self, rec: CarryRecord, out: jax.Array) -> dict[int, int]:
+        """The one device-to-host read of the step path: the sampled tokens, by sequence."""
+        host = jax.device_get(out)
+        return {c.seq_id: int(host[i]) for i, (_, c) in enumerate(rec.sample_rows())}
 
-    def advance(self, carry: Carry, cursor: int, num_segments: int) -> tuple[Carry, int]:
-        """Run up to ``num_segments`` segments from ``cursor``, stopping before the head."""
-        end = min(cursor + num_segments, len(self.schedule) - 1)
-        while cursor < end:
-            carry = self._run(self.schedule[cursor], carry)
-            cursor += 1
-        return carry, cursor
+    # -- host-built inputs ------------------------------------------------------------------------
 
-    def finish(self, carry: Carry, samples: SampleInputs, want_logits: bool = False) -> jax.Array:
-        """The head segment: sampled tokens [S] (or logits [S, V]) of a pass at the last cursor."""
-        if want_logits:
-            return head_logits_segment(self._head, carry, samples.rows, self.cfg)
-        return head_segment(self._head, carry, samples, self.cfg)
+    def _meta(self, rec: CarryRecord) -> dict[str, jax.Array]:
+        return {k: jax.device_put(v) for k, v in pass_meta(rec, self.page_size).items()}
 
-    def run_segmented(self, inputs: PassInputs, samples: SampleInputs, want_logits=False):
-        """A whole pass, one segment at a time (what the preemptive scheduler interleaves)."""
-        carry, _ = self.advance(self.start(inputs), 0, len(self.schedule))
-        return self.finish(carry, samples, want_logits)
+    def _padding(self, rows: int) -> tuple[jax.Array, ...]:
+        """Row state of ``rows`` padding rows (cached per bucket, never modified)."""
+        if rows not in self._empty:
+            self._empty[rows] = self.kernels.empty_state(n=rows, cfg=self.cfg, dtype=self.dtype)
+        return self._empty[rows]
 
-    def _run(self, seg: Segment, carry: Carry) -> Carry:
-        lp = self.model.params.layers[seg.layer]
-        if seg.kind == "attention":
-            window = self.cfg.sliding_windows[seg.layer]
-            carry, self.kv.k[seg.layer], self.kv.v[seg.layer] = attention_segment(
-                lp.attn,
-                self.kv.k[seg.layer],
-                self.kv.v[seg.layer],
-                carry,
-                cfg=self.cfg,
-                window=window,
-                page_size=self.page_size,
-            )
-        elif seg.kind == "experts":
-            start = np.int32(seg.group_start)
-            carry = experts_segment(lp.experts, carry, start, group_size=seg.group_size)
-        elif seg.kind == "shared":
-            carry = shared_segment(lp.shared, carry)
-        else:
-            raise ValueError(f"cannot advance through a {seg.kind} segment")
-        self.segments_run += 1
-        self._bound_lookahead(carry.h)
-        return carry
+    def _sample_inputs(self, rec: CarryRecord) -> SampleInputs:
+        samples = rec.sample_rows()
+        sb = bucket(len(samples), SAMPLE_BUCKET_MIN)
+        rows, temp = np.zeros(sb, np.int32), np.zeros(sb, np.float32)
+        top_k, top_p = np.zeros(sb, np.int32), np.ones(sb, np.float32)
+        seeds, steps = np.zeros(sb, np.uint64), np.zeros(sb, np.int32)
+        for i, (row, c) in enumerate(samples):
+            s = c.sample
+            rows[i], temp[i], top_k[i], top_p[i] = row, s.temperature, s.top_k, s.top_p
+            seeds[i], steps[i] = s.seed, s.step
+        return SampleInputs(rows, temp, top_k, top_p, split_seeds(seeds), steps)
+
+    def _moved(self, move: Move) -> Carry:
+        """A carry holding ``move.record``'s rows, gathered from the carries they are in."""
+        nb = bucket(move.record.num_rows)
+        to: dict[int, np.ndarray] = {}
+        for src, first, dst_first, n in move.parts:
+            if src not in to:  # rows not listed are dropped (their index is out of range)
+                to[src] = np.full(self.carries[src].num_rows, nb, np.int32)
+            to[src][first : first + n] = np.arange(dst_first, dst_first + n, dtype=np.int32)
+        state = self._padding(nb)
+        for src, index in to.items():
+            state = self.kernels.scatter(state, self.carries[src].state, index)
+        return Carry(**dict(zip(STATE_FIELDS, state, strict=True)), **self._meta(move.record))
 
     def _bound_lookahead(self, marker: jax.Array) -> None:
         """JAX dispatch is asynchronous; never run more than ``lookahead`` segments ahead of
@@ -214,6 +305,155 @@ class Executor:
         while len(self._inflight) > self.lookahead:
             self._inflight.popleft().block_until_ready()
 
-    def cursor_of(self, cursor: int) -> tuple[int, int]:
-        seg = self.schedule[cursor]
-        return seg.layer, seg.stage
+    # -- faults -----------------------------------------------------------------------------------
+
+    def _recover(self, plan: Plan, finished: CarryRecord | None, err: Exception) -> StepResult:
+        """Fail the rows ``plan`` touched and any carry the error poisoned; rebuild the KV cache
+        if it was lost. Off the step path, so it may wait on the device."""
+        message = f"{type(err).__name__}: {err}"
+        self._inflight.clear()
+        failed: dict[int, str] = {}
+
+        def fail(rec: CarryRecord | None) -> None:
+            failed.update({c.seq_id: message for c in rec.chunks} if rec else {})
+
+        if plan.runs:
+            for pid in (plan.pass_id, *plan.absorb):
+                self.carries.pop(pid, None)
+            fail(self.ledger.drop(plan.pass_id) or finished)
+        for pid in list(self.ledger.carries):
+            if not _healthy(self.carries.get(pid)):
+                self.carries.pop(pid, None)
+                fail(self.ledger.drop(pid))
+        if all(_healthy(x) for x in (*self.kv.k, *self.kv.v)):
+            return StepResult(failed=failed)
+        self.ledger.clear()
+        self.carries.clear()
+        self.kv = KVCache.create(self.cfg, self.num_pages, self.page_size, self.dtype)
+        self.num_resets += 1
+        return StepResult(failed=failed, reset=True)
+
+    # -- the set of executables -------------------------------------------------------------------
+
+    def signatures(
+        self,
+        max_rows: int | None = None,
+        max_context: int | None = None,
+        kernels: Iterable[str] | None = None,
+    ) -> list[Signature]:
+        """Every executable a plan can need, given the configured bounds (or the tighter
+        ``max_rows`` per pass and ``max_context`` tokens per sequence of a known workload),
+        of every kernel or of the named ``kernels``."""
+        rows = buckets(min(max_rows or self.max_rows, self.max_rows), 16)
+        ctx = min(max_context or self.max_model_len, self.max_model_len)
+        most_pages = min(self.num_pages - 1, self.max_batch_size * math.ceil(ctx / self.page_size))
+        pages = buckets(most_pages, PAGE_BUCKET_MIN)
+        samples = buckets(self.max_batch_size, SAMPLE_BUCKET_MIN)
+        windows = sorted(set(self.cfg.sliding_windows), key=lambda w: (w is not None, w or 0))
+        kinds = {s.kind for s in self.segments}
+        out = []
+        for n in rows:
+            out += [Signature("embed", n), Signature("empty_state", n), Signature("experts", n)]
+            out += [Signature("shared", n)] if "shared" in kinds else []
+            out += [Signature("scatter", n, src_rows=m) for m in rows]
+            out += [Signature("head", n, samples=s) for s in samples if s <= max(n, 8)]
+            for p in pages:
+                out += [Signature("attention", n, p, window=w) for w in windows]
+                out += [Signature("fused", n, p, s) for s in samples if s <= max(n, 8)]
+        wanted = set(kernels) if kernels is not None else None
+        return [s for s in out if wanted is None or s.kernel in wanted]
+
+    def warmup(
+        self,
+        max_rows: int | None = None,
+        max_context: int | None = None,
+        kernels: Iterable[str] | None = None,
+    ) -> int:
+        """Compile (by running once on padding rows) every executable of ``signatures``,
+        or those of the named ``kernels``. Returns how many were run. Padding rows write only
+        the scratch page, so no request's KV changes."""
+        sigs = self.signatures(max_rows, max_context, kernels)
+        for sig in sigs:
+            self._warm(sig)
+        jax.block_until_ready((self.kv.k, self.kv.v))
+        return len(sigs)
+
+    def _warm(self, sig: Signature) -> None:
+        k, n, cfg = self.kernels, sig.rows, self.cfg
+        state = self._padding(n)
+        if sig.kernel == "embed":
+            k.embed(self.model.params.embed, np.zeros(n, np.int32))
+        elif sig.kernel == "experts":
+            lp = self.model.params.layers[0]
+            k.experts(lp.experts, *state[1:4], state[4], np.int32(0), self.group_size)
+        elif sig.kernel == "shared":
+            k.shared(self.model.params.layers[0].shared, state[1], state[4])
+        elif sig.kernel == "scatter":
+            k.scatter(state, self._padding(sig.src_rows), np.full(sig.src_rows, n, np.int32))
+        elif sig.kernel == "head":
+            k.head(self._head_params, state[0], state[4], _dummy_samples(sig.samples), cfg)
+        elif sig.kernel == "attention":
+            fields = dict(zip(STATE_FIELDS, state, strict=True)) | _dummy_meta(n, sig.pages)
+            carry = Carry(**fields)
+            layer = cfg.sliding_windows.index(sig.window)
+            out = k.attention(
+                self.model.params.layers[layer].attn,
+                self.kv.k[layer],
+                self.kv.v[layer],
+                carry,
+                cfg=cfg,
+                window=sig.window,
+                page_size=self.page_size,
+            )
+            self.kv.k[layer], self.kv.v[layer] = out[-2:]
+        elif sig.kernel == "fused":
+            out, kk, vv = k.fused(
+                self.model.params,
+                tuple(self.kv.k),
+                tuple(self.kv.v),
+                np.zeros(n, np.int32),
+                _dummy_meta(n, sig.pages),
+                _dummy_samples(sig.samples),
+                cfg=cfg,
+                page_size=self.page_size,
+                dtype=self.dtype,
+            )
+            self.kv.k, self.kv.v = list(kk), list(vv)
+
+
+def _healthy(x) -> bool:
+    """Whether device value ``x`` (a pytree) exists and computed without error."""
+    if x is None:
+        return False
+    try:
+        leaves = jax.tree_util.tree_leaves(x)
+        if any(leaf.is_deleted() for leaf in leaves if isinstance(leaf, jax.Array)):
+            return False
+        jax.block_until_ready(leaves)
+    except Exception:  # noqa: BLE001 -- any error means the value is lost
+        return False
+    return True
+
+
+def _dummy_meta(rows: int, pages: int) -> dict[str, np.ndarray]:
+    """Metadata of a carry of padding rows over padding key pages."""
+    return dict(
+        positions=np.zeros(rows, np.int32),
+        seq=np.full(rows, -1, np.int32),
+        valid=np.zeros(rows, bool),
+        write_slot=np.zeros(rows, np.int32),
+        key_pages=np.zeros(pages, np.int32),
+        key_seq=np.full(pages, -1, np.int32),
+        key_base=np.zeros(pages, np.int32),
+    )
+
+
+def _dummy_samples(n: int) -> SampleInputs:
+    return SampleInputs(
+        np.zeros(n, np.int32),
+        np.zeros(n, np.float32),
+        np.zeros(n, np.int32),
+        np.ones(n, np.float32),
+        np.zeros((n, 2), np.uint32),
+        np.zeros(n, np.int32),
+    )

@@ -38,10 +38,17 @@ class LLM:
         prompts = _as_batch(prompts)
         params = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         prios = _per_prompt(priority, len(prompts), "priority")
-        ids = [
-            self.engine.add_request(p, s, priority=q)
+        # validate every request before queuing any: one bad prompt queues nothing
+        reqs = [
+            self.engine.make_request(p, s, priority=q)
             for p, s, q in zip(prompts, params, prios, strict=True)
         ]
+        seen = set()
+        for r in reqs:  # make_request checks ids against live requests only, not each other
+            if r.request_id in seen:
+                raise ValueError(f"request id {r.request_id!r} is used twice")
+            seen.add(r.request_id)
+        ids = [self.engine.add(r) for r in reqs]
         done: dict[str, RequestOutput] = {}
         show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
         with tqdm(total=len(ids), desc="generate", disable=not show) as bar:
@@ -59,8 +66,15 @@ class LLM:
 def _as_batch(prompts) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(
+            "prompts must be a string, a list of token ids, or a list of those; got "
+            f"{type(prompts).__name__}"
+        )
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
+    if not prompts:
+        raise ValueError("no prompts")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -27,6 +28,17 @@ def _top_k_top_p_mask(scaled: Array, top_k: Array, top_p: Array) -> Array:
     return (scaled >= kth) & (scaled >= pth)
 
 
+def split_seeds(seeds) -> np.ndarray:
+    """Host 64-bit seeds [S] → [S, 2] uint32 (low, high words), as ``sample`` takes them."""
+    s = np.asarray(seeds, dtype=np.uint64)
+    return np.stack([s & 0xFFFFFFFF, s >> 32], axis=-1).astype(np.uint32)
+
+
+def _row_key(seed: Array, step: Array) -> Array:
+    """The PRNG key of one sampled token: a function of the request's seed and the step only."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), step)
+
+
 def sample(
     logits: Array,
     temperature: Array,
@@ -35,8 +47,9 @@ def sample(
     seeds: Array,
     steps: Array,
 ) -> Array:
-    """logits [S, V] f32; temperature/top_p [S] f32; top_k/steps [S] int32; seeds [S] uint32
-    → tokens [S] int32. Rows with temperature 0 take the argmax.
+    """logits [S, V] f32; temperature/top_p [S] f32; top_k/steps [S] int32; seeds [S, 2] uint32
+    (the low and high words of a 64-bit seed) → tokens [S] int32. Rows with temperature 0
+    take the argmax.
 
     A sampled row draws one uniform number, keyed by (seed, step), and inverts the CDF of its
     filtered distribution: one random draw per row instead of V Gumbel draws. The sort that
@@ -54,7 +67,7 @@ def sample(
         )
         probs = jax.nn.softmax(filtered, axis=-1)
         cdf = jnp.cumsum(probs, axis=-1)  # [S, V]
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+        keys = jax.vmap(_row_key)(seeds, steps)
         u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]  # [S], in [0, total mass)
         # the first token whose CDF exceeds u: never one of zero probability
         token = jnp.sum(cdf <= u[:, None], axis=-1)

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qllm_jax.carry import Carry
+from qllm_jax.carry import STATE_FIELDS, Carry
 from qllm_jax.models import ModelConfig
 from qllm_jax.models.model import (
     attend,
@@ -36,57 +36,30 @@ from qllm_jax.models.params import (
     NormParams,
     Params,
     SharedExpertParams,
+    pytree_dataclass,
 )
 from qllm_jax.sampling import sample
 
 Array = jax.Array
 
 
-@dataclasses.dataclass
-class PassInputs:
-    """Host-built inputs of a pass (numpy or device arrays), padded to buckets.
-
-    N rows, P key pages.
-    """
-
-    token_ids: Array  # [N] int32
-    positions: Array  # [N] int32
-    seq: Array  # [N] int32, -1 for padding
-    valid: Array  # [N] bool
-    write_slot: Array  # [N] int32
-    key_pages: Array  # [P] int32
-    key_seq: Array  # [P] int32, -1 for padding
-    key_base: Array  # [P] int32
-
-
-@dataclasses.dataclass
+@pytree_dataclass
 class SampleInputs:
     """Which rows of a pass sample a token, and how. S sampled rows (a bucket)."""
 
     rows: Array  # [S] int32 indices into the pass's rows
-    temperature: Array  # [S] float32
-    top_k: Array  # [S] int32
-    top_p: Array  # [S] float32
-    seeds: Array  # [S] uint32
+    temperature: Array  # [S] float32 (0: greedy)
+    top_k: Array  # [S] int32 (<= 0: off)
+    top_p: Array  # [S] float32 (1: off)
+    seeds: Array  # [S, 2] uint32 low and high words of each request's 64-bit seed
     steps: Array  # [S] int32 index of the token being sampled in its request's output
 
 
-for _cls in (PassInputs, SampleInputs):
-    jax.tree_util.register_dataclass(
-        _cls, data_fields=[f.name for f in dataclasses.fields(_cls)], meta_fields=[]
-    )
-
-
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class HeadParams:
     final_norm: NormParams
     lm_head: Array  # [V, D]
     lm_head_bias: Array | None  # [V]
-
-
-jax.tree_util.register_dataclass(
-    HeadParams, data_fields=["final_norm", "lm_head", "lm_head_bias"], meta_fields=[]
-)
 
 
 def head_params(params: Params) -> HeadParams:
@@ -94,27 +67,17 @@ def head_params(params: Params) -> HeadParams:
 
 
 # ----------------------------------------------------------------------------------------------
-# The pure segment functions
+# The pure segment functions. Each takes only the carry fields it reads and returns only what it
+# changes, so a call moves as few arrays through dispatch as it can, and a kind compiles once
+# per bucket of the shapes it actually sees.
 
 
-def embed_fn(embedding: Array, cfg: ModelConfig, inp: PassInputs, dtype) -> Carry:
-    n = inp.token_ids.shape[0]
+def empty_state(n: int, cfg: ModelConfig, dtype) -> tuple[Array, ...]:
+    """Row state (``carry.STATE_FIELDS``) of ``n`` padding rows: zeros, routed to no expert."""
     weights_dtype = jnp.float32 if cfg.routing_weights_f32 else dtype
     zeros = jnp.zeros((n, cfg.hidden_size), dtype)
-    return Carry(
-        h=embed(embedding, inp.token_ids),
-        moe_in=zeros,
-        weights=jnp.zeros((n, cfg.top_k), weights_dtype),
-        ids=jnp.zeros((n, cfg.top_k), jnp.int32),
-        acc=zeros,
-        positions=inp.positions,
-        seq=inp.seq,
-        valid=inp.valid,
-        write_slot=inp.write_slot,
-        key_pages=inp.key_pages,
-        key_seq=inp.key_seq,
-        key_base=inp.key_base,
-    )
+    weights = jnp.zeros((n, cfg.top_k), weights_dtype)
+    return zeros, zeros, weights, jnp.full((n, cfg.top_k), cfg.num_experts, jnp.int32), zeros
 
 
 def attention_fn(
@@ -125,8 +88,12 @@ def attention_fn(
     cfg: ModelConfig,
     window: int | None,
     page_size: int,
-) -> tuple[Carry, Array, Array]:
-    """One layer's attention over the paged cache. k_cache/v_cache [slots, Hkv, hd]."""
+) -> tuple[Array, Array, Array, Array, Array, Array]:
+    """One layer's attention over the paged cache. k_cache/v_cache [slots, Hkv, hd].
+
+    Returns the new h, moe_in, weights, ids (the MoE accumulator restarts at zero) and the
+    updated caches.
+    """
     h = c.h + c.acc  # the previous layer's MoE output joins the residual here
     q, k, v = qkv(p, cfg, h, c.positions)
     k_cache = k_cache.at[c.write_slot].set(k.astype(k_cache.dtype))
@@ -140,36 +107,43 @@ def attention_fn(
     out = attend(q, k_cache[slots], v_cache[slots], mask, cfg)
     h, moe_in, weights, ids = attention_output(p, cfg, h, out)
     ids = jnp.where(c.valid[:, None], ids, cfg.num_experts)  # padding rows visit no expert
-    c = dataclasses.replace(c, h=h, moe_in=moe_in, weights=weights, ids=ids, acc=jnp.zeros_like(h))
-    return c, k_cache, v_cache
+    return h, moe_in, weights, ids, k_cache, v_cache
 
 
-def experts_fn(ep: ExpertParams, c: Carry, group_start: Array, group_size: int) -> Carry:
-    contrib = expert_group(ep, c.moe_in, c.weights, c.ids, group_start, group_size)
-    return dataclasses.replace(c, acc=c.acc + contrib)
+def experts_fn(
+    ep: ExpertParams,
+    moe_in: Array,
+    weights: Array,
+    ids: Array,
+    acc: Array,
+    group_start: Array,
+    group_size: int,
+) -> Array:
+    """The accumulator [N, D] plus experts [group_start, group_start + group_size)."""
+    return acc + expert_group(ep, moe_in, weights, ids, group_start, group_size)
 
 
-def shared_fn(sp: SharedExpertParams, c: Carry) -> Carry:
-    return dataclasses.replace(c, acc=c.acc + shared_expert(sp, c.moe_in))
+def shared_fn(sp: SharedExpertParams, moe_in: Array, acc: Array) -> Array:
+    return acc + shared_expert(sp, moe_in)
 
 
-def head_fn(hp: HeadParams, c: Carry, s: SampleInputs, cfg: ModelConfig) -> Array:
+def head_fn(hp: HeadParams, h: Array, acc: Array, s: SampleInputs, cfg: ModelConfig) -> Array:
     """Sampled tokens [S] int32 for the rows ``s.rows``."""
-    h = (c.h + c.acc)[s.rows]
-    lg = logits(hp.final_norm, hp.lm_head, hp.lm_head_bias, cfg, h)
+    lg = logits(hp.final_norm, hp.lm_head, hp.lm_head_bias, cfg, (h + acc)[s.rows])
     return sample(lg, s.temperature, s.top_k, s.top_p, s.seeds, s.steps)
 
 
-def head_logits_fn(hp: HeadParams, c: Carry, rows: Array, cfg: ModelConfig) -> Array:
+def head_logits_fn(hp: HeadParams, h: Array, acc: Array, rows: Array, cfg: ModelConfig) -> Array:
     """Logits [S, V] of some rows (for tests and scoring)."""
-    return logits(hp.final_norm, hp.lm_head, hp.lm_head_bias, cfg, (c.h + c.acc)[rows])
+    return logits(hp.final_norm, hp.lm_head, hp.lm_head_bias, cfg, (h + acc)[rows])
 
 
 # ----------------------------------------------------------------------------------------------
 # Jitted segments. KV arrays are donated: updated in place, never copied. Carries are not
 # donated, so the host can wait on an earlier segment's output to bound its lookahead.
 
-embed_segment = jax.jit(embed_fn, static_argnames=("cfg", "dtype"))
+embed_segment = jax.jit(embed)
+empty_state_segment = jax.jit(empty_state, static_argnames=("n", "cfg", "dtype"))
 attention_segment = jax.jit(
     attention_fn,
     static_argnames=("cfg", "window", "page_size"),
@@ -190,7 +164,8 @@ def fused_step(
     params: Params,
     k_caches: tuple[Array, ...],
     v_caches: tuple[Array, ...],
-    inp: PassInputs,
+    tokens: Array,
+    meta: dict[str, Array],
     s: SampleInputs,
     cfg: ModelConfig,
     page_size: int,
@@ -199,18 +174,24 @@ def fused_step(
 ):
     """A whole forward pass in one jit: the same functions as the segments, chained.
 
-    Returns (tokens [S] or logits [S, V], k_caches, v_caches).
+    tokens [N] int32, meta the carry's metadata fields. Returns (tokens [S] or logits [S, V],
+    k_caches, v_caches).
     """
-    c = embed_fn(params.embed, cfg, inp, dtype)
+    state = dict(zip(STATE_FIELDS, empty_state(tokens.shape[0], cfg, dtype), strict=True))
+    c = Carry(**(state | {"h": embed(params.embed, tokens)}), **meta)
     ks, vs = list(k_caches), list(v_caches)
     for layer, lp in enumerate(params.layers):
         window = cfg.sliding_windows[layer]
-        c, ks[layer], vs[layer] = attention_fn(
+        h, moe_in, weights, ids, ks[layer], vs[layer] = attention_fn(
             lp.attn, ks[layer], vs[layer], c, cfg, window, page_size
         )
-        c = experts_fn(lp.experts, c, jnp.int32(0), cfg.num_experts)
+        acc = experts_fn(lp.experts, moe_in, weights, ids, jnp.zeros_like(h), 0, cfg.num_experts)
         if lp.shared is not None:
-            c = shared_fn(lp.shared, c)
+            acc = shared_fn(lp.shared, moe_in, acc)
+        c = dataclasses.replace(c, h=h, moe_in=moe_in, weights=weights, ids=ids, acc=acc)
     hp = head_params(params)
-    out = head_logits_fn(hp, c, s.rows, cfg) if want_logits else head_fn(hp, c, s, cfg)
+    if want_logits:
+        out = head_logits_fn(hp, c.h, c.acc, s.rows, cfg)
+    else:
+        out = head_fn(hp, c.h, c.acc, s, cfg)
     return out, tuple(ks), tuple(vs)

@@ -1,8 +1,8 @@
 """Priority-aware scheduling, including preemption inside a forward pass. Plain Python.
 
 Contract (see ``plan.py``): ``schedule() -> Plan | None`` picks the next piece of work and
-``update(plan, tokens)`` records the tokens of a pass that reached the head. Only the executor
-touches device arrays.
+``update(plan, result)`` records what the executor did with it. Only the executor touches device
+arrays.
 
 Policies, all over the same segments:
 
@@ -22,24 +22,41 @@ Policies, all over the same segments:
 Priority keys are ``(effective priority, arrival time, seq_id)``; lower sorts first. KV pages are
 reserved at admission for the whole prompt plus ``max_tokens``, so an admitted request never runs
 out of pages; when pages are short, new work waits.
+
+Requests are forgotten once their end has been reported (``update`` returns them, ``abort``
+returns the aborted one), so a long-running scheduler holds only live requests.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
 from .pages import PageAllocator
-from .plan import Chunk, Plan, Segment
+from .plan import Chunk, Plan, SampleSpec, Segment, StepResult
 from .request import Request, Status
 
 Policy = Literal["fcfs", "priority", "qllm"]
 Granularity = Literal["layer", "expert"]
 POLICIES: tuple[str, ...] = ("fcfs", "priority", "qllm")
+
+PRESETS: dict[str, dict] = {
+    # The reference code's behaviour: no aging, no park timeout, parked rows ride along with any
+    # later pass, prefill never preempted, preemption between layers only.
+    "paper": dict(
+        policy="qllm",
+        granularity="layer",
+        aging_s=None,
+        max_park_s=None,
+        absorb_be=True,
+        preempt_prefill=False,
+        prefill_first=True,
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,40 +86,56 @@ class SchedulerConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("page_size", "num_pages", "max_model_len", "max_batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.num_pages < 2:
+            raise ValueError(f"need at least 2 KV pages (one is scratch), got {self.num_pages}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.granularity not in ("layer", "expert"):
             raise ValueError(f"granularity must be 'layer' or 'expert', got {self.granularity!r}")
-        if self.max_batch_size < 1 or self.max_num_batched_tokens < self.max_batch_size:
+        if (
+            not _is_int(self.max_num_batched_tokens)
+            or self.max_num_batched_tokens < self.max_batch_size
+        ):
             raise ValueError(
-                "need max_batch_size >= 1 and max_num_batched_tokens >= max_batch_size, got "
-                f"{self.max_batch_size} and {self.max_num_batched_tokens}"
+                "need max_num_batched_tokens >= max_batch_size, got "
+                f"{self.max_num_batched_tokens!r} and {self.max_batch_size}"
             )
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.prefill_chunk is not None and (
+            not _is_int(self.prefill_chunk) or self.prefill_chunk < 1
+        ):
+            raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {self.prefill_chunk}")
         for name in ("aging_s", "max_park_s"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be > 0 or None (off), got {value!r}")
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite or None (off), got {value!r}")
 
     @property
     def chunk_size(self) -> int:
         return self.prefill_chunk or self.max_num_batched_tokens
 
+    @classmethod
+    def from_options(cls, preset: str | None = None, **options) -> SchedulerConfig:
+        """A config from keyword options over a named preset's values (explicit options win).
+        Unknown option names raise ``TypeError``, an unknown preset ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unknown scheduler option(s): {', '.join(sorted(unknown))}")
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        return cls(**(PRESETS.get(preset, {}) | options))
 
-PRESETS: dict[str, dict] = {
-    # The reference code's behaviour: no aging, no park timeout, parked rows ride along with any
-    # later pass, prefill never preempted, preemption between layers only.
-    "paper": dict(
-        policy="qllm",
-        granularity="layer",
-        aging_s=None,
-        max_park_s=None,
-        absorb_be=True,
-        preempt_prefill=False,
-        prefill_first=True,
-    ),
-}
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass
@@ -114,8 +147,8 @@ class PassState:
     overdue: bool = False  # holds rows parked past max_park_s: runs to its end, never parked again
 
     @property
-    def requests(self) -> list[Request]:
-        return [c.request for c in self.chunks]
+    def seq_ids(self) -> list[int]:
+        return [c.seq_id for c in self.chunks]
 
     @property
     def has_prefill(self) -> bool:
@@ -130,20 +163,23 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not segments or segments[-1].kind != "head":
-            raise ValueError("the segment schedule must end with the head")
+            raise ValueError("the segment layout must end with the head")
         self.config = config
         self.segments = segments
         self.head = len(segments) - 1  # cursor of the head segment
         self.clock = clock
         self.allocator = PageAllocator(config.num_pages)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # live requests by id
+        self.seqs: dict[int, Request] = {}  # live requests by sequence id
         self.waiting: list[Request] = []  # not admitted: no pages yet
         self.admitted: list[Request] = []  # hold pages (running, or parked inside a pass)
         self.passes: dict[int, PassState] = {}
         self.active: int | None = None  # the pass being advanced (qllm)
-        self.in_pass: dict[str, int] = {}  # request_id -> pass_id
-        self.stats: Counter[str] = Counter()
-        self.preempt_waits: list[float] = []  # urgent arrival -> its pass starts (qllm)
+        self.in_pass: dict[int, int] = {}  # seq_id -> pass_id
+        self.counters: collections.Counter[str] = collections.Counter()
+        # urgent arrival -> its pass starts (qllm), the most recent ones
+        self.preempt_waits: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._ended: list[int] = []  # sequences ended since the last plan (go in the next one)
         self._next_pass = 0
 
     # -- requests -------------------------------------------------------------------------------
@@ -151,43 +187,44 @@ class Scheduler:
     def pages_needed(self, req: Request) -> int:
         return math.ceil(req.max_len / self.config.page_size)
 
-    def add(self, req: Request) -> None:
+    def check(self, req: Request) -> None:
+        """Raise ``ValueError`` if ``req`` can never be served here (nothing is changed)."""
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.seq_id in self.seqs:
+            raise ValueError(f"sequence id {req.seq_id} is already in use")
         if len(req.prompt_token_ids) >= self.config.max_model_len:
             raise ValueError(
                 f"prompt of {len(req.prompt_token_ids)} tokens leaves no room to generate "
                 f"(max_model_len={self.config.max_model_len})"
             )
-        req.max_len = min(
-            len(req.prompt_token_ids) + req.sampling.max_tokens, self.config.max_model_len
-        )
-        if self.pages_needed(req) > self.config.num_pages - 1:
+        need = math.ceil(self._max_len(req) / self.config.page_size)
+        if need > self.config.num_pages - 1:
             raise ValueError(
-                f"request needs {self.pages_needed(req)} KV pages but the cache has "
+                f"request needs {need} KV pages but the cache has "
                 f"{self.config.num_pages - 1}; lower max_tokens or give the cache more pages"
             )
+
+    def add(self, req: Request) -> None:
+        self.check(req)
+        req.max_len = self._max_len(req)
         self.requests[req.request_id] = req
+        self.seqs[req.seq_id] = req
         self.waiting.append(req)
 
-    def abort(self, request_id: str) -> tuple[Request, int | None, bool] | None:
-        """Stop a request and free what it holds. Returns (request, pass it was in or None,
-        whether that pass is gone), or None for unknown or finished ids. The executor must drop
-        the request's rows from that pass's carry (or the carry, when the pass is gone)."""
+    def _max_len(self, req: Request) -> int:
+        return min(len(req.prompt_token_ids) + req.sampling.max_tokens, self.config.max_model_len)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Stop a request and free what it holds; its rows leave their carry with the next plan.
+        Returns the aborted request (now forgotten), or None for unknown or finished ids."""
         req = self.requests.get(request_id)
         if req is None or req.status.done:
             return None
-        pass_id, gone = self.in_pass.pop(request_id, None), False
-        if pass_id is not None:
-            ps = self.passes[pass_id]
-            ps.chunks = [c for c in ps.chunks if c.request is not req]
-            if not ps.chunks:
-                gone = True
-                del self.passes[pass_id]
-                if self.active == pass_id:
-                    self.active = None
+        self._leave_pass(req)
         self._finish(req, "abort", Status.ABORTED)
-        return req, pass_id, gone
+        self._forget(req)
+        return req
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.admitted)
@@ -211,39 +248,79 @@ class Scheduler:
     # -- the two calls of the contract ----------------------------------------------------------
 
     def schedule(self) -> Plan | None:
+        """The next plan, or None when there is nothing to do (not even rows to drop)."""
         now = self.clock()
         self._admit(now)
         if self.config.policy == "qllm":
-            return self._schedule_preemptive(now)
-        return self._schedule_iteration(now)
+            plan = self._schedule_preemptive(now)
+        else:
+            plan = self._schedule_iteration(now)
+        if plan is None and self._ended:
+            plan = Plan(None)
+        if plan is not None and self._ended:
+            plan = dataclasses.replace(plan, finished_seq_ids=tuple(self._ended))
+            self._ended.clear()
+        return plan
 
-    def update(self, plan: Plan, tokens: dict[str, int]) -> list[Request]:
-        """Record a plan's outcome. Returns the requests whose pass finished (they advanced)."""
-        if not plan.finishes:
-            return []
-        ps = self.passes.pop(plan.pass_id, None)
-        if self.active == plan.pass_id:
-            self.active = None
-        if ps is None:
-            return []
-        now = self.clock()
-        advanced = []
-        for chunk in ps.chunks:
-            req = chunk.request
-            self.in_pass.pop(req.request_id, None)
+    def update(self, plan: Plan, result: StepResult) -> list[Request]:
+        """Record what the executor did with ``plan``. Returns the requests that advanced or
+        ended (finished, or failed with ``finish_reason="error"``); ended ones are forgotten."""
+        out = self._fail(result.failed)
+        if result.reset:
+            self._recompute_all()
+        if plan.finishes and plan.pass_id in self.passes:
+            ps = self.passes.pop(plan.pass_id)
+            if self.active == plan.pass_id:
+                self.active = None
+            now = self.clock()
+            for chunk in ps.chunks:
+                req = self.seqs[chunk.seq_id]
+                del self.in_pass[chunk.seq_id]
+                req.num_computed = chunk.end
+                req.status = Status.RUNNING
+                if chunk.samples:
+                    self._append(req, result.tokens[chunk.seq_id], now)
+                out.append(req)
+        for req in out:
             if req.status.done:
-                continue
-            req.num_computed = chunk.end
-            req.status = Status.RUNNING
-            if chunk.samples:
-                self._append(req, tokens[req.request_id], now)
-            advanced.append(req)
-        return advanced
+                self._forget(req)
+        return out
+
+    def stats(self) -> dict:
+        """Counters and queue sizes: KV pages, waiting / running requests, live and parked
+        passes, preemptions by granularity, splits, absorbs, evictions, preemption waits."""
+        waits = sorted(self.preempt_waits)
+        pct = lambda q: waits[min(len(waits) - 1, int(q * len(waits)))] if waits else None  # noqa: E731
+        return {
+            "kv_pages_total": self.allocator.num_pages - 1,
+            "kv_pages_used": self.allocator.num_used,
+            "kv_pages_free": self.allocator.num_free,
+            "waiting": len(self.waiting),
+            "running": len(self.admitted),
+            "passes_live": len(self.passes),
+            "parked_rows": self.parked_rows(),
+            **{
+                name: self.counters[name]
+                for name in (
+                    "preemptions_layer",
+                    "preemptions_expert",
+                    "splits",
+                    "absorbed_passes",
+                    "partial_absorbs",
+                    "evictions",
+                    "failed",
+                    "resets",
+                )
+            },
+            "preempt_wait_s_p50": pct(0.5),
+            "preempt_wait_s_p99": pct(0.99),
+            "preempt_wait_s_max": waits[-1] if waits else None,
+        }
 
     # -- iteration-level policies ---------------------------------------------------------------
 
     def _schedule_iteration(self, now: float) -> Plan | None:
-        free = [r for r in self.admitted if r.request_id not in self.in_pass]
+        free = self._free()
         if self.config.policy == "fcfs":
             free.sort(key=lambda r: (r.arrival_time, r.seq_id))
             decoding = [r for r in free if not r.in_prefill]
@@ -256,7 +333,7 @@ class Scheduler:
             return None
         ps = self._new_pass(chunks)
         ps.cursor = self.head
-        return Plan(ps.pass_id, 0, self.head, list(chunks), new=chunks, finishes=True, fused=True)
+        return Plan(ps.pass_id, 0, self.head, tuple(chunks), new=True, finishes=True, fused=True)
 
     # -- the preemptive policy ------------------------------------------------------------------
 
@@ -333,7 +410,7 @@ class Scheduler:
         its cursor that fit. With ``partial`` a parked pass that only partly fits is taken in
         part: its most urgent rows join, the rest stay parked as a new pass (one plan merges
         and splits the carries)."""
-        new = list(ps.chunks) if ps.cursor == 0 else None
+        new = ps.cursor == 0
         absorb, left = self._absorbable(ps, now, partial) if ps.cursor > 0 else ([], [])
         ps.overdue |= any(self._expired(other, now) for other in absorb)
         rest = self._leave_parked(absorb, left) if left else None
@@ -341,9 +418,9 @@ class Scheduler:
             self._unpark(other, now)
             del self.passes[other.pass_id]
             for c in other.chunks:
-                self.in_pass[c.request.request_id] = ps.pass_id
+                self.in_pass[c.seq_id] = ps.pass_id
             ps.chunks += other.chunks
-            self.stats["absorbed_passes"] += 1
+            self.counters["absorbed_passes"] += 1
         start = end = ps.cursor
         if not self._may_park(ps):
             end = self.head  # not preemptible: run to the end
@@ -354,61 +431,60 @@ class Scheduler:
             while not self.segments[end].layer_boundary:
                 end += 1
         ps.cursor = min(end, self.head)
-        finishes = ps.cursor == self.head
         return Plan(
             ps.pass_id,
             start,
             ps.cursor - start,
-            list(ps.chunks),
+            tuple(ps.chunks),
             new=new,
-            absorb=[o.pass_id for o in absorb],
-            finishes=finishes,
-            split_seq_ids=[c.request.seq_id for c in left],
+            absorb=tuple(o.pass_id for o in absorb),
+            finishes=ps.cursor == self.head,
+            split_seq_ids=tuple(c.seq_id for c in left),
             split_pass_id=rest.pass_id if rest is not None else None,
         )
 
     def _leave_parked(self, absorb: list[PassState], left: list[Chunk]) -> PassState:
         """Rows ``left`` of the passes being absorbed stay parked, as one new pass at the same
         cursor (parked since the earliest of their passes)."""
-        ids = {id(c) for c in left}
-        since = min(o.parked_since for o in absorb if any(id(c) in ids for c in o.chunks))
+        seqs = {c.seq_id for c in left}
+        since = min(o.parked_since for o in absorb if any(s in seqs for s in o.seq_ids))
         for other in absorb:
-            other.chunks = [c for c in other.chunks if id(c) not in ids]
+            other.chunks = [c for c in other.chunks if c.seq_id not in seqs]
         rest = self._new_pass(left)
         rest.cursor, rest.parked_since = absorb[0].cursor, since
-        self.stats["partial_absorbs"] += 1
+        self.counters["partial_absorbs"] += 1
         return rest
 
     def _split(self, ps: PassState, now: float) -> Plan:
         """LS rows of a mixed pass continue; its BE rows park at the same cursor."""
-        best = min(self.effective_priority(r, now) for r in ps.requests)
-        keep = [c for c in ps.chunks if self.effective_priority(c.request, now) == best]
-        moved = [c for c in ps.chunks if self.effective_priority(c.request, now) != best]
+        best = min(self.effective_priority(self.seqs[s], now) for s in ps.seq_ids)
+        keep = [c for c in ps.chunks if self.effective_priority(self.seqs[c.seq_id], now) == best]
+        moved = [c for c in ps.chunks if self.effective_priority(self.seqs[c.seq_id], now) != best]
         cursor, ps.chunks = ps.cursor, keep
         # before the split-off pass exists (it must not absorb it); one split per plan
         plan = self._advance(ps, now, partial=False)
         parked = self._new_pass(moved)
         parked.cursor = cursor
         self._park(parked, now, count=True)
-        self.stats["splits"] += 1
-        plan.split_seq_ids = [c.request.seq_id for c in moved]
-        plan.split_pass_id = parked.pass_id
-        return plan
+        self.counters["splits"] += 1
+        return dataclasses.replace(
+            plan, split_seq_ids=tuple(c.seq_id for c in moved), split_pass_id=parked.pass_id
+        )
 
     # -- helpers --------------------------------------------------------------------------------
 
     def _free(self) -> list[Request]:
-        return [r for r in self.admitted if r.request_id not in self.in_pass]
+        return [r for r in self.admitted if r.seq_id not in self.in_pass]
 
     def _most_urgent_free(self, now: float) -> Request | None:
         return min(self._free(), key=lambda r: self.key(r, now), default=None)
 
     def _pass_priority(self, ps: PassState, now: float) -> float:
         """A pass is as urgent as its most urgent row."""
-        return min(self.effective_priority(r, now) for r in ps.requests)
+        return min(self.effective_priority(self.seqs[s], now) for s in ps.seq_ids)
 
     def _is_mixed(self, ps: PassState, now: float) -> bool:
-        return len({self.effective_priority(r, now) for r in ps.requests}) > 1
+        return len({self.effective_priority(self.seqs[s], now) for s in ps.seq_ids}) > 1
 
     def _may_park(self, ps: PassState) -> bool:
         return self.config.preempt_prefill or not ps.has_prefill
@@ -418,7 +494,7 @@ class Scheduler:
         return ps.parked_since is not None and limit is not None and now - ps.parked_since > limit
 
     def _parked_key(self, ps: PassState, now: float) -> tuple[float, float, int]:
-        best = min(self.key(r, now) for r in ps.requests)
+        best = min(self.key(self.seqs[s], now) for s in ps.seq_ids)
         return (-1, *best[1:]) if self._expired(ps, now) else best
 
     def _welcome(self, mine: int, least: int, other: PassState, now: float) -> bool:
@@ -439,7 +515,7 @@ class Scheduler:
         """Parked passes waiting at ``ps``'s cursor that may ride along with it, most urgent
         first, and (with ``partial``) the rows of them that do not fit and stay parked."""
         mine = self._pass_priority(ps, now)
-        least = max(self.effective_priority(r, now) for r in ps.requests)
+        least = max(self.effective_priority(self.seqs[s], now) for s in ps.seq_ids)
         rows, seqs = sum(c.num_tokens for c in ps.chunks), len(ps.chunks)
         waiting = [
             p
@@ -450,7 +526,7 @@ class Scheduler:
         for other in sorted(waiting, key=lambda p: self._parked_key(p, now)):
             if not self._welcome(mine, least, other, now):
                 continue
-            ordered = sorted(other.chunks, key=lambda c: self._row_order(c.request, now))
+            ordered = sorted(other.chunks, key=lambda c: self._row_order(self.seqs[c.seq_id], now))
             take = 0
             for c in ordered:
                 if seqs + take + 1 > self.config.max_batch_size:
@@ -471,14 +547,16 @@ class Scheduler:
         if self.active == ps.pass_id:
             self.active = None
         boundary = "layer" if self.segments[ps.cursor].layer_boundary else "expert"
-        self.stats[f"preemptions_{boundary}"] += 1
-        for r in ps.requests:
+        self.counters[f"preemptions_{boundary}"] += 1
+        for s in ps.seq_ids:
+            r = self.seqs[s]
             r.status = Status.PARKED
             if count:
                 r.num_preemptions += 1
 
     def _unpark(self, ps: PassState, now: float) -> None:
-        for r in ps.requests:
+        for s in ps.seq_ids:
+            r = self.seqs[s]
             r.parked_time += now - ps.parked_since
             r.status = Status.RUNNING
         ps.parked_since = None
@@ -488,7 +566,7 @@ class Scheduler:
         self._next_pass += 1
         self.passes[ps.pass_id] = ps
         for c in chunks:
-            self.in_pass[c.request.request_id] = ps.pass_id
+            self.in_pass[c.seq_id] = ps.pass_id
         return ps
 
     def _chunks(
@@ -503,7 +581,7 @@ class Scheduler:
         budget, seats = self.config.max_num_batched_tokens, self.config.max_batch_size
         held = sorted(
             (
-                (self._row_order(c.request, now), c.num_tokens)
+                (self._row_order(self.seqs[c.seq_id], now), c.num_tokens)
                 for p in on_the_way or []
                 for c in p.chunks
             ),
@@ -519,9 +597,21 @@ class Scheduler:
                 break
             remaining = req.num_tokens - req.num_computed
             n = min(remaining, budget, self.config.chunk_size if remaining > 1 else 1)
-            chunks.append(Chunk(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
+            chunks.append(self._chunk(req, n))
             budget, seats = budget - n, seats - 1
         return chunks
+
+    @staticmethod
+    def _chunk(req: Request, n: int) -> Chunk:
+        """The next ``n`` tokens of ``req`` to compute, as a snapshot row chunk."""
+        start, sample = req.num_computed, None
+        if start + n == req.num_tokens:
+            sp = req.sampling
+            sample = SampleSpec(
+                sp.temperature, sp.top_k, sp.top_p, req.seed, len(req.output_token_ids)
+            )
+        tokens = tuple(req.all_token_ids[start : start + n])
+        return Chunk(req.seq_id, start, tokens, tuple(req.pages), sample)
 
     def _admit(self, now: float) -> None:
         """Give waiting requests their KV pages, most urgent first (arrival order for fcfs).
@@ -555,13 +645,17 @@ class Scheduler:
         for victim in victims:
             if self.allocator.can_allocate(need):
                 return
-            self.admitted.remove(victim)
-            self.allocator.free(victim.pages)
-            victim.pages, victim.num_computed = [], 0
-            victim.status = Status.WAITING
-            victim.num_preemptions += 1
-            self.waiting.append(victim)
-            self.stats["evictions"] += 1
+            self._evict(victim)
+            self.counters["evictions"] += 1
+
+    def _evict(self, req: Request) -> None:
+        """Back to the queue without pages; its KV is recomputed when it is readmitted."""
+        self.admitted.remove(req)
+        self.allocator.free(req.pages)
+        req.pages, req.num_computed = [], 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.waiting.append(req)
 
     def _append(self, req: Request, token: int, now: float) -> None:
         req.output_token_ids.append(token)
@@ -573,6 +667,43 @@ class Scheduler:
         elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= req.max_len:
             self._finish(req, "length", Status.FINISHED)
 
+    def _leave_pass(self, req: Request) -> None:
+        """Take ``req``'s rows out of the pass holding them (the pass ends if it empties)."""
+        pass_id = self.in_pass.pop(req.seq_id, None)
+        if pass_id is None:
+            return
+        ps = self.passes[pass_id]
+        ps.chunks = [c for c in ps.chunks if c.seq_id != req.seq_id]
+        if not ps.chunks:
+            del self.passes[pass_id]
+            if self.active == pass_id:
+                self.active = None
+
+    def _fail(self, failed: dict[int, str]) -> list[Request]:
+        """End requests whose rows the executor lost (it already dropped their carries)."""
+        out = []
+        for seq_id, message in failed.items():
+            req = self.seqs.get(seq_id)
+            if req is None or req.status.done:
+                continue
+            self._leave_pass(req)
+            self._finish(req, "error", Status.FINISHED)
+            req.error = message
+            self.counters["failed"] += 1
+            out.append(req)
+        return out
+
+    def _recompute_all(self) -> None:
+        """The executor lost its KV cache and every carry: every pass is gone, and admitted
+        requests keep their pages but recompute their KV from their tokens."""
+        self.passes.clear()
+        self.in_pass.clear()
+        self.active = None
+        for req in self.admitted:
+            req.num_computed = 0
+            req.status = Status.RUNNING
+        self.counters["resets"] += 1
+
     def _finish(self, req: Request, reason: str, status: Status) -> None:
         if req in self.waiting:
             self.waiting.remove(req)
@@ -582,6 +713,11 @@ class Scheduler:
             self.allocator.free(req.pages)
             req.pages = []
         req.status, req.finish_reason, req.finish_time = status, reason, self.clock()
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self.seqs.pop(req.seq_id, None)
+        self._ended.append(req.seq_id)
 
     def parked_rows(self) -> int:
         return sum(

@@ -1,18 +1,21 @@
 """The scheduler ↔ executor contract, in plain Python.
 
-A forward pass is split into ``Segment``s (``segment_schedule``). A pass is a list of
-``Chunk``s (rows) plus a cursor into that schedule. Each ``schedule()`` call returns one
-``Plan``: which pass to advance, by how many segments, after creating it, absorbing parked
-passes into it, or splitting rows off it; the executor carries it out and reports the tokens of
-passes that reached the head. The executor never decides anything; the scheduler never touches
-device arrays.
+A forward pass is split into ``Segment``s (``segment_layout``). A pass is a tuple of
+``Chunk``s (its rows) plus a cursor into that layout. Each ``Scheduler.schedule()`` call returns
+one ``Plan``: which pass to advance and by how many segments, after creating it, absorbing
+parked passes into it, or splitting rows off it; ``Executor.execute(plan)`` carries it out and
+returns a ``StepResult`` (the tokens of a pass that reached the head, and any requests that
+failed); ``Scheduler.update(plan, result)`` records it. The executor never decides anything; the
+scheduler never touches device arrays.
+
+Plans, chunks and results are immutable snapshots of plain values (ints, floats, strings,
+tuples): they hold no live scheduler objects, so a plan can be logged, compared, or sent to
+another process, and nothing the scheduler does later changes a plan already issued.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-from .request import Request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Segment:
         return self.kind in ("attention", "head")
 
 
-def segment_schedule(
+def segment_layout(
     num_layers: int, num_experts: int, group_size: int, shared_expert: bool
 ) -> list[Segment]:
     """Cursor order of a pass: per layer attention, expert groups, shared expert; then head."""
@@ -62,47 +65,98 @@ def default_group_size(num_experts: int, granularity: str) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Chunk:
-    """``num_tokens`` tokens of ``request`` from position ``start``. ``samples``: the chunk
-    reaches the end of the request's known tokens, so its last row yields the next token."""
+class SampleSpec:
+    """How the last row of a chunk samples its request's next token."""
 
-    request: Request
-    start: int
-    num_tokens: int
-    samples: bool
+    temperature: float  # 0: greedy
+    top_k: int  # <= 0: off
+    top_p: float  # 1: off
+    seed: int  # the request's resolved seed, 0 <= seed < 2**64
+    step: int  # index of the token being sampled in the request's output
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Consecutive tokens of one sequence fed in a pass: a prefill chunk, or one decode token.
+
+    ``pages`` are the sequence's KV pages, enough for ``end`` tokens; ``sample`` is set when the
+    chunk reaches the end of the request's known tokens, so its last row yields the next token.
+    """
+
+    seq_id: int
+    start: int  # position of the first token
+    token_ids: tuple[int, ...]
+    pages: tuple[int, ...]
+    sample: SampleSpec | None = None
 
     @property
-    def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start : self.start + self.num_tokens]
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def end(self) -> int:
-        return self.start + self.num_tokens
+        return self.start + len(self.token_ids)
+
+    @property
+    def samples(self) -> bool:
+        return self.sample is not None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Plan:
-    """Advance pass ``pass_id`` from ``cursor`` by ``num_segments`` segments.
+    """One step of work for the executor, applied in this order:
 
-    In order: if ``new`` is set, the pass is created from those chunks (at cursor 0); passes in
-    ``absorb`` (parked at the same cursor) are merged into it; rows of the requests in
-    ``split_seq_ids`` move out into a new parked pass ``split_pass_id``; then the segments run.
-    ``finishes``: the run reaches the head, which samples and ends the pass. ``fused``: run the
-    whole pass as one jit (iteration-level policies). ``chunks`` are the pass's rows after all
-    of that, in no particular order.
+    1. ``finished_seq_ids``: sequences that finished or were aborted since the last plan; the
+       executor drops any rows of theirs from the carries it holds (a carry left empty is gone).
+    2. ``new``: the pass ``pass_id`` is created at cursor 0 from ``chunks``; otherwise the
+       passes in ``absorb`` (parked at the same cursor) are merged into it.
+    3. Rows of the sequences ``split_seq_ids`` move out into a new parked pass ``split_pass_id``
+       at the same cursor.
+    4. ``num_segments`` segments run from ``cursor``; ``finishes``: the run reaches the head,
+       which samples and ends the pass. ``fused``: the whole pass runs as one jit.
+
+    ``chunks`` are the pass's rows after steps 1-3 (a check the executor makes: they must equal
+    the rows it holds). ``pass_id=None``: nothing runs; the plan only carries step 1.
     """
 
-    pass_id: int
-    cursor: int
-    num_segments: int
-    chunks: list[Chunk]
-    new: list[Chunk] | None = None
-    absorb: list[int] = dataclasses.field(default_factory=list)
-    split_seq_ids: list[int] = dataclasses.field(default_factory=list)
+    pass_id: int | None
+    cursor: int = 0
+    num_segments: int = 0
+    chunks: tuple[Chunk, ...] = ()
+    new: bool = False
+    absorb: tuple[int, ...] = ()
+    split_seq_ids: tuple[int, ...] = ()
     split_pass_id: int | None = None
     finishes: bool = False
     fused: bool = False
+    finished_seq_ids: tuple[int, ...] = ()
 
     @property
     def num_rows(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def runs(self) -> bool:
+        """Whether the plan runs anything (else it only drops finished sequences' rows)."""
+        return self.pass_id is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What ``execute(plan)`` returns.
+
+    ``tokens``: the token sampled for each sampling row of a pass that reached the head, by
+    sequence id. ``failed``: sequences whose rows were lost to an error while executing (their
+    carries are gone), with the message; the scheduler ends those requests with
+    ``finish_reason="error"``. ``reset``: the KV cache had to be rebuilt, so every carry is gone
+    and every other admitted request must recompute its KV from its tokens.
+    """
+
+    tokens: dict[int, int] = dataclasses.field(default_factory=dict)
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)
+    reset: bool = False
+
+
+class PlanError(ValueError):
+    """A plan the executor cannot carry out (a scheduler bug): raised before anything of it is
+    applied, by the real executor and the simulator's fake one alike."""

@@ -38,7 +38,8 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     first_token_time: float | None = None
     finish_time: float | None = None
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    error: str | None = None  # what went wrong, with finish_reason "error"
     num_preemptions: int = 0
     parked_time: float = 0.0
 

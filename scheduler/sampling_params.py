@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
+
+INT32_MAX = 2**31 - 1
+MIN_TEMPERATURE = 1e-5  # below this a temperature is greedy (vLLM's _SAMPLING_EPS)
+MAX_TEMPERATURE = 1e4  # logits / t stay finite in float32
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one request. ``temperature=0`` is greedy.
+    """How to sample one request. ``temperature=0`` (or below 1e-5) is greedy.
 
     ``top_k`` <= 0 and ``top_p`` = 1 disable those filters. ``seed=None`` draws a seed per
     request. Generation stops at ``max_tokens``, at an EOS token (unless ``ignore_eos``), at any
-    of ``stop_token_ids``, or at the model's maximum length.
+    of ``stop_token_ids``, or at the model's maximum length. Every field is checked here against
+    the bounds the device types can hold (int32 counts, finite float32 values, 64-bit seeds);
+    token ids are checked against the vocabulary when the request is added.
     """
 
     max_tokens: int = 16
@@ -24,17 +39,28 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an int (<= 0 disables it), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
+        if not _int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
+            raise ValueError(f"max_tokens must be an int in [1, 2**31), got {self.max_tokens!r}")
+        if not _real(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], "
+                f"got {self.temperature!r}"
+            )
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
+        if not _int(self.top_k) or not -INT32_MAX <= self.top_k <= INT32_MAX:
+            raise ValueError(
+                f"top_k must be an int in (-2**31, 2**31) (<= 0 disables it), got {self.top_k!r}"
+            )
+        if not _real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative int or None, got {self.seed!r}")
+        if self.seed is not None and (not _int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an int in [0, 2**64) or None, got {self.seed!r}")
+        if isinstance(self.stop_token_ids, (str, bytes)):
+            raise ValueError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
         stops = tuple(self.stop_token_ids or ())
-        if not all(isinstance(t, int) and t >= 0 for t in stops):
+        if not all(_int(t) and 0 <= t <= INT32_MAX for t in stops):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {stops!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         object.__setattr__(self, "stop_token_ids", stops)

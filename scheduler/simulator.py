@@ -1,17 +1,18 @@
 """A fake executor: a cost model and a virtual clock drive the *same* ``Scheduler`` as the engine.
 
 Why: scheduler tests need exact, hand-computable timelines, and the paper-scale experiments need
-Mixtral-8x7B on an A100, which a laptop cannot run. The simulator carries out each ``Plan`` the
-way ``Engine._execute`` does (create / absorb / split / advance carries, sample at the head), but
-a carry is just the list of its rows and time advances by ``CostModel.plan_time``. It also
-rejects plans that break the contract (an unknown carry, a cursor mismatch, a row in two passes,
-a chunk not starting at its request's computed length, a chunk whose earlier K/V are no longer
-in its KV pages): a real device would silently compute garbage instead. The KV cache is modelled
-as slot -> (sequence, position) written by each chunk; a new chunk checks the first slot of every
-page of its context and its last position. Plain Python; never imports jax.
+Mixtral-8x7B on an A100, which a laptop cannot run. ``FakeExecutor.execute(plan)`` has the real
+executor's interface and keeps the same host-side record of its carries (``Ledger``), so both
+reject a bad plan with the same ``PlanError`` (an unknown carry, a cursor mismatch, a row in two
+passes, rows that differ from the plan's); a carry here is just that record, and time advances by
+``CostModel.plan_time``. It also models the KV cache as slot -> (sequence, position) written by
+each chunk, and rejects a chunk whose earlier K/V are no longer in its pages (it checks the first
+slot of every page of its context and its last position): a real device would silently compute
+garbage instead. ``Simulator`` is the engine's loop (schedule → execute → update) on the virtual
+clock. Plain Python; never imports jax.
 
     clock = VirtualClock()
-    sched = Scheduler(SchedulerConfig(...), segment_schedule(32, 8, 1, False), clock=clock)
+    sched = Scheduler(SchedulerConfig(...), segment_layout(32, 8, 1, False), clock=clock)
     result = Simulator(sched, load_profile("mixtral-a100-efficient"), clock).run(
         [(0.0, make_request("a", 0, 100, 20, priority=1)), (0.5, "abort", "a")]
     )
@@ -25,8 +26,9 @@ from collections import Counter
 from pathlib import Path
 
 from .core import Scheduler
+from .ledger import Ledger
 from .metrics import RequestRecord, record_of
-from .plan import Chunk, Plan, Segment
+from .plan import Chunk, Plan, PlanError, Segment, StepResult
 from .request import Request
 from .sampling_params import SamplingParams
 
@@ -82,10 +84,12 @@ class CostModel:
         self, plan: Plan, segments: list[Segment], num_experts: int | None = None
     ) -> float:
         """Time to carry out ``plan``: its segments, plus the head when it finishes the pass."""
+        if not plan.runs:
+            return 0.0
         if num_experts is None:
             num_experts = count_experts(segments)
         rows, ctx = plan.num_rows, sum(c.end for c in plan.chunks)
-        t = self.host_overhead + (self.embed_base if plan.new is not None else 0.0)
+        t = self.host_overhead + (self.embed_base if plan.new else 0.0)
         for seg in segments[plan.cursor : plan.cursor + plan.num_segments]:
             t += self.segment_time(seg, rows, ctx, num_experts)
         if plan.finishes:
@@ -226,7 +230,7 @@ class VirtualClock:
 
 
 class SimulationError(RuntimeError):
-    """The scheduler produced a plan the executor cannot carry out, or stopped making progress."""
+    """The simulated engine stopped making progress."""
 
 
 def make_request(
@@ -269,25 +273,61 @@ class SimRecord(RequestRecord):
 @dataclasses.dataclass
 class SimResult:
     records: dict[str, SimRecord]
-    stats: dict[str, float]  # the scheduler's counters plus plans, busy time, end time
+    stats: dict[str, float]  # the scheduler's stats plus plans, busy time, end time
 
 
-# A carry on the fake device: its cursor and rows as (seq_id, start, num_tokens).
-Rows = list[tuple[int, int, int]]
+class FakeExecutor:
+    """The executor's contract without a device: ``execute(plan) -> StepResult``, the same
+    ``Ledger`` and plan checks, a modelled KV cache, and every sampled token ``FAKE_TOKEN``."""
+
+    def __init__(self, segments: list[Segment], page_size: int, cost: CostModel) -> None:
+        self.segments, self.page_size, self.cost = segments, page_size, cost
+        self.num_experts = count_experts(segments)
+        self.ledger = Ledger(len(segments) - 1, page_size)
+        self.kv: dict[int, tuple[int, int]] = {}  # KV slot -> (seq_id, position) written there
+        self.computed: Counter[int] = Counter()  # rows run per sequence, in finished passes
+
+    def plan_time(self, plan: Plan) -> float:
+        return self.cost.plan_time(plan, self.segments, self.num_experts)
+
+    def execute(self, plan: Plan) -> StepResult:
+        """Check and record ``plan`` (``PlanError`` if it is invalid, nothing changed)."""
+        self.ledger.check(plan)
+        for c in plan.chunks if plan.new else ():
+            self._check_kv(c)
+        done = self.ledger.apply(plan, checked=True).finished
+        for c in plan.chunks if plan.new else ():
+            self._write_kv(c)
+        if done is None:
+            return StepResult()
+        for c in done.chunks:
+            self.computed[c.seq_id] += c.num_tokens
+        return StepResult(tokens={c.seq_id: FAKE_TOKEN for c in done.chunks if c.samples})
+
+    def _slot(self, chunk: Chunk, pos: int) -> int:
+        return chunk.pages[pos // self.page_size] * self.page_size + pos % self.page_size
+
+    def _check_kv(self, chunk: Chunk) -> None:
+        ps = self.page_size
+        for pos in [*range(0, chunk.start, ps), *([chunk.start - 1] if chunk.start else [])]:
+            if self.kv.get(self._slot(chunk, pos)) != (chunk.seq_id, pos):
+                raise PlanError(f"sequence {chunk.seq_id}: K/V of position {pos} is gone")
+
+    def _write_kv(self, chunk: Chunk) -> None:
+        for pos in range(chunk.start, chunk.end):
+            self.kv[self._slot(chunk, pos)] = (chunk.seq_id, pos)
 
 
 class Simulator:
-    """Runs a ``Scheduler`` against a cost model on a virtual clock (see the module docstring)."""
+    """Runs a ``Scheduler`` against a ``FakeExecutor`` on a virtual clock (module docstring)."""
 
     def __init__(self, scheduler: Scheduler, cost: CostModel, clock: VirtualClock) -> None:
         if scheduler.clock is not clock:
             raise ValueError("construct the Scheduler with clock=<this simulator's clock>")
         self.scheduler, self.cost, self.clock = scheduler, cost, clock
         self.segments = scheduler.segments
-        self.num_experts = count_experts(self.segments)
-        self.carries: dict[int, tuple[int, Rows]] = {}  # pass_id -> (cursor, rows)
-        self.kv: dict[int, tuple[int, int]] = {}  # KV slot -> (seq_id, position) written there
-        self.computed: Counter[str] = Counter()
+        self.executor = FakeExecutor(self.segments, scheduler.config.page_size, cost)
+        self.requests: dict[int, Request] = {}  # every request seen, by seq_id
         self.num_plans = 0
         self.busy_time = 0.0
 
@@ -314,62 +354,16 @@ class Simulator:
 
     def step(self, plan: Plan) -> None:
         """Carry out one plan: execute it, let its time pass, report its tokens."""
-        dt = self.cost.plan_time(plan, self.segments, self.num_experts)
-        tokens = self.execute(plan)
+        dt = self.executor.plan_time(plan)
+        result = self.executor.execute(plan)
         self.clock.now += dt
         self.busy_time += dt
-        self.num_plans += 1
-        self.scheduler.update(plan, tokens)
-
-    def execute(self, plan: Plan) -> dict[str, int]:
-        """The fake device: the same carry bookkeeping as ``Engine._execute``, checked."""
-        head = len(self.segments) - 1
-        if plan.new is not None:
-            if plan.pass_id in self.carries or plan.cursor != 0:
-                raise SimulationError(f"pass {plan.pass_id} created twice or not at cursor 0")
-            for c in plan.new:
-                self._check_and_write_kv(c)
-            self.carries[plan.pass_id] = (0, [_row(c) for c in plan.new])
-        cursor, rows = self._pop(plan.pass_id, plan.cursor)
-        for other in plan.absorb:
-            rows += self._pop(other, plan.cursor)[1]
-        if plan.split_seq_ids:
-            moved = [r for r in rows if r[0] in plan.split_seq_ids]
-            if plan.split_pass_id in self.carries or not moved:
-                raise SimulationError(f"bad split into pass {plan.split_pass_id}")
-            self.carries[plan.split_pass_id] = (cursor, moved)
-            rows = [r for r in rows if r[0] not in plan.split_seq_ids]
-        if sorted(rows) != sorted(_row(c) for c in plan.chunks):
-            raise SimulationError(f"pass {plan.pass_id}: carry rows differ from plan.chunks")
-        end = cursor + plan.num_segments
-        if end > head or plan.finishes != (end == head):
-            raise SimulationError(f"pass {plan.pass_id}: runs to {end}, head is {head}")
-        seqs = [r[0] for _, rs in self.carries.values() for r in rs] + [r[0] for r in rows]
-        if len(seqs) != len(set(seqs)):
-            raise SimulationError(f"pass {plan.pass_id}: a request has rows in two passes")
-        if not plan.finishes:
-            self.carries[plan.pass_id] = (end, rows)
-            return {}
-        for c in plan.chunks:
-            if c.start != c.request.num_computed and not c.request.status.done:
-                raise SimulationError(f"{c.request.request_id}: rows lost or run twice")
-            self.computed[c.request.request_id] += c.num_tokens
-        return {c.request.request_id: FAKE_TOKEN for c in plan.chunks if c.samples}
+        self.num_plans += plan.runs
+        self.scheduler.update(plan, result)
 
     def abort(self, request_id: str) -> bool:
-        """Abort like ``Engine.abort``: drop the request's rows from its carry."""
-        result = self.scheduler.abort(request_id)
-        if result is None:
-            return False
-        req, pass_id, gone = result
-        if pass_id in self.carries:
-            cursor, rows = self.carries.pop(pass_id)
-            rows = [r for r in rows if r[0] != req.seq_id]
-            if gone != (not rows):
-                raise SimulationError(f"abort of {request_id}: pass {pass_id} gone={gone}")
-            if rows:
-                self.carries[pass_id] = (cursor, rows)
-        return True
+        """Abort like ``Engine.abort``: its rows leave their carry with the next plan."""
+        return self.scheduler.abort(request_id) is not None
 
     def result(self) -> SimResult:
         records = {
@@ -377,16 +371,15 @@ class Simulator:
                 # aborted requests keep their finish time here (metrics count them unfinished)
                 **(dataclasses.asdict(record_of(r)) | {"finish": r.finish_time}),
                 finish_reason=r.finish_reason,
-                computed_tokens=self.computed[r.request_id],
+                computed_tokens=self.executor.computed[r.seq_id],
             )
-            for r in self.scheduler.requests.values()
+            for r in self.requests.values()
         }
-        waits = self.scheduler.preempt_waits
-        stats = dict(self.scheduler.stats) | {
+        stats = self.scheduler.stats() | {
             "plans": self.num_plans,
             "busy_time": self.busy_time,
             "end_time": self.clock.now,
-            "preempt_wait_max": max(waits, default=0.0),
+            "preempt_wait_max": self.scheduler.stats()["preempt_wait_s_max"] or 0.0,
         }
         return SimResult(records, stats)
 
@@ -394,37 +387,12 @@ class Simulator:
 
     def _apply(self, event: tuple) -> None:
         if len(event) == 2 and isinstance(event[1], Request):
-            if event[1].output_token_ids or event[1].num_computed:
-                raise ValueError(f"request {event[1].request_id!r} already ran: build a new one")
-            self.scheduler.add(event[1])
+            req = event[1]
+            if req.output_token_ids or req.num_computed:
+                raise ValueError(f"request {req.request_id!r} already ran: build a new one")
+            self.scheduler.add(req)
+            self.requests[req.seq_id] = req
         elif len(event) == 3 and event[1] == "abort":
             self.abort(event[2])
         else:
             raise ValueError(f"unknown event {event!r}")
-
-    def _check_and_write_kv(self, chunk: Chunk) -> None:
-        req, ps = chunk.request, self.scheduler.config.page_size
-        if chunk.start != req.num_computed:
-            raise SimulationError(
-                f"{req.request_id}: chunk starts at {chunk.start}, {req.num_computed} computed"
-            )
-        if len(req.pages) * ps < chunk.end:
-            raise SimulationError(f"{req.request_id}: {len(req.pages)} pages for {chunk.end}")
-        slot = lambda pos: req.pages[pos // ps] * ps + pos % ps  # noqa: E731
-        for pos in [*range(0, chunk.start, ps), *([chunk.start - 1] if chunk.start else [])]:
-            if self.kv.get(slot(pos)) != (req.seq_id, pos):
-                raise SimulationError(f"{req.request_id}: K/V of position {pos} is gone")
-        for pos in range(chunk.start, chunk.end):
-            self.kv[slot(pos)] = (req.seq_id, pos)
-
-    def _pop(self, pass_id: int, cursor: int) -> tuple[int, Rows]:
-        if pass_id not in self.carries:
-            raise SimulationError(f"no carry for pass {pass_id}")
-        at, rows = self.carries.pop(pass_id)
-        if at != cursor:
-            raise SimulationError(f"pass {pass_id} is at cursor {at}, plan says {cursor}")
-        return at, rows
-
-
-def _row(chunk: Chunk) -> tuple[int, int, int]:
-    return (chunk.request.seq_id, chunk.start, chunk.num_tokens)

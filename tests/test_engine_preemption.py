@@ -84,7 +84,8 @@ def drive(engine: qllm_jax.Engine, events: dict[int, list[tuple]], max_steps: in
 def _check_clean(engine: qllm_jax.Engine) -> None:
     stats = engine.stats()
     assert stats["kv_pages_used"] == 0, stats
-    assert stats["passes_live"] == 0 and not engine.carries, stats
+    assert stats["passes_live"] == 0 and stats["carries"] == 0, stats
+    assert not len(engine.executor.ledger) and not engine.scheduler.requests
 
 
 def test_ls_arrival_preempts_be_prefill_mid_pass(ckpt):
@@ -201,7 +202,7 @@ def test_random_workloads_match_solo_runs(
     event(f"evicted={stats['evictions'] > 0}")
     for rid, (prompt, max_tokens, seed) in expected.items():
         out = outs.get(rid)
-        if rid in aborted and eng.scheduler.requests[rid].finish_reason == "abort":
+        if rid in aborted and outs[rid].finish_reason == "abort":
             continue  # aborted before finishing: no row of it may linger (checked below)
         assert out is not None and out.finished and out.finish_reason == "length", rid
         assert out.token_ids == _solo(ckpt, prompt, max_tokens, seed), rid

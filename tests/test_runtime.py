@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import qllm_jax  # noqa: E402
-from qllm_jax.executor import RowChunk  # noqa: E402
+from qllm_jax.scheduler import Chunk, SampleSpec  # noqa: E402
 from tests.hf_tiny import FAMILIES, hf_greedy, make_checkpoint  # noqa: E402
 
 NEW_TOKENS = 12
@@ -74,23 +74,17 @@ def test_segmented_and_fused_logits_agree(mixtral):
     prompts = _prompts(1)[:2]
     ex = qllm_jax.Engine(model, expert_group_size=2, **{**ENGINE, "dtype": "auto"}).executor
     pages = [(1, 2, 3, 4, 5), (6, 7, 8, 9, 10)]
+    greedy = SampleSpec(temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0)
     chunks = [
-        RowChunk(seq, tuple(p), 0, pg, sample=_spec())
+        Chunk(seq, 0, tuple(p), pg, greedy)
         for seq, (p, pg) in enumerate(zip(prompts, pages, strict=True))
     ]
-    inputs, samples = ex.build_inputs(chunks)
-    fused = np.asarray(ex.run_fused(inputs, samples, want_logits=True))[:2]
-    seg = np.asarray(ex.run_segmented(inputs, samples, want_logits=True))[:2]
+    fused = ex.forward(chunks, fused=True, want_logits=True)
+    seg = ex.forward(chunks, fused=False, want_logits=True)
     np.testing.assert_allclose(seg, fused, atol=1e-5, rtol=1e-5)
     for i, p in enumerate(prompts):
         ref = np.asarray(qllm_jax.reference_forward(model, [p]))[0, -1]
         np.testing.assert_allclose(fused[i], ref, atol=1e-4, rtol=1e-4)
-
-
-def _spec():
-    from qllm_jax.executor import SampleSpec
-
-    return SampleSpec(temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0)
 
 
 def test_sliding_window_matches_hf(tmp_path):
@@ -157,7 +151,9 @@ def test_abort_frees_pages(mixtral):
     while eng.has_unfinished():
         for out in eng.step():
             finished[out.request_id] = out
-    assert set(finished) == {ids[0], ids[2]}
+    assert set(finished) == set(ids)  # the aborted one is reported once, by the next step
+    assert finished[ids[1]].finish_reason == "abort" and finished[ids[1]].finished
+    assert finished[ids[0]].finish_reason == finished[ids[2]].finish_reason == "length"
     assert eng.stats()["kv_pages_used"] == 0
 
 

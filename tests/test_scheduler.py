@@ -19,13 +19,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from scheduler import Scheduler, SchedulerConfig, segment_schedule
+from scheduler import Scheduler, SchedulerConfig, segment_layout
 from scheduler.core import PRESETS
-from scheduler.plan import Chunk, Plan
+from scheduler.plan import Chunk, Plan, PlanError, SampleSpec
 from scheduler.simulator import (
     PROFILES,
     CostModel,
-    SimulationError,
     Simulator,
     VirtualClock,
     load_profile,
@@ -53,7 +52,7 @@ def simulate(events, group_size=4, **knobs):
         granularity="layer" if group_size == 4 else "expert",
     )
     clock = VirtualClock()
-    segments = segment_schedule(8, 4, group_size, shared_expert=False)
+    segments = segment_layout(8, 4, group_size, shared_expert=False)
     sched = Scheduler(SchedulerConfig(**(config | knobs)), segments, clock=clock)
     sim = Simulator(sched, unit_cost(group_size), clock)
     result = sim.run(events)
@@ -63,8 +62,15 @@ def simulate(events, group_size=4, **knobs):
 
 def assert_clean(sched: Scheduler, sim: Simulator) -> None:
     assert sched.allocator.num_used == 0  # no page leaks
-    assert not sched.passes and not sched.in_pass and not sim.carries
-    assert not sched.waiting and not sched.admitted
+    assert not sched.passes and not sched.in_pass and not len(sim.executor.ledger)
+    assert not sched.waiting and not sched.admitted and not sched.requests
+
+
+def chunk(seq, start, n, samples, pages=None):
+    """A snapshot row chunk of ``n`` tokens of sequence ``seq`` from ``start``."""
+    pages = pages if pages is not None else tuple(range(1, 2 + (start + n) // 4))
+    sample = SampleSpec(0.0, 0, 1.0, 0, 0) if samples else None
+    return Chunk(seq, start, (5,) * n, pages, sample)
 
 
 def req(rid, seq, prompt, tokens, priority=LS, at=0.0):
@@ -290,17 +296,15 @@ def test_plan_time_sums_the_segments_a_plan_runs():
         embed_base=7.0,
         host_overhead=100.0,
     )
-    segments = segment_schedule(2, 4, 2, shared_expert=False)  # attn, e0-1, e2-3 per layer; head
-    a, b = make_request("a", 0, 5, 1), make_request("b", 1, 3, 1)
-    b.num_computed = 3
-    chunks = [Chunk(a, 0, 5, True), Chunk(b, 3, 1, False)]  # rows 6, ctx 5 + 4 = 9, 1 sampled
+    segments = segment_layout(2, 4, 2, shared_expert=False)  # attn, e0-1, e2-3 per layer; head
+    chunks = (chunk(0, 0, 5, True), chunk(1, 3, 1, False))  # rows 6, ctx 5 + 4 = 9, 1 sampled
     attn = 1.0 + 0.1 * 6 + 0.01 * 9
     group = (8.0 + 0.8 * 6) * 2 / 4
     head = 3.0 + 0.5 * 1
     # cursor 1..5 of [attn0, e0, e1, attn1, e0, e1, head]: e, e, attn, e, e, then the head
     plan = Plan(0, 1, 5, chunks, finishes=True)
     assert cost.plan_time(plan, segments) == pytest.approx(100 + attn + 4 * group + head + 0.006)
-    new = Plan(0, 0, 1, chunks, new=chunks)
+    new = Plan(0, 0, 1, chunks, new=True)
     assert cost.plan_time(new, segments) == pytest.approx(100 + 7 + attn + 0.001)
 
 
@@ -320,17 +324,12 @@ def mixtral_step(
     cost: CostModel, rows_per_seq: int, seqs: int, ctx_each: int, group: int, fused: bool = True
 ) -> float:
     """A whole pass of Mixtral's shape (32 layers, 8 experts): one plan, or one per segment."""
-    segments = segment_schedule(32, 8, group, shared_expert=False)
+    segments = segment_layout(32, 8, group, shared_expert=False)
     head = len(segments) - 1
-    chunks = []
-    for i in range(seqs):
-        r = make_request(str(i), i, ctx_each, 1)
-        r.num_computed = ctx_each - rows_per_seq
-        chunks.append(Chunk(r, ctx_each - rows_per_seq, rows_per_seq, True))
+    chunks = tuple(chunk(i, ctx_each - rows_per_seq, rows_per_seq, True) for i in range(seqs))
     if fused:
-        return cost.plan_time(Plan(0, 0, head, chunks, new=chunks, finishes=True), segments)
-    plans = [Plan(0, i, 1, chunks, new=chunks if i == 0 else None) for i in range(head)]
-    plans[-1].finishes = True
+        return cost.plan_time(Plan(0, 0, head, chunks, new=True, finishes=True), segments)
+    plans = [Plan(0, i, 1, chunks, new=i == 0, finishes=i == head - 1) for i in range(head)]
     return sum(cost.plan_time(p, segments) for p in plans)
 
 
@@ -364,22 +363,20 @@ def test_builtin_cpu_profile_is_the_measured_one():
 
 def test_simulator_needs_the_virtual_clock_and_rejects_bad_plans():
     clock = VirtualClock()
-    segments = segment_schedule(2, 4, 4, shared_expert=False)
+    segments = segment_layout(2, 4, 4, shared_expert=False)
     config = SchedulerConfig(page_size=4, num_pages=16, max_model_len=64)
     with pytest.raises(ValueError, match="clock"):
         Simulator(Scheduler(config, segments), unit_cost(4), clock)
-    sim = Simulator(Scheduler(config, segments, clock=clock), unit_cost(4), clock)
-    a = make_request("a", 0, 4, 1)
-    a.pages = [1]
-    with pytest.raises(SimulationError, match="no carry"):  # advancing a pass never created
-        sim.execute(Plan(7, 2, 1, [Chunk(a, 0, 4, True)]))
-    sim.execute(Plan(0, 0, 2, [Chunk(a, 0, 4, True)], new=[Chunk(a, 0, 4, True)]))
-    with pytest.raises(SimulationError, match="cursor"):  # the carry is at 2, not 1
-        sim.execute(Plan(0, 1, 1, [Chunk(a, 0, 4, True)]))
-    b = make_request("b", 1, 4, 1)
-    b.pages, b.num_computed = [2], 3  # claims 3 tokens computed, but none were written
-    with pytest.raises(SimulationError, match="K/V of position 0 is gone"):
-        sim.execute(Plan(1, 0, 1, [Chunk(b, 3, 1, True)], new=[Chunk(b, 3, 1, True)]))
+    ex = Simulator(Scheduler(config, segments, clock=clock), unit_cost(4), clock).executor
+    a = (chunk(0, 0, 4, True, pages=(1,)),)
+    with pytest.raises(PlanError, match="no carry"):  # advancing a pass never created
+        ex.execute(Plan(7, 2, 1, a))
+    ex.execute(Plan(0, 0, 2, a, new=True))
+    with pytest.raises(PlanError, match="cursor"):  # the carry is at 2, not 1
+        ex.execute(Plan(0, 1, 1, a))
+    b = (chunk(1, 3, 1, True, pages=(2,)),)  # claims 3 tokens computed, but none were written
+    with pytest.raises(PlanError, match="K/V of position 0 is gone"):
+        ex.execute(Plan(1, 0, 1, b, new=True))
 
 
 # -- property: preemption bookkeeping ------------------------------------------------------------
@@ -395,9 +392,10 @@ class CheckedSimulator(Simulator):
 
     def step(self, plan: Plan) -> None:
         cfg = self.scheduler.config
-        assert 0 < plan.num_rows <= cfg.max_num_batched_tokens
+        if plan.runs:
+            assert 0 < plan.num_rows <= cfg.max_num_batched_tokens
         assert len(plan.chunks) <= cfg.max_batch_size
-        assert len(plan.chunks) == len({c.request.request_id for c in plan.chunks})
+        assert len(plan.chunks) == len({c.seq_id for c in plan.chunks})
         for r in self.scheduler.requests.values():  # an eviction in schedule() reset it to 0
             if r.num_computed < self.seen.get(r.request_id, 0):
                 assert r.num_computed == 0 and r.pages == []
@@ -463,7 +461,7 @@ def scenarios(draw):
 def test_every_row_runs_exactly_once_and_nothing_leaks(scenario):
     config, shape, cost, requests = scenario
     clock = VirtualClock()
-    sched = Scheduler(SchedulerConfig(**config), segment_schedule(**shape), clock=clock)
+    sched = Scheduler(SchedulerConfig(**config), segment_layout(**shape), clock=clock)
     sim = CheckedSimulator(sched, cost, clock)
     events = []
     for i, (at, prio, prompt, tokens, abort_at) in enumerate(requests):

@@ -9,7 +9,7 @@ import pytest
 
 from qllm_jax.models.model import expert_group
 from qllm_jax.models.params import ExpertParams
-from qllm_jax.sampling import sample
+from qllm_jax.sampling import sample, split_seeds
 
 
 @pytest.mark.parametrize("group_size,start", [(8, 0), (2, 4), (1, 7)])
@@ -39,7 +39,7 @@ def _sample(logits, temperature=1.0, top_k=0, top_p=1.0, seeds=None, steps=None)
             full(temperature, jnp.float32),
             full(top_k, jnp.int32),
             full(top_p, jnp.float32),
-            jnp.asarray(np.arange(s) if seeds is None else seeds, jnp.uint32),
+            jnp.asarray(split_seeds(np.arange(s) if seeds is None else seeds)),
             jnp.asarray(np.zeros(s) if steps is None else steps, jnp.int32),
         )
     )

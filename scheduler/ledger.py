@@ -1,0 +1,249 @@
+"""The executor's host-side record of the carries it holds, and the plan checks. Plain Python.
+
+Both executors (the real one in ``qllm_jax.executor`` and the simulator's fake one) keep a
+``Ledger``: for every live or parked pass, its cursor and its chunks in device row order (chunk
+``i`` occupies rows ``offsets[i] .. offsets[i] + num_tokens``). ``Ledger.apply(plan)`` checks a
+plan against that record, raising ``PlanError`` before anything changes, then updates the record
+and returns the ``Move``s that rearrange device rows (drop, merge, split). The real executor turns
+each move into one jitted gather per source carry; the fake executor has nothing to move. So the
+row layout of every carry is known on the host, and nothing on the step path needs to read a
+device array back to find out which row is whose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from .plan import Chunk, Plan, PlanError
+
+
+@dataclasses.dataclass(frozen=True)
+class CarryRecord:
+    """Rows of one carry: chunks in device row order, at a cursor."""
+
+    cursor: int
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(itertools.accumulate((c.num_tokens for c in self.chunks), initial=0))[:-1]
+
+    def sample_rows(self) -> list[tuple[int, Chunk]]:
+        """(row, chunk) of every row that samples: the last row of each sampling chunk."""
+        return [
+            (off + c.num_tokens - 1, c)
+            for off, c in zip(self.offsets, self.chunks, strict=True)
+            if c.samples
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Move:
+    """Carry ``dst`` is rebuilt with the rows of ``record``: ``parts`` lists, for each of its
+    chunks, ``(source pass, first row there, first row in dst, rows)``. The sources are read
+    before any of them is replaced (``dst`` may be one of them)."""
+
+    dst: int
+    record: CarryRecord
+    parts: tuple[tuple[int, int, int, int], ...]
+
+    def is_identity(self, old: CarryRecord | None) -> bool:
+        """``dst`` keeps its rows where they are (nothing to move on the device)."""
+        return (
+            old is not None
+            and old.chunks == self.record.chunks
+            and all(src == self.dst and a == b for src, a, b, _ in self.parts)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """What ``Ledger.apply`` changed, in the order the device must follow."""
+
+    gone: tuple[int, ...]  # carries dropped because every row of theirs finished
+    moves: tuple[Move, ...]  # rows rearranged (drops of finished rows, merge, split)
+    record: CarryRecord | None  # the plan's pass after the plan (None: it reached the head)
+    finished: CarryRecord | None  # the pass as it reached the head (its rows sample)
+
+
+class Ledger:
+    """The record of every carry an executor holds. ``head``: the cursor of the head segment;
+    ``page_size``: to check that a chunk's pages cover its tokens."""
+
+    def __init__(self, head: int, page_size: int) -> None:
+        self.head = head
+        self.page_size = page_size
+        self.carries: dict[int, CarryRecord] = {}
+        self.where: dict[int, int] = {}  # seq_id -> pass holding its rows
+
+    def __len__(self) -> int:
+        return len(self.carries)
+
+    def clear(self) -> None:
+        self.carries.clear()
+        self.where.clear()
+
+    def drop(self, pass_id: int) -> CarryRecord | None:
+        """Forget a carry (after an error). Returns its record."""
+        rec = self.carries.pop(pass_id, None)
+        for c in rec.chunks if rec else ():
+            self.where.pop(c.seq_id, None)
+        return rec
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def apply(self, plan: Plan, checked: bool = False) -> Applied:
+        """Check ``plan`` (``PlanError``, nothing changed; skipped if already ``checked``) and
+        update the record."""
+        if not checked:
+            self.check(plan)
+        gone, moves = [], []
+        for pid, keep in self._after_release(plan.finished_seq_ids).items():
+            old = self.carries[pid]
+            if not keep:
+                gone.append(pid)
+                self._set(pid, None)
+                continue
+            moves.append(_move(pid, CarryRecord(old.cursor, keep), {pid: old}))
+            self._set(pid, moves[-1].record)
+        if not plan.runs:
+            return Applied(tuple(gone), tuple(moves), None, None)
+        if plan.new:
+            rec = CarryRecord(0, tuple(plan.chunks))
+            self._set(plan.pass_id, rec)
+        elif plan.absorb:
+            sources = {p: self.carries[p] for p in (plan.pass_id, *plan.absorb)}
+            merged = tuple(c for p in (plan.pass_id, *plan.absorb) for c in sources[p].chunks)
+            moves.append(_move(plan.pass_id, CarryRecord(plan.cursor, merged), sources))
+            for p in plan.absorb:
+                self._set(p, None)
+            self._set(plan.pass_id, moves[-1].record)
+        if plan.split_seq_ids:
+            src = self.carries[plan.pass_id]
+            split = set(plan.split_seq_ids)
+            moved = tuple(c for c in src.chunks if c.seq_id in split)
+            kept = tuple(c for c in src.chunks if c.seq_id not in split)
+            sources = {plan.pass_id: src}
+            moves.append(_move(plan.split_pass_id, CarryRecord(src.cursor, moved), sources))
+            moves.append(_move(plan.pass_id, CarryRecord(src.cursor, kept), sources))
+            self._set(plan.split_pass_id, moves[-2].record)
+            self._set(plan.pass_id, moves[-1].record)
+        rec = self.carries[plan.pass_id]
+        rec = CarryRecord(plan.cursor + plan.num_segments, rec.chunks)
+        if plan.finishes:
+            self._set(plan.pass_id, None)
+            return Applied(tuple(gone), tuple(moves), None, rec)
+        self._set(plan.pass_id, rec)
+        return Applied(tuple(gone), tuple(moves), rec, None)
+
+    def check(self, plan: Plan) -> None:
+        """Raise ``PlanError`` naming the first thing wrong with ``plan``; change nothing."""
+        released = self._after_release(plan.finished_seq_ids)
+        rows = {pid: list(rec.chunks) for pid, rec in self.carries.items()}
+        for pid, keep in released.items():
+            rows[pid] = list(keep)
+        live = {pid for pid, chunks in rows.items() if chunks}
+        if not plan.runs:
+            if plan.chunks or plan.absorb or plan.split_seq_ids or plan.new or plan.finishes:
+                raise PlanError("a plan that runs no pass may only list finished sequences")
+            return
+        pid = plan.pass_id
+        if plan.new:
+            if pid in live or plan.cursor != 0 or plan.absorb:
+                raise PlanError(f"pass {pid}: created twice, not at cursor 0, or absorbing")
+            self._check_new_chunks(plan.chunks, rows)
+            held = list(plan.chunks)
+        else:
+            if plan.fused:
+                raise PlanError(f"pass {pid}: a fused plan must create its pass")
+            for p in (pid, *plan.absorb):
+                if p not in live:
+                    raise PlanError(f"no carry for pass {p}")
+                if self.carries[p].cursor != plan.cursor:
+                    raise PlanError(
+                        f"pass {p} is at cursor {self.carries[p].cursor}, plan says {plan.cursor}"
+                    )
+            if pid in plan.absorb or len(set(plan.absorb)) != len(plan.absorb):
+                raise PlanError(f"pass {pid}: absorbs itself or a pass twice")
+            held = [c for p in (pid, *plan.absorb) for c in rows[p]]
+        if plan.split_seq_ids:
+            split = set(plan.split_seq_ids)
+            moved = [c for c in held if c.seq_id in split]
+            if (
+                plan.split_pass_id is None
+                or plan.split_pass_id in live
+                or plan.split_pass_id in (pid, *plan.absorb)
+                or len(moved) != len(split)
+                or len(moved) == len(held)
+            ):
+                raise PlanError(f"bad split of pass {pid} into pass {plan.split_pass_id}")
+            held = [c for c in held if c.seq_id not in split]
+        elif plan.split_pass_id is not None:
+            raise PlanError(f"pass {pid}: a split pass id without rows to split")
+        if sorted(held, key=_seq) != sorted(plan.chunks, key=_seq):
+            raise PlanError(f"pass {pid}: carry rows differ from plan.chunks")
+        end = plan.cursor + plan.num_segments
+        if plan.num_segments < 0 or end > self.head or plan.finishes != (end == self.head):
+            raise PlanError(f"pass {pid}: runs to {end}, head is {self.head}")
+        if plan.num_segments == 0 and not plan.finishes:
+            raise PlanError(f"pass {pid}: a plan that runs nothing")
+        if plan.fused and not (plan.new and plan.finishes):
+            raise PlanError(f"pass {pid}: a fused plan runs a new pass to its head")
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_new_chunks(self, chunks: tuple[Chunk, ...], rows: dict[int, list[Chunk]]) -> None:
+        if not chunks:
+            raise PlanError("a new pass without rows")
+        elsewhere = {c.seq_id for cs in rows.values() for c in cs}
+        seqs = [c.seq_id for c in chunks]
+        if len(set(seqs)) != len(seqs) or elsewhere & set(seqs):
+            raise PlanError(f"a request has rows in two passes: sequences {seqs}")
+        for c in chunks:
+            if c.num_tokens < 1 or c.start < 0:
+                raise PlanError(f"sequence {c.seq_id}: an empty chunk or a negative start")
+            if len(c.pages) * self.page_size < c.end:
+                raise PlanError(
+                    f"sequence {c.seq_id}: {len(c.pages)} pages do not hold {c.end} tokens"
+                )
+
+    def _after_release(self, seq_ids: tuple[int, ...]) -> dict[int, tuple[Chunk, ...]]:
+        """Carries that hold rows of finished sequences, and the chunks they keep."""
+        hit = {self.where[s] for s in seq_ids if s in self.where}
+        gone = set(seq_ids)
+        return {
+            pid: tuple(c for c in self.carries[pid].chunks if c.seq_id not in gone)
+            for pid in sorted(hit)
+        }
+
+    def _set(self, pass_id: int, rec: CarryRecord | None) -> None:
+        old = self.carries.pop(pass_id, None)
+        for c in old.chunks if old else ():
+            if self.where.get(c.seq_id) == pass_id:
+                del self.where[c.seq_id]
+        if rec is not None:
+            self.carries[pass_id] = rec
+            for c in rec.chunks:
+                self.where[c.seq_id] = pass_id
+
+
+def _seq(c: Chunk) -> int:
+    return c.seq_id
+
+
+def _move(dst: int, rec: CarryRecord, sources: dict[int, CarryRecord]) -> Move:
+    """Where each chunk of ``rec`` comes from among ``sources`` (found by sequence id)."""
+    at = {
+        c.seq_id: (pid, off)
+        for pid, src in sources.items()
+        for off, c in zip(src.offsets, src.chunks, strict=True)
+    }
+    parts = tuple(
+        (*at[c.seq_id], off, c.num_tokens) for off, c in zip(rec.offsets, rec.chunks, strict=True)
+    )
+    return Move(dst, rec, parts)
