@@ -312,6 +312,7 @@ class Engine:
             "carries": ex.num_carries,
             "kv_resets": ex.num_resets,
             "executables": len(ex.signatures(kernels=self._kernels())),
+            "executables_compiled": ex.num_compiled(),
             "compiles": compile_log.count(),
             "compiles_since_warmup": None if since is None else compile_log.count() - since,
         }

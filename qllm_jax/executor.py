@@ -175,6 +175,12 @@ class Executor:
     def num_carries(self) -> int:
         return len(self.carries)
 
+    def num_compiled(self) -> int | None:
+        """Executables the process holds for the kernels (all executors share them), or None
+        where this jax cannot tell."""
+        sizes = [getattr(f, "_cache_size", None) for f in dataclasses.astuple(self.kernels)]
+        return sum(size() for size in sizes) if all(sizes) else None
+
     # -- running pieces of a pass -----------------------------------------------------------------
 
     def advance(self, carry: Carry, start: int, end: int) -> Carry:

@@ -114,25 +114,24 @@ class Ledger:
         if not plan.runs:
             return Applied(tuple(gone), tuple(moves), None, None)
         if plan.new:
-            rec = CarryRecord(0, tuple(plan.chunks))
-            self._set(plan.pass_id, rec)
-        elif plan.absorb:
+            self._set(plan.pass_id, CarryRecord(0, tuple(plan.chunks)))
+        elif plan.absorb or plan.split_seq_ids:
+            # merge and split in one move from the original carries, so no intermediate carry
+            # ever holds more rows than the pass may
             sources = {p: self.carries[p] for p in (plan.pass_id, *plan.absorb)}
-            merged = tuple(c for p in (plan.pass_id, *plan.absorb) for c in sources[p].chunks)
-            moves.append(_move(plan.pass_id, CarryRecord(plan.cursor, merged), sources))
+            held = [c for src in sources.values() for c in src.chunks]
+            split = set(plan.split_seq_ids)
+            mine = []
+            if split:  # first: the split-off carry is new, so no later move reads it
+                moved = tuple(c for c in held if c.seq_id in split)
+                mine.append(_move(plan.split_pass_id, CarryRecord(plan.cursor, moved), sources))
+            kept = tuple(c for c in held if c.seq_id not in split)
+            mine.append(_move(plan.pass_id, CarryRecord(plan.cursor, kept), sources))
             for p in plan.absorb:
                 self._set(p, None)
-            self._set(plan.pass_id, moves[-1].record)
-        if plan.split_seq_ids:
-            src = self.carries[plan.pass_id]
-            split = set(plan.split_seq_ids)
-            moved = tuple(c for c in src.chunks if c.seq_id in split)
-            kept = tuple(c for c in src.chunks if c.seq_id not in split)
-            sources = {plan.pass_id: src}
-            moves.append(_move(plan.split_pass_id, CarryRecord(src.cursor, moved), sources))
-            moves.append(_move(plan.pass_id, CarryRecord(src.cursor, kept), sources))
-            self._set(plan.split_pass_id, moves[-2].record)
-            self._set(plan.pass_id, moves[-1].record)
+            for move in mine:
+                self._set(move.dst, move.record)
+            moves += mine
         rec = self.carries[plan.pass_id]
         rec = CarryRecord(plan.cursor + plan.num_segments, rec.chunks)
         if plan.finishes:
