@@ -29,6 +29,7 @@ from qllm_jax.kv_cache import pages_for_budget
 from qllm_jax.models import Model, load
 from qllm_jax.scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from qllm_jax.scheduler.plan import default_group_size
+from qllm_jax.scheduler.sampling_params import is_int
 
 Prompt = str | Sequence[int]
 Mode = Literal["fused", "segmented"]
@@ -324,14 +325,10 @@ def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size) -> None:
         ("kv_pages", kv_pages, 2),
         ("kv_bytes", kv_bytes, 1),
     ):
-        if value is not None and (not _is_int(value) or value < least):
+        if value is not None and (not is_int(value) or value < least):
             raise ValueError(f"{name} must be an int >= {least} or None, got {value!r}")
-    if not _is_int(page_size) or page_size < 1 or page_size & (page_size - 1):
+    if not is_int(page_size) or page_size < 1 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size!r}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _token_ids(prompt) -> list[int]:
@@ -340,7 +337,7 @@ def _token_ids(prompt) -> list[int]:
         if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
             raise TypeError(f"token ids must be a 1-D integer array, got {prompt.dtype}")
         return [int(t) for t in prompt]
-    if not all(_is_int(t) for t in prompt):
-        bad = next(t for t in prompt if not _is_int(t))
+    if not all(is_int(t) for t in prompt):
+        bad = next(t for t in prompt if not is_int(t))
         raise TypeError(f"token ids must be ints, got {bad!r} ({type(bad).__name__})")
     return [int(t) for t in prompt]

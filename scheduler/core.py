@@ -39,6 +39,7 @@ from typing import Literal
 from .pages import PageAllocator
 from .plan import Chunk, Plan, SampleSpec, Segment, StepResult
 from .request import Request, Status
+from .sampling_params import is_int
 
 Policy = Literal["fcfs", "priority", "qllm"]
 Granularity = Literal["layer", "expert"]
@@ -88,7 +89,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("page_size", "num_pages", "max_model_len", "max_batch_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
@@ -99,7 +100,7 @@ class SchedulerConfig:
         if self.granularity not in ("layer", "expert"):
             raise ValueError(f"granularity must be 'layer' or 'expert', got {self.granularity!r}")
         if (
-            not _is_int(self.max_num_batched_tokens)
+            not is_int(self.max_num_batched_tokens)
             or self.max_num_batched_tokens < self.max_batch_size
         ):
             raise ValueError(
@@ -107,7 +108,7 @@ class SchedulerConfig:
                 f"{self.max_num_batched_tokens!r} and {self.max_batch_size}"
             )
         if self.prefill_chunk is not None and (
-            not _is_int(self.prefill_chunk) or self.prefill_chunk < 1
+            not is_int(self.prefill_chunk) or self.prefill_chunk < 1
         ):
             raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {self.prefill_chunk}")
         for name in ("aging_s", "max_park_s"):
@@ -132,10 +133,6 @@ class SchedulerConfig:
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
         return cls(**(PRESETS.get(preset, {}) | options))
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass

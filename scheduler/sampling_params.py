@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 
 INT32_MAX = 2**31 - 1
@@ -11,8 +12,9 @@ MIN_TEMPERATURE = 1e-5  # below this a temperature is greedy (vLLM's _SAMPLING_E
 MAX_TEMPERATURE = 1e4  # logits / t stay finite in float32
 
 
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def is_int(x) -> bool:
+    """An int (numpy integers included), and not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _real(x) -> bool:
@@ -39,7 +41,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not _int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
             raise ValueError(f"max_tokens must be an int in [1, 2**31), got {self.max_tokens!r}")
         if not _real(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise ValueError(
@@ -48,19 +50,26 @@ class SamplingParams:
             )
         if self.temperature < MIN_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)
-        if not _int(self.top_k) or not -INT32_MAX <= self.top_k <= INT32_MAX:
+        if not is_int(self.top_k) or not -INT32_MAX <= self.top_k <= INT32_MAX:
             raise ValueError(
                 f"top_k must be an int in (-2**31, 2**31) (<= 0 disables it), got {self.top_k!r}"
             )
         if not _real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not _int(self.seed) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an int in [0, 2**64) or None, got {self.seed!r}")
         if isinstance(self.stop_token_ids, (str, bytes)):
             raise ValueError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}")
         stops = tuple(self.stop_token_ids or ())
-        if not all(_int(t) and 0 <= t <= INT32_MAX for t in stops):
+        if not all(is_int(t) and 0 <= t <= INT32_MAX for t in stops):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {stops!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        object.__setattr__(self, "stop_token_ids", stops)
+        # plain Python values from here on (numpy scalars are accepted above)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
+        object.__setattr__(self, "max_tokens", int(self.max_tokens))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))

@@ -185,7 +185,6 @@ def test_both_executors_reject_the_same_invalid_plans(model):
 def test_finished_sequences_leave_parked_carries_in_both_executors(model):
     a, b = _chunk(0, 0, 5), _chunk(1, 0, 3, pages=(3,))
     for name, ex in _executors(model).items():
-        head = len(ex.segments) - 1
         ex.execute(Plan(0, 0, 2, (a, b), new=True))
         ex.execute(Plan(None, finished_seq_ids=(1,)))  # b aborted while parked
         assert [c.seq_id for c in ex.ledger.carries[0].chunks] == [0], name
@@ -193,7 +192,6 @@ def test_finished_sequences_leave_parked_carries_in_both_executors(model):
         assert not len(ex.ledger), name
         if name == "real":
             assert ex.num_carries == 0
-        del head
 
 
 # -- no device reads, no compilation -------------------------------------------------------------
