@@ -11,8 +11,10 @@ that this file never imports jax and runs in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import pickle
 from collections import Counter
 
 import pytest
@@ -530,3 +532,40 @@ def test_parked_pass_resumes_when_a_new_pass_has_no_room_for_it():
     records, stats, _ = simulate(events, max_batch_size=1)
     assert stats.get("absorbed_passes", 0) == 0
     assert records["a"].finish == 34.0 and records["b"].finish == 51.0
+
+
+def _plain(x) -> bool:
+    """Whether ``x`` is made of plain values only: what a plan may hold."""
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return True
+    if isinstance(x, tuple):
+        return all(_plain(v) for v in x)
+    if dataclasses.is_dataclass(x):
+        return all(_plain(getattr(x, f.name)) for f in dataclasses.fields(x))
+    return False
+
+
+def test_plans_are_plain_snapshots():
+    """Every plan of a preemptive run (splits, absorbs, aborts) is made of plain values, pickles,
+    and does not change after it is issued."""
+    clock = VirtualClock()
+    sched = Scheduler(
+        SchedulerConfig(page_size=4, num_pages=64, max_model_len=64, max_batch_size=4,
+                        max_num_batched_tokens=16, aging_s=None, max_park_s=None, absorb_be=True),
+        segment_layout(2, 4, 1, shared_expert=False),
+        clock=clock,
+    )  # fmt: skip
+    sim = Simulator(sched, unit_cost(1), clock)
+    plans = []
+    step = sim.step
+
+    def record(plan):
+        plans.append((plan, pickle.dumps(plan)))
+        step(plan)
+
+    sim.step = record
+    events = [*be_then_ls(be_tokens=2), req("ls2", 2, 4, 1, LS, at=10.0), (12.0, "abort", "be")]
+    sim.run(events)
+    assert any(p.split_seq_ids for p, _ in plans) and any(p.finished_seq_ids for p, _ in plans)
+    for plan, pickled in plans:
+        assert _plain(plan) and pickle.loads(pickled) == plan
