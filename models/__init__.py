@@ -13,7 +13,7 @@ from .config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config
 from .errors import CheckpointError, UnsupportedModelError
 from .loader import load_params, resolve_dtype
 from .model import reference_forward
-from .params import Params
+from .params import Params, default_expert_layout
 from .random_init import MODEL_PRESETS, random_model
 
 __all__ = [
@@ -53,17 +53,21 @@ def load_tokenizer(model_dir: Path) -> Any | None:
         raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {e}") from e
 
 
-def load(model_dir: str | Path, dtype: str | Any = "auto") -> Model:
+def load(model_dir: str | Path, dtype: str | Any = "auto", expert_layout: str = "auto") -> Model:
     """Load a Hugging Face MoE checkpoint directory.
 
     ``dtype``: "auto" (the checkpoint's own float32/bfloat16; float16 computes in float32),
-    "float32" or "bfloat16". Raises ``CheckpointError`` for malformed checkpoints and
-    ``UnsupportedModelError`` for model types or features this engine does not implement.
+    "float32" or "bfloat16". ``expert_layout``: how routed experts are held (``ExpertParams``):
+    "stacked", "split", or "auto" (split on a CPU, stacked on accelerators). Raises
+    ``CheckpointError`` for malformed checkpoints and ``UnsupportedModelError`` for model types
+    or features this engine does not implement.
     """
     path = Path(model_dir)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
     config = read_config(path)
     np_dtype = resolve_dtype(dtype, config)
-    params = load_params(path, config, np_dtype)
+    if expert_layout == "auto":
+        expert_layout = default_expert_layout()
+    params = load_params(path, config, np_dtype, expert_layout)
     return Model(config, params, load_tokenizer(path), path, np_dtype.name)

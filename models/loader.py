@@ -31,6 +31,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError
 from .params import (
+    EXPERT_LAYOUTS,
     AttentionParams,
     ExpertParams,
     LayerParams,
@@ -359,8 +360,13 @@ def resolve_dtype(dtype: str | Any, cfg: ModelConfig) -> np.dtype:
     return resolved
 
 
-def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: np.dtype) -> Params:
-    """Stream a checkpoint's tensors into a params pytree of ``dtype`` jax arrays."""
+def load_params(
+    model_dir: str | Path, cfg: ModelConfig, dtype: np.dtype, expert_layout: str = "stacked"
+) -> Params:
+    """Stream a checkpoint's tensors into a params pytree of ``dtype`` jax arrays, routed
+    experts in ``expert_layout`` (``"stacked"`` or ``"split"``, see ``ExpertParams``)."""
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
     tensors = checkpoint_files(Path(model_dir))
     shapes = target_shapes(cfg)
     writes = plan(tensors, cfg, shapes)
@@ -384,12 +390,26 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: np.dtype) -> Par
         del data
         remaining[w.path] -= 1
         if remaining[w.path] == 0:  # complete: hand it to JAX, drop the host buffer
-            flat[w.path] = jnp.asarray(np.ascontiguousarray(buf))
+            if expert_layout == "split" and w.path.endswith(_ROUTED):
+                flat[w.path] = tuple(jnp.asarray(np.ascontiguousarray(x)) for x in buf)
+            else:
+                flat[w.path] = jnp.asarray(np.ascontiguousarray(buf))
             buffers.pop(w.path, None)
             del buf
     if cfg.tie_word_embeddings:
         flat["lm_head"] = flat["embed"]
     return assemble(flat, cfg)
+
+
+_ROUTED = ("experts.w_gate_up", "experts.w_down")
+
+
+def split_routed(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with every stacked routed-expert array as a tuple of per-expert arrays."""
+    return {
+        k: tuple(v[e] for e in range(v.shape[0])) if k.endswith(_ROUTED) else v
+        for k, v in flat.items()
+    }
 
 
 def assemble(flat: dict[str, jax.Array], cfg: ModelConfig) -> Params:

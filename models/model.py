@@ -146,6 +146,77 @@ def attend(q: Array, k: Array, v: Array, mask: Array, cfg: ModelConfig) -> Array
     return out.reshape(n, cfg.q_size)
 
 
+KEY_BLOCK_ELEMENTS = 1 << 23  # gathered K elements per block of the paged attention (32 MB f32)
+
+
+def paged_attention(
+    q: Array,
+    k_cache: Array,
+    v_cache: Array,
+    pages: Array,
+    positions: Array,
+    valid: Array,
+    window: int | None,
+    cfg: ModelConfig,
+    page_size: int,
+) -> Array:
+    """Each row attends over its own sequence's keys only, read from a paged cache.
+
+    q [N, Hq, hd]; k_cache/v_cache [slots, Hkv, hd]; pages [N, P] int32: the KV pages of each
+    row's sequence, in order (page j holds positions j*ps .. (j+1)*ps); positions/valid [N].
+    → [N, Hq*hd]. Keys after a row's position (and outside its window) are masked, so padding
+    pages need not be real. Work and memory are rows x P*ps, never rows x all keys of the pass:
+    a decode step grows linearly in its batch. Long passes go through blocks of pages with an
+    online softmax, so the gathered keys stay under ``KEY_BLOCK_ELEMENTS``.
+    """
+    n, p = pages.shape
+    per_page = n * page_size * cfg.kv_size
+    block = max(1, min(p, KEY_BLOCK_ELEMENTS // max(per_page, 1)))
+    while p % block:
+        block -= 1  # P is a power of two in practice, so this ends on one
+    groups = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(n, cfg.num_kv_heads, groups, cfg.head_dim)  # [N, Hkv, G, hd]
+    scale = jnp.asarray(cfg.head_dim**-0.5, q.dtype)
+    offsets = jnp.arange(page_size, dtype=jnp.int32)
+
+    def scores_of(j: Array):
+        """Masked f32 scores [N, Hkv, G, M] and values [N, M, Hkv, hd] of page block j."""
+        blk = jax.lax.dynamic_slice_in_dim(pages, j * block, block, axis=1)  # [N, B]
+        slots = (blk[:, :, None] * page_size + offsets).reshape(n, -1)  # [N, M]
+        k_pos = j * block * page_size + jnp.arange(block * page_size, dtype=jnp.int32)  # [M]
+        mask = (k_pos[None, :] <= positions[:, None]) & valid[:, None]
+        if window is not None:
+            mask &= (positions[:, None] - k_pos[None, :]) < window
+        s = jnp.einsum("nhgd,nmhd->nhgm", qg, k_cache[slots]) * scale
+        s = jnp.where(mask[:, None, None, :], s.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        return s, v_cache[slots]
+
+    if block == p:  # one block: a plain softmax, as HF's eager attention computes it
+        s, v = scores_of(jnp.int32(0))
+        probs = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+        out = jnp.einsum("nhgm,nmhd->nhgd", probs, v)
+        return out.reshape(n, cfg.q_size)
+
+    def step(j, carry):
+        m, l, acc = carry  # running max, sum of exp, weighted values (f32)
+        s, v = scores_of(j)
+        m_new = jnp.maximum(m, s.max(-1))
+        r = jnp.exp(m - m_new)
+        e = jnp.exp(s - m_new[..., None])
+        acc = acc * r[..., None] + jnp.einsum("nhgm,nmhd->nhgd", e.astype(q.dtype), v)
+        return m_new, l * r + e.sum(-1), acc
+
+    shape = (n, cfg.num_kv_heads, groups)
+    init = (
+        jnp.full(shape, jnp.finfo(jnp.float32).min, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, cfg.head_dim), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, p // block, step, init)
+    out = (acc / l[..., None]).astype(q.dtype)
+    return out.reshape(n, cfg.q_size)
+
+
 def route(router: Array, cfg: ModelConfig, x: Array) -> tuple[Array, Array]:
     """Router top-k: x [N, D] → weights [N, k], expert ids [N, k] int32."""
     logits = x @ router  # [N, E]
@@ -245,18 +316,27 @@ def expert_group(
 ) -> Array:
     """Contribution of experts [group_start, group_start + group_size) to each row.
 
-    x [N, D] (normed MoE input), weights/ids [N, k] → [N, D]. ``group_start`` may be traced,
-    so one compiled function serves every group of every layer. ``impl``: "ragged" (sort rows by
-    expert, grouped matmuls: work ∝ N*k, the right choice on accelerators), "dense" (every
-    expert of the group on every row, unrouted rows weighted 0: XLA:CPU lowers ragged_dot
-    densely over N*k rows anyway, so N*G rows is less work there), or "auto" (by backend).
+    x [N, D] (normed MoE input), weights/ids [N, k] → [N, D]. ``ep`` holds every expert
+    (stacked layout: the group is sliced out at ``group_start``) or exactly the group's experts
+    (split layout: ``ep.group(start, size)``). ``group_start`` may be traced, so one compiled
+    function serves every group of every layer. ``impl``: "ragged" (sort rows by expert, grouped
+    matmuls: work ∝ N*k, the right choice on accelerators), "dense" (every expert of the group
+    on every row, unrouted rows weighted 0: XLA:CPU lowers ragged_dot densely over N*k rows
+    anyway, so N*G rows is less work there), or "auto" (by backend).
     """
-    w_gu = jax.lax.dynamic_slice_in_dim(ep.w_gate_up, group_start, group_size, axis=0)
-    w_d = jax.lax.dynamic_slice_in_dim(ep.w_down, group_start, group_size, axis=0)
     if impl == "auto":
         impl = "dense" if jax.default_backend() == "cpu" else "ragged"
+    if ep.layout == "split":
+        if len(ep.w_gate_up) != group_size:
+            raise ValueError(f"split experts: got {len(ep.w_gate_up)} for a group of {group_size}")
+        w_gu, w_d = ep.w_gate_up, ep.w_down
+    else:
+        w_gu = jax.lax.dynamic_slice_in_dim(ep.w_gate_up, group_start, group_size, axis=0)
+        w_d = jax.lax.dynamic_slice_in_dim(ep.w_down, group_start, group_size, axis=0)
     if impl == "dense":
         return _expert_group_dense(x, weights, ids, group_start, w_gu, w_d)
+    if ep.layout == "split":  # grouped matmuls want one [G, ...] array: a copy per call
+        w_gu, w_d = jnp.stack(w_gu), jnp.stack(w_d)
     n, k = ids.shape
     order, group_sizes, in_group = dispatch(ids, group_start, group_size)
     y = expert_ffn(x[order // k], w_gu, w_d, group_sizes)  # [N*k, D]
@@ -264,15 +344,18 @@ def expert_group(
 
 
 def _expert_group_dense(x, weights, ids, group_start, w_gate_up, w_down) -> Array:
-    """x [N, D], w_gate_up [G, D, 2F], w_down [G, F, D] → [N, D], experts added in id order."""
-    f = w_down.shape[1]
-    h = jnp.einsum("nd,gdf->gnf", x, w_gate_up)  # [G, N, 2F]
-    y = jnp.einsum("gnf,gfd->gnd", jax.nn.silu(h[..., :f]) * h[..., f:], w_down)  # [G, N, D]
+    """x [N, D], each expert's w_gate_up [D, 2F] and w_down [F, D] (G of them, stacked or a
+    tuple) → [N, D], experts added in id order as HF accumulates them. One 2-D matmul pair per
+    expert: XLA:CPU runs a single einsum over stacked experts with a transposing copy of the
+    weights, about 2x slower."""
     local = ids - group_start  # [N, k]
     out = jnp.zeros_like(x)
-    for g in range(w_down.shape[0]):  # static; in expert order, as HF accumulates
+    for g in range(len(w_down)):  # static
+        f = w_down[g].shape[0]
+        h = x @ w_gate_up[g]  # [N, 2F]
+        y = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down[g]  # [N, D]
         w = jnp.where(local == g, weights, 0).sum(-1)  # [N] routing weight of expert g
-        out = out + (y[g] * w[:, None]).astype(x.dtype)
+        out = out + (y * w[:, None]).astype(x.dtype)
     return out
 
 

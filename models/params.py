@@ -44,8 +44,36 @@ class AttentionParams:
 
 @pytree_dataclass
 class ExpertParams:
-    w_gate_up: Array  # [E, D, 2F]: gate in [..., :F], up in [..., F:]
-    w_down: Array  # [E, F, D]
+    """Routed experts in one of two layouts, the same numbers either way:
+
+    - ``"stacked"``: ``w_gate_up`` [E, D, 2F] (gate in ``[..., :F]``, up in ``[..., F:]``),
+      ``w_down`` [E, F, D]; what grouped (ragged) matmuls on accelerators want.
+    - ``"split"``: tuples of E arrays [D, 2F] and [F, D]; on a CPU, where experts run as dense
+      matmuls, this lets a segment take just its group's experts with no slicing copy, and a
+      layer's experts run about 2x faster than as one einsum over the stacked arrays.
+    """
+
+    w_gate_up: Array | tuple[Array, ...]
+    w_down: Array | tuple[Array, ...]
+
+    @property
+    def layout(self) -> str:
+        return "split" if isinstance(self.w_gate_up, tuple) else "stacked"
+
+    def group(self, start: int, size: int) -> ExpertParams:
+        """The experts a segment of experts ``[start, start + size)`` takes: the group itself
+        (split layout, no copy), or all of them, to be sliced inside the segment (stacked)."""
+        if self.layout == "stacked":
+            return self
+        return ExpertParams(self.w_gate_up[start : start + size], self.w_down[start : start + size])
+
+
+EXPERT_LAYOUTS = ("stacked", "split")
+
+
+def default_expert_layout() -> str:
+    """``"split"`` on a CPU, ``"stacked"`` on accelerators (see ``ExpertParams``)."""
+    return "split" if jax.default_backend() == "cpu" else "stacked"
 
 
 @pytree_dataclass

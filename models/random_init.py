@@ -17,7 +17,8 @@ import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig
-from .loader import assemble, target_shapes
+from .loader import assemble, split_routed, target_shapes
+from .params import default_expert_layout
 
 _MIXTRAL_8X7B = ModelConfig(
     model_type="mixtral",
@@ -55,8 +56,11 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def random_params(cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0):
-    """A params pytree of ``cfg``'s shapes, generated leaf by leaf on the default device."""
+def random_params(
+    cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0, expert_layout: str = "auto"
+):
+    """A params pytree of ``cfg``'s shapes, generated leaf by leaf on the default device
+    (the same numbers in either expert layout)."""
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     key = jax.random.key(seed)
     flat = {}
@@ -69,6 +73,8 @@ def random_params(cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0):
             flat[path] = _normal(jax.random.fold_in(key, i), shape, np_dtype)
     if cfg.tie_word_embeddings:
         flat["lm_head"] = flat["embed"]
+    if (default_expert_layout() if expert_layout == "auto" else expert_layout) == "split":
+        flat = split_routed(flat)
     return assemble(flat, cfg)
 
 
@@ -77,7 +83,12 @@ def _normal(key, shape, dtype):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def random_model(name_or_config: str | ModelConfig, dtype: str = "bfloat16", seed: int = 0):
+def random_model(
+    name_or_config: str | ModelConfig,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    expert_layout: str = "auto",
+):
     """A ``Model`` with random weights (no tokenizer) from a preset name or a ModelConfig."""
     from . import Model
 
@@ -88,5 +99,5 @@ def random_model(name_or_config: str | ModelConfig, dtype: str = "bfloat16", see
         name = name_or_config
     else:
         cfg, name = name_or_config, "custom"
-    params = random_params(cfg, dtype, seed)
+    params = random_params(cfg, dtype, seed, expert_layout)
     return Model(cfg, params, None, Path(f"random:{name}"), str(np.dtype(jnp.dtype(dtype))))

@@ -11,7 +11,7 @@ dropped, merged or split; the row state then moves with one jitted scatter per s
 (``scatter_rows``), over bucketed shapes.
 
 Shapes: N rows (a power-of-two bucket; rows past the real ones have ``valid = False``), D hidden,
-k experts per token, P key pages (a bucket; padding pages have ``key_seq = -1``).
+k experts per token, P pages per row (a bucket: the pages of the pass's longest sequence).
 """
 
 from __future__ import annotations
@@ -37,12 +37,9 @@ class Carry:
     acc: Array  # [N, D] MoE output accumulated over the expert groups run so far
     # pass metadata: built by the host from its record of the pass
     positions: Array  # [N] int32 position of each row in its sequence
-    seq: Array  # [N] int32 id of the sequence (request) each row belongs to, -1 for padding
     valid: Array  # [N] bool, False for padding rows
     write_slot: Array  # [N] int32 flat KV slot (page * page_size + offset) for the row's K/V
-    key_pages: Array  # [P] int32 KV pages the pass attends over (its sequences' pages)
-    key_seq: Array  # [P] int32 sequence id owning each key page, -1 for padding
-    key_base: Array  # [P] int32 position of each key page's first slot in its sequence
+    pages: Array  # [N, P] int32 KV pages of each row's sequence, in order (0: scratch padding)
 
     @property
     def num_rows(self) -> int:
@@ -54,10 +51,10 @@ class Carry:
 
 
 STATE_FIELDS = ("h", "moe_in", "weights", "ids", "acc")
-META_FIELDS = ("positions", "seq", "valid", "write_slot", "key_pages", "key_seq", "key_base")
+META_FIELDS = ("positions", "valid", "write_slot", "pages")
 
 ROW_BUCKET_MIN = 16  # rows of a pass
-PAGE_BUCKET_MIN = 16  # key pages of a pass
+PAGE_BUCKET_MIN = 4  # pages a row attends over
 SAMPLE_BUCKET_MIN = 8  # rows that sample a token
 
 
@@ -75,36 +72,30 @@ def buckets(largest: int, minimum: int) -> list[int]:
     return [*out, bucket(largest, minimum)]
 
 
-def key_pages_of(rec: CarryRecord, page_size: int) -> int:
-    """Key pages a pass attends over: each chunk's pages up to its last token."""
-    return sum(-(-c.end // page_size) for c in rec.chunks)
+def pages_per_row(rec: CarryRecord, page_size: int) -> int:
+    """Pages each row of a pass attends over: those of its longest sequence, bucketed."""
+    return bucket(max(-(-c.end // page_size) for c in rec.chunks), PAGE_BUCKET_MIN)
 
 
 def pass_meta(rec: CarryRecord, page_size: int) -> dict[str, np.ndarray]:
     """The metadata fields of a carry holding ``rec``'s chunks, in its row order (host arrays).
 
-    Each chunk's rows are consecutive, at positions ``start .. end``; the pass attends over the
-    pages of each of its sequences up to the chunk's last token.
+    Each chunk's rows are consecutive, at positions ``start .. end``; each row attends over its
+    own sequence's pages up to the chunk's last token.
     """
-    nb = bucket(rec.num_rows)
-    pb = bucket(key_pages_of(rec, page_size), PAGE_BUCKET_MIN)
-    pos, seq = np.zeros(nb, np.int32), np.full(nb, -1, np.int32)
-    valid, slot = np.zeros(nb, bool), np.zeros(nb, np.int32)
-    kp, kseq, kbase = np.zeros(pb, np.int32), np.full(pb, -1, np.int32), np.zeros(pb, np.int32)
-    r = k = 0
+    nb, pb = bucket(rec.num_rows), pages_per_row(rec, page_size)
+    pos, valid = np.zeros(nb, np.int32), np.zeros(nb, bool)
+    slot, pages = np.zeros(nb, np.int32), np.zeros((nb, pb), np.int32)
+    r = 0
     for c in rec.chunks:
         m, nk = c.num_tokens, -(-c.end // page_size)
         p = np.arange(c.start, c.end, dtype=np.int32)
-        pages = np.asarray(c.pages[:nk], np.int32)
-        pos[r : r + m], seq[r : r + m], valid[r : r + m] = p, c.seq_id, True
-        slot[r : r + m] = pages[p // page_size] * page_size + p % page_size
-        kp[k : k + nk], kseq[k : k + nk] = pages, c.seq_id
-        kbase[k : k + nk] = np.arange(nk, dtype=np.int32) * page_size
-        r, k = r + m, k + nk
-    return dict(
-        positions=pos, seq=seq, valid=valid, write_slot=slot, key_pages=kp, key_seq=kseq,
-        key_base=kbase,
-    )  # fmt: skip
+        own = np.asarray(c.pages[:nk], np.int32)
+        pos[r : r + m], valid[r : r + m] = p, True
+        slot[r : r + m] = own[p // page_size] * page_size + p % page_size
+        pages[r : r + m, :nk] = own
+        r += m
+    return dict(positions=pos, valid=valid, write_slot=slot, pages=pages)
 
 
 def token_ids(rec: CarryRecord) -> np.ndarray:

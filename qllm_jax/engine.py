@@ -140,6 +140,7 @@ class Engine:
             max_model_len=max_len,
             expert_group_size=expert_group_size,
             lookahead=lookahead,
+            mode=self.mode,
         )
         self.scheduler = Scheduler(config, self.executor.segments, clock=clock)
         self.clock = clock

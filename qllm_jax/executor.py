@@ -95,6 +95,8 @@ class Executor:
 
     ``max_batch_size``, ``max_num_batched_tokens`` and ``max_model_len`` bound the shapes a
     plan can produce (the scheduler enforces them); they only serve to enumerate executables.
+    ``mode``: a plan that runs a whole pass (``plan.fused``) runs as one jit (``"fused"``) or
+    segment by segment (``"segmented"``, what preemptive plans always do).
     """
 
     def __init__(
@@ -108,8 +110,11 @@ class Executor:
         max_model_len: int,
         expert_group_size: int | None = None,
         lookahead: int = 2,
+        mode: str = "fused",
     ) -> None:
         cfg = model.config
+        if mode not in ("fused", "segmented"):
+            raise ValueError(f"mode must be 'fused' or 'segmented', got {mode!r}")
         group = cfg.num_experts if expert_group_size is None else expert_group_size
         if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size!r}")
@@ -121,6 +126,7 @@ class Executor:
         self.num_pages = num_pages
         self.group_size = group
         self.lookahead = lookahead
+        self.mode = mode  # how a plan that runs a whole pass runs it: one jit, or segments
         self.max_batch_size = max_batch_size
         self.max_rows = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -159,7 +165,7 @@ class Executor:
             del self.carries[pid]
         if not plan.runs:
             return {}
-        if plan.fused:
+        if plan.fused and self.mode == "fused":
             return self._tokens(applied.finished, self._fused(applied.finished))
         if plan.new:
             carry = self.start(applied.record or applied.finished)
@@ -231,8 +237,9 @@ class Executor:
             acc = self._padding(c.num_rows)[4]  # zeros: the new layer's accumulator
             return c.replace(h=h, moe_in=moe_in, weights=weights, ids=ids, acc=acc)
         if seg.kind == "experts":
+            ep = lp.experts.group(seg.group_start, seg.group_size)  # no copy
             start = np.int32(seg.group_start)
-            acc = k.experts(lp.experts, c.moe_in, c.weights, c.ids, c.acc, start, seg.group_size)
+            acc = k.experts(ep, c.moe_in, c.weights, c.ids, c.acc, start, seg.group_size)
             return c.replace(acc=acc)
         if seg.kind == "shared":
             return c.replace(acc=k.shared(lp.shared, c.moe_in, c.acc))
@@ -390,8 +397,8 @@ class Executor:
         if sig.kernel == "embed":
             k.embed(self.model.params.embed, np.zeros(n, np.int32))
         elif sig.kernel == "experts":
-            lp = self.model.params.layers[0]
-            k.experts(lp.experts, *state[1:4], state[4], np.int32(0), self.group_size)
+            ep = self.model.params.layers[0].experts.group(0, self.group_size)
+            k.experts(ep, *state[1:4], state[4], np.int32(0), self.group_size)
         elif sig.kernel == "shared":
             k.shared(self.model.params.layers[0].shared, state[1], state[4])
         elif sig.kernel == "scatter":
@@ -442,15 +449,12 @@ def _healthy(x) -> bool:
 
 
 def _dummy_meta(rows: int, pages: int) -> dict[str, np.ndarray]:
-    """Metadata of a carry of padding rows over padding key pages."""
+    """Metadata of a carry of padding rows over padding pages."""
     return dict(
         positions=np.zeros(rows, np.int32),
-        seq=np.full(rows, -1, np.int32),
         valid=np.zeros(rows, bool),
         write_slot=np.zeros(rows, np.int32),
-        key_pages=np.zeros(pages, np.int32),
-        key_seq=np.full(pages, -1, np.int32),
-        key_base=np.zeros(pages, np.int32),
+        pages=np.zeros((rows, pages), np.int32),
     )
 
 

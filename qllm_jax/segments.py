@@ -21,12 +21,11 @@ import jax.numpy as jnp
 from qllm_jax.carry import STATE_FIELDS, Carry
 from qllm_jax.models import ModelConfig
 from qllm_jax.models.model import (
-    attend,
-    attention_mask,
     attention_output,
     embed,
     expert_group,
     logits,
+    paged_attention,
     qkv,
     shared_expert,
 )
@@ -98,13 +97,9 @@ def attention_fn(
     q, k, v = qkv(p, cfg, h, c.positions)
     k_cache = k_cache.at[c.write_slot].set(k.astype(k_cache.dtype))
     v_cache = v_cache.at[c.write_slot].set(v.astype(v_cache.dtype))
-    offsets = jnp.arange(page_size, dtype=jnp.int32)
-    slots = (c.key_pages[:, None] * page_size + offsets).reshape(-1)  # [P*ps]
-    k_pos = (c.key_base[:, None] + offsets).reshape(-1)
-    k_seq = jnp.repeat(c.key_seq, page_size)
-    mask = attention_mask(c.positions, c.seq, k_pos, k_seq, k_seq >= 0, window)
-    mask &= c.valid[:, None]
-    out = attend(q, k_cache[slots], v_cache[slots], mask, cfg)
+    out = paged_attention(
+        q, k_cache, v_cache, c.pages, c.positions, c.valid, window, cfg, page_size
+    )
     h, moe_in, weights, ids = attention_output(p, cfg, h, out)
     ids = jnp.where(c.valid[:, None], ids, cfg.num_experts)  # padding rows visit no expert
     return h, moe_in, weights, ids, k_cache, v_cache

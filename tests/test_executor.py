@@ -230,7 +230,7 @@ def test_signatures_cover_the_configured_bounds(model):
     sigs = ex.signatures()
     assert {s.rows for s in sigs} == {16, 32, 64}
     assert {s.samples for s in sigs if s.kernel == "head"} == {8}
-    assert {s.pages for s in sigs if s.kernel == "attention"} == {16}  # 13 pages at most
+    assert {s.pages for s in sigs if s.kernel == "attention"} == {4, 8, 16}  # 13 at most
     assert len(sigs) == len(set(sigs))
     tighter = ex.signatures(max_rows=16)
     assert {s.rows for s in tighter} == {16} and len(tighter) < len(sigs)

@@ -58,6 +58,7 @@ def test_generate_matches_hf(family_ckpt, mode, group):
     assert len({t for e in expected for t in e}) > 3, "degenerate reference: tokens do not vary"
     stats = llm.engine.stats()
     assert stats["kv_pages_used"] == 0 and stats["running"] == stats["waiting"] == 0
+    assert (stats["segments_run"] > 0) == (mode == "segmented")
 
 
 @pytest.fixture(scope="module")

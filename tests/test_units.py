@@ -9,7 +9,7 @@ import pytest
 
 from qllm_jax.models.model import expert_group
 from qllm_jax.models.params import ExpertParams
-from qllm_jax.sampling import sample, split_seeds
+from qllm_jax.sampling import sample, split_seeds, top_k_top_p_mask
 
 
 @pytest.mark.parametrize("group_size,start", [(8, 0), (2, 4), (1, 7)])
@@ -65,3 +65,105 @@ def test_sampler_is_a_function_of_seed_and_step():
     assert list(a[:3]) == list(a[3:])
     b = _sample(logits, seeds=[1, 1, 1, 1, 1, 1], steps=[0, 1, 2, 3, 4, 5])
     assert len(set(b)) > 1
+
+
+def _mask_oracle(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Sort-based top-k then top-p (ties at either cut kept), in float64."""
+    v = scaled.shape[-1]
+    out = np.zeros_like(scaled, bool)
+    for i, row in enumerate(scaled):
+        k = min(top_k, v) if top_k > 0 else v
+        kth = np.sort(row)[::-1][k - 1]
+        keep = row >= kth
+        p = np.where(keep, np.exp(row - row.max()), 0.0)
+        p /= p.sum()
+        if top_p < 1:
+            above = np.array([p[p > x].sum() for x in p])  # mass strictly above each token
+            keep &= above < top_p
+        out[i] = keep
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.5, 4.0])
+def test_top_k_top_p_mask_is_the_sort_based_one(scale):
+    """The bisection filters keep exactly what sorting and cutting keeps, ties included."""
+    rng = np.random.default_rng(1)
+    v = 300
+    x = (rng.normal(size=(6, v)) * scale).astype(np.float32)
+    x[0, :40] = x[0, 0]  # a tie that straddles the cuts
+    x[1, 5] = -np.inf
+    top_k = np.array([0, 7, 40, 1, v + 3, 20], np.int32)
+    top_p = np.array([0.9, 1.0, 0.5, 0.3, 0.97, 0.01], np.float32)
+    got = np.asarray(jax.jit(top_k_top_p_mask)(jnp.asarray(x), top_k, top_p))
+    want = np.stack([_mask_oracle(x[i : i + 1], top_k[i], top_p[i])[0] for i in range(6)])
+    np.testing.assert_array_equal(got, want)
+    assert got.sum(1).min() >= 1
+
+
+def test_top_k_top_p_mask_of_a_row_does_not_depend_on_the_batch():
+    """A row whose cut needs the bisection must not change the others' path, and vice versa."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(size=(1, 2000)) * 0.1, rng.normal(size=(1, 2000)) * 8])
+    x = x.astype(np.float32)
+    top_k, top_p = np.array([0, 100], np.int32), np.array([0.95, 0.9], np.float32)
+    mask = jax.jit(top_k_top_p_mask)
+    both = np.asarray(mask(jnp.asarray(x), top_k, top_p))
+    for i in range(2):
+        alone = np.asarray(mask(jnp.asarray(x[i : i + 1]), top_k[i : i + 1], top_p[i : i + 1]))
+        np.testing.assert_array_equal(alone[0], both[i])
+        np.testing.assert_array_equal(both[i], _mask_oracle(x[i : i + 1], top_k[i], top_p[i])[0])
+    assert both[0].sum() > 64 and both[1].sum() <= 64  # one row each way
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_paged_attention_blocked_and_whole_agree_with_dense(monkeypatch, window):
+    """Each row over its own pages (one block, or blocks with an online softmax) equals dense
+    attention over its sequence's keys."""
+    from qllm_jax.models import model as M
+
+    cfg = _tiny_attention_config()
+    rng = np.random.default_rng(3)
+    ps, num_pages = 4, 12
+    slots = num_pages * ps
+    k_cache = jnp.asarray(rng.normal(size=(slots, cfg.num_kv_heads, cfg.head_dim)), jnp.float32)
+    v_cache = jnp.asarray(rng.normal(size=(slots, cfg.num_kv_heads, cfg.head_dim)), jnp.float32)
+    # rows: a 3-row chunk of a sequence on pages (5, 2, 7), a decode row on (3, 9), padding
+    pages = np.array([[5, 2, 7, 0], [5, 2, 7, 0], [5, 2, 7, 0], [3, 9, 0, 0], [0, 0, 0, 0]])
+    positions = np.array([7, 8, 9, 6, 0], np.int32)
+    valid = np.array([1, 1, 1, 1, 0], bool)
+    q = jnp.asarray(rng.normal(size=(5, cfg.num_heads, cfg.head_dim)), jnp.float32)
+    args = (q, k_cache, v_cache, jnp.asarray(pages, jnp.int32), positions, valid, window, cfg, ps)
+    whole = np.asarray(M.paged_attention(*args))
+    monkeypatch.setattr(M, "KEY_BLOCK_ELEMENTS", 5 * ps * cfg.kv_size)  # one page per block
+    blocked = np.asarray(M.paged_attention(*args))
+    np.testing.assert_allclose(blocked[:4], whole[:4], rtol=1e-5, atol=1e-5)
+    for r in range(4):  # dense reference over the row's own keys
+        own = (pages[r][:, None] * ps + np.arange(ps)).reshape(-1)
+        k_pos = np.arange(len(own))
+        mask = k_pos <= positions[r]
+        if window is not None:
+            mask &= positions[r] - k_pos < window
+        ref = M.attend(q[r : r + 1], k_cache[own], v_cache[own], jnp.asarray(mask[None]), cfg)
+        np.testing.assert_allclose(whole[r], np.asarray(ref)[0], rtol=1e-5, atol=1e-5)
+
+
+def _tiny_attention_config():
+    from qllm_jax.models.config import ModelConfig
+
+    return ModelConfig(
+        model_type="mixtral",
+        vocab_size=32,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_experts=2,
+        top_k=1,
+        expert_intermediate_size=8,
+        norm_eps=1e-5,
+        rope_theta=1e4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    )
