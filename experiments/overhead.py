@@ -1,116 +1,396 @@
-"""Overhead of segmenting a forward pass, against the fused step and HF transformers.
+"""What segmenting a forward pass costs, against a fast fused step and HF transformers.
 
-Measures steady-state decode on one batch: tokens/s and step time for
-  (a) the fused step (one jit per pass),
-  (b) segmented per layer (one attention + one all-experts segment per layer),
-  (c) segmented per expert group (``--group-size``, default 1 expert per segment),
-  (d) HF transformers ``generate`` (PyTorch, greedy) on the same checkpoint,
-plus host time per segment. All arms run in one process, side by side, so compare ratios.
+All arms run in one process, interleaved round by round, each warmed (``Engine.warmup``) so
+that nothing compiles inside a measured window (the JSON records compilations per window and
+marks any with one invalid). Decode of one batch of ``--batch`` sequences:
 
-    python experiments/overhead.py                  # the built-in model, float32, CPU
-    python experiments/overhead.py --model DIR --dtype bfloat16 --no-hf
+- ``fused`` (one jit per pass), ``segmented_layer`` (attention + all experts per layer),
+  ``segmented_group<g>`` (``--group-size`` experts per segment), each under the iteration-level
+  ``priority`` policy, so this measures segmentation, not preemption;
+- the fused step with ``top_p=0.95`` and with ``top_k=50`` sampling against greedy;
+- HF transformers ``generate`` (PyTorch, greedy, same checkpoint and batch);
+- host time: ``host_dispatch_us_per_segment`` (the executor enqueuing segments, nothing
+  blocking) and ``host_us_per_segment_qllm`` (scheduler + executor per segment under the
+  preemptive policy, time waiting on the device excluded), with a breakdown;
+- the roofline: bytes a decode step must read over this machine's measured bandwidth;
+- ``--attention-sweep``: fused decode steps for B = 1..32 sequences of L tokens (default 512):
+  per-sequence cost, which should stay flat (each row reads only its own keys);
+- ``--trace``: a profiler trace of fused steps, time by XLA op;
+- preemption wait: LS arrivals while a ``--prefill-len``-token BE prompt prefills under
+  ``qllm``, expert granularity.
 
-Writes ``experiments/results/overhead-<device>.json``.
+    python experiments/overhead.py                       # built-in model, float32, CPU
+    python experiments/overhead.py --attention-sweep --trace --out experiments/results/x.json
+    python experiments/overhead.py --model random:mixtral-8x7b-16l --dtype bfloat16 --no-hf
+
+Writes ``experiments/results/overhead-<device>.json`` unless ``--out`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import qllm_jax
-from qllm_jax.scheduler import CarryRecord, Chunk
+from qllm_jax import compile_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GREEDY = dict(temperature=0.0)
+SAMPLERS = {"greedy": GREEDY, "top_p": dict(temperature=1.0, top_p=0.95, seed=1),
+            "top_k": dict(temperature=1.0, top_k=50, seed=1)}  # fmt: skip
 
 
-def decode_step_times(engine: qllm_jax.Engine, prompts, new_tokens: int) -> list[float]:
-    """Wall time of each pass after every request has finished its prefill."""
-    sp = qllm_jax.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    for p in prompts:
-        engine.add_request(p, sp)
-    times = []
-    while engine.has_unfinished():
-        prefill = any(r.in_prefill for r in engine.scheduler.admitted) or engine.scheduler.waiting
-        t0 = time.perf_counter()
-        engine.step()
-        if not prefill:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def run_arm(model, prompts, new_tokens: int, repeats: int, **kw) -> dict:
-    engine = qllm_jax.Engine(model, max_batch_size=len(prompts), **kw)
-    decode_step_times(engine, prompts, new_tokens)  # compile every bucket on the way
-    steps = []
-    segments_before = engine.executor.segments_run
-    passes_before = engine.num_steps
-    for _ in range(repeats):
-        steps += decode_step_times(engine, prompts, new_tokens)
-    passes = engine.num_steps - passes_before
-    per_pass = (engine.executor.segments_run - segments_before) / max(passes, 1)
-    step = statistics.median(steps)
+def stats(xs: list[float], scale: float = 1e3) -> dict:
+    xs = sorted(xs)
     return {
-        "step_ms_median": step * 1e3,
-        "step_ms_p90": float(np.percentile(steps, 90)) * 1e3,
-        "decode_tokens_per_s": len(prompts) / step,
-        "segments_per_pass": per_pass,
-        "num_steps_timed": len(steps),
+        "min": xs[0] * scale,
+        "median": statistics.median(xs) * scale,
+        "p90": xs[min(len(xs) - 1, int(0.9 * len(xs)))] * scale,
+        "max": xs[-1] * scale,
+        "n": len(xs),
     }
 
 
-def dispatch_us(model, prompts, **kw) -> float:
-    """Host time to enqueue one segment (nothing blocks: lookahead above the segment count)."""
-    engine = qllm_jax.Engine(
-        model, max_batch_size=len(prompts), lookahead=10_000, policy="priority", **kw
+class Arm:
+    """One engine decoding one batch again and again; ``round()`` times its decode steps."""
+
+    def __init__(
+        self, model, prompts, new_tokens: int, sampling: dict, min_context: int = 1, **engine_kw
+    ) -> None:
+        self.engine = qllm_jax.Engine(model, max_batch_size=len(prompts), **engine_kw)
+        self.prompts, self.new_tokens = prompts, new_tokens
+        self.sp = qllm_jax.SamplingParams(max_tokens=new_tokens, ignore_eos=True, **sampling)
+        ctx = max(len(p) for p in prompts) + new_tokens
+        self.engine.warmup(
+            max_rows=min(sum(len(p) for p in prompts), self.engine.config.max_num_batched_tokens),
+            max_context=ctx,
+            min_context=min_context,
+        )
+        self.steps: list[float] = []
+        self.compiles = 0
+        self.round()  # one untimed round: first-call effects
+        self.steps.clear()
+        self.compiles = 0
+
+    def round(self) -> None:
+        eng = self.engine
+        for p in self.prompts:
+            eng.add_request(p, self.sp)
+        with compile_log.Window() as w:
+            while eng.has_unfinished():
+                decoding = not eng.scheduler.waiting and not any(
+                    r.in_prefill for r in eng.scheduler.admitted
+                )
+                t0 = time.perf_counter()
+                eng.step()
+                if decoding:
+                    self.steps.append(time.perf_counter() - t0)
+        self.compiles += w.compiles
+
+
+def decode_arms(model, prompts, args) -> dict:
+    kw = dict(
+        policy="priority", page_size=16, max_num_batched_tokens=max(512, sum(map(len, prompts)))
     )
-    decode_step_times(engine, prompts, 4)
-    ex = engine.executor
-    rec = CarryRecord(
-        0,
-        tuple(Chunk(i, 3, (5,), tuple(range(1 + i * 2, 3 + i * 2))) for i in range(len(prompts))),
+    cfg = model.config
+    arms = {
+        "fused": Arm(model, prompts, args.new_tokens, GREEDY, mode="fused", **kw),
+        "segmented_layer": Arm(
+            model, prompts, args.new_tokens, GREEDY, mode="segmented",
+            expert_group_size=cfg.num_experts, **kw,
+        ),
+        f"segmented_group{args.group_size}": Arm(
+            model, prompts, args.new_tokens, GREEDY, mode="segmented",
+            expert_group_size=args.group_size, **kw,
+        ),
+        "fused_top_p": Arm(model, prompts, args.new_tokens, SAMPLERS["top_p"], mode="fused", **kw),
+        "fused_top_k": Arm(model, prompts, args.new_tokens, SAMPLERS["top_k"], mode="fused", **kw),
+    }  # fmt: skip
+    for r in range(args.repeats):  # interleaved: drift on a shared machine hits every arm alike
+        for arm in arms.values():
+            arm.round()
+        print(f"round {r + 1}/{args.repeats}", flush=True)
+    out = {}
+    for name, arm in arms.items():
+        st = stats(arm.steps)
+        out[name] = {
+            "step_ms": st,
+            "decode_tokens_per_s": len(prompts) / (st["median"] / 1e3),
+            "segments_per_pass": arm.engine.executor.segments_run / max(arm.engine.num_steps, 1),
+            "compiles_in_measured_windows": arm.compiles,
+            "valid": arm.compiles == 0,
+        }
+        print(f"[{name}] median {st['median']:.2f} ms (min {st['min']:.2f})", flush=True)
+    return out
+
+
+def host_dispatch_us(model, prompts, args) -> dict:
+    """Executor host time per segment, enqueuing only: the lookahead never blocks."""
+    eng = qllm_jax.Engine(
+        model, policy="priority", mode="segmented", lookahead=10**6,
+        expert_group_size=args.group_size, max_batch_size=len(prompts),
+    )  # fmt: skip
+    ex = eng.executor
+    chunks = tuple(
+        qllm_jax.scheduler.Chunk(i, args.prompt_len, (5,), tuple(range(1 + 4 * i, 5 + 4 * i)))
+        for i in range(len(prompts))
     )
+    rec = qllm_jax.scheduler.CarryRecord(0, chunks)
+    eng.warmup(max_rows=len(prompts), max_context=args.prompt_len + 1)
     samples = []
-    for _ in range(5):
-        carry = ex.start(rec)
-        jax.block_until_ready(carry)
-        n = ex.head
-        t0 = time.perf_counter()
-        carry = ex.advance(carry, 0, n)
-        samples.append((time.perf_counter() - t0) / n)
-        jax.block_until_ready(carry)
-    return statistics.median(samples) * 1e6
+    with compile_log.Window() as w:
+        for _ in range(max(5, args.repeats)):
+            carry = ex.start(rec)
+            jax.block_until_ready(carry)
+            t0 = time.perf_counter()
+            carry = ex.advance(carry, 0, ex.head)
+            samples.append((time.perf_counter() - t0) / ex.head)
+            jax.block_until_ready(carry)
+    return {"us_per_segment": stats(samples, 1e6), "compiles": w.compiles}
 
 
-def hf_decode(model_dir, prompts, new_tokens: int, dtype: str) -> dict:
+def host_qllm_us(model, prompts, args) -> dict:
+    """Scheduler + executor host time per segment under ``qllm`` (expert granularity), decode,
+    excluding time spent waiting on the device."""
+    eng = qllm_jax.Engine(
+        model, policy="qllm", granularity="expert", expert_group_size=args.group_size,
+        max_batch_size=len(prompts), aging_s=None, max_park_s=None,
+    )  # fmt: skip
+    sp = qllm_jax.SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    eng.warmup(max_rows=sum(map(len, prompts)), max_context=args.prompt_len + args.new_tokens)
+    sched_s = exec_s = 0.0
+    per_segment = []
+    with compile_log.Window() as w:
+        for _ in range(args.repeats):
+            for p in prompts:
+                eng.add_request(p, sp)
+            while eng.has_unfinished():
+                ex = eng.executor
+                decoding = not eng.scheduler.waiting and not any(
+                    r.in_prefill for r in eng.scheduler.admitted
+                )
+                seg0, wait0 = ex.segments_run, ex.wait_s
+                t0 = time.perf_counter()
+                plan = eng.scheduler.schedule()
+                t1 = time.perf_counter()
+                result = ex.execute(plan)
+                t2 = time.perf_counter()
+                eng.scheduler.update(plan, result)
+                t3 = time.perf_counter()
+                segs = ex.segments_run - seg0 + (1 if plan.finishes else 0)
+                if decoding and segs:
+                    host = (t3 - t0) - (ex.wait_s - wait0)
+                    per_segment.append(host / segs)
+                    sched_s += (t1 - t0) + (t3 - t2)
+                    exec_s += (t2 - t1) - (ex.wait_s - wait0)
+    n = len(per_segment)
+    return {
+        "us_per_segment": stats(per_segment, 1e6),
+        "scheduler_us_per_plan": sched_s / max(n, 1) * 1e6,
+        "executor_host_us_per_plan": exec_s / max(n, 1) * 1e6,
+        "plans_measured": n,
+        "compiles": w.compiles,
+    }
+
+
+def hf_decode(model_dir, prompts, new_tokens: int, dtype: str, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
 
     def gen(n):
         t0 = time.perf_counter()
         with torch.no_grad():
-            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            hf.generate(
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False
+            )
         return time.perf_counter() - t0
 
     gen(2)
-    prefill = statistics.median(gen(1) for _ in range(3))
-    total = statistics.median(gen(new_tokens) for _ in range(3))
-    step = (total - prefill) / (new_tokens - 1)
+    prefill = [gen(1) for _ in range(repeats)]
+    total = [gen(new_tokens) for _ in range(repeats)]
+    steps = [(t - statistics.median(prefill)) / (new_tokens - 1) for t in total]
+    st = stats(steps)
     return {
-        "step_ms_median": step * 1e3,
-        "decode_tokens_per_s": len(prompts) / step,
+        "step_ms": st,
+        "decode_tokens_per_s": len(prompts) / (st["median"] / 1e3),
         "threads": torch.get_num_threads(),
+    }
+
+
+def bandwidth_gb_s() -> float:
+    """This machine's streaming read bandwidth as XLA sees it: a sum over 512 MB, best of 5."""
+    x = jnp.ones((128 << 20,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(5))
+    return x.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_bytes(model, batch: int, ctx: int) -> dict:
+    """Bytes one decode step must read: every weight but the embedding table (a batch this size
+    touches nearly every expert: the expected fraction is counted), plus the KV of each row."""
+    cfg = model.config
+    itemsize = np.dtype(model.dtype).itemsize
+    leaves = jax.tree_util.tree_leaves(model.params)
+    total = sum(x.size for x in leaves) * itemsize
+    experts = (
+        sum(x.size for lp in model.params.layers for x in jax.tree_util.tree_leaves(lp.experts))
+        * itemsize
+    )
+    hit = 1 - (1 - cfg.top_k / cfg.num_experts) ** batch  # P(an expert gets a row)
+    embed = model.params.embed.size * itemsize if not cfg.tie_word_embeddings else 0
+    weights = total - embed - experts + experts * hit
+    kv = batch * ctx * 2 * cfg.num_layers * cfg.kv_size * itemsize
+    return {"weights": weights, "kv": kv, "total": weights + kv, "experts_touched": hit}
+
+
+def attention_sweep(model, args) -> dict:
+    """Fused decode step for B sequences of L tokens: per-sequence cost should not grow."""
+    out = {}
+    length = args.sweep_len
+    for b in (1, 2, 4, 8, 16, 32):
+        prompts = [[5] * length for _ in range(b)]
+        pages = b * (-(-(length + 8) // 16)) + 1  # what the batch needs, no more
+        arm = Arm(model, prompts, 4, GREEDY, min_context=length, policy="priority",
+                  mode="fused", kv_pages=pages, max_num_batched_tokens=512,
+                  prefill_chunk=512)  # fmt: skip
+        for _ in range(max(2, args.repeats // 2)):
+            arm.round()
+        st = stats(arm.steps)
+        out[b] = {"step_ms": st, "per_sequence_ms": st["median"] / b, "valid": arm.compiles == 0}
+        print(f"[attention sweep] B={b}: {st['median']:.2f} ms, {st['median'] / b:.3f} ms/seq")
+    return {"context": length, "points": out}
+
+
+def trace_account(model, prompts, args) -> dict:
+    """Where a fused decode step's time goes: the XLA ops of a profiler trace, each attributed
+    to the model function that emitted it (from the compiled program's stack frames)."""
+    arm = Arm(model, prompts, args.new_tokens, GREEDY, policy="priority", mode="fused")
+    owner = _op_owners(arm.engine.executor, len(prompts), args.prompt_len + args.new_tokens // 2)
+    d = tempfile.mkdtemp(prefix="qllm-trace-")
+    jax.profiler.start_trace(d)
+    arm.round()
+    jax.profiler.stop_trace()
+    n = max(len(arm.steps), 1)
+    path = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+    by_fn: collections.Counter[str] = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for ev in line.events:
+                if ev.name in owner:
+                    by_fn[owner[ev.name]] += ev.duration_ns
+    total = sum(by_fn.values())
+    return {
+        "ms_per_step_by_function": {k: v / 1e6 / n for k, v in by_fn.most_common()},
+        "share": {k: v / total for k, v in by_fn.most_common()} if total else {},
+        "steps": n,
+        "note": "op time on the XLA threads over all steps of a decode round (prefill passes "
+        "included, a few percent); ops of one step may overlap",
+    }
+
+
+_OWNERS = (  # innermost first: the first of these on an op's stack names it
+    "paged_attention", "rope", "route", "norm", "qkv", "attention_output", "_expert_group_dense",
+    "expert_group", "shared_expert", "top_k_top_p_mask", "_invert_cdf", "sample", "logits",
+    "embed", "empty_state", "attention_fn", "experts_fn", "head_fn", "fused_step",
+)  # fmt: skip
+
+
+def _op_owners(ex, batch: int, ctx: int) -> dict[str, str]:
+    """fusion/op name → model function, from the compiled fused decode step's HLO text."""
+    import re
+
+    from qllm_jax.carry import pass_meta, token_ids
+    from qllm_jax.scheduler import CarryRecord, Chunk, SampleSpec
+
+    pages = -(-ctx // ex.page_size)
+    spec = SampleSpec(0.0, 0, 1.0, 0, 0)
+    rec = CarryRecord(
+        0, tuple(Chunk(i, ctx - 1, (5,), tuple(range(1, 1 + pages)), spec) for i in range(batch))
+    )
+    text = ex.kernels.fused.lower(
+        ex.model.params, ex._head_params, tuple(ex.kv.k), tuple(ex.kv.v), token_ids(rec),
+        pass_meta(rec, ex.page_size), ex._sample_inputs(rec), cfg=ex.cfg,
+        page_size=ex.page_size, dtype=ex.dtype, want_logits=False,
+    ).compile().as_text()  # fmt: skip
+    section = lambda name: re.search(rf"\n{name}\n(.*?)\n\n", text, re.S)  # noqa: E731
+    fn_names = dict(re.findall(r'(\d+) "([^"]*)"', section("FunctionNames").group(1)))
+    locs = dict(re.findall(r"(\d+) \{file_name_id=\d+ function_name_id=(\d+)", text))
+    frame_re = r"(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)"
+    frames = {a: (b, c) for a, b, c in re.findall(frame_re, text)}
+
+    def owner(frame: str) -> str:
+        names, seen = [], set()
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            loc, parent = frames[frame]
+            names.append(fn_names.get(locs.get(loc, ""), ""))
+            frame = parent
+        return next((n for n in names if n in _OWNERS), "other")
+
+    out = {}
+    for name, frame in re.findall(r"%([\w.-]+) = [^\n]*?stack_frame_id=(\d+)", text):
+        out[name] = owner(frame)
+    return out
+
+
+def preemption_wait(model, args) -> dict:
+    """LS arrivals while a long BE prompt prefills in one pass (qllm, expert granularity):
+    arrival → the LS pass starts, against the time of one segment of that prefill."""
+    n = args.prefill_len
+    eng = qllm_jax.Engine(
+        model, policy="qllm", granularity="expert", expert_group_size=args.group_size,
+        max_num_batched_tokens=n, prefill_chunk=n, aging_s=None, max_park_s=None,
+    )  # fmt: skip
+    eng.warmup(max_rows=n, max_context=n + 4)
+    rng = np.random.default_rng(0)
+    be = qllm_jax.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    ls = qllm_jax.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    waits, seg_times = [], []
+    with compile_log.Window() as w:
+        for _ in range(args.preempt_samples):
+            eng.add_request([int(t) for t in rng.integers(3, 1000, n)], be, priority=1)
+            for _ in range(int(rng.integers(1, 6))):  # a few segments into the prefill
+                t0 = time.perf_counter()
+                eng.step()
+                seg_times.append(time.perf_counter() - t0)
+            arrival = eng.clock()
+            eng.add_request([5, 6, 7], ls, priority=0, arrival_time=arrival)
+            while eng.has_unfinished():
+                eng.step()
+            waits.append(eng.scheduler.preempt_waits[-1] if eng.scheduler.preempt_waits else 0)
+    return {
+        "prefill_tokens": n,
+        "wait_ms": stats(waits),
+        "segment_ms": stats(seg_times),
+        "lookahead": eng.executor.lookahead,
+        "compiles": w.compiles,
     }
 
 
@@ -123,9 +403,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--group-size", type=int, default=1, help="experts per segment for arm (c)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--group-size", type=int, default=1, help="experts per segment, group arm")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers arm")
+    ap.add_argument("--attention-sweep", action="store_true")
+    ap.add_argument("--sweep-len", type=int, default=512)
+    ap.add_argument("--trace", action="store_true", help="profile fused steps by XLA op")
+    ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--preempt-samples", type=int, default=0, help="0: skip the preemption wait")
     ap.add_argument("--out", help="JSON path (default experiments/results/overhead-<dev>.json)")
     args = ap.parse_args(argv)
 
@@ -141,62 +426,68 @@ def main(argv: list[str] | None = None) -> dict:
         [int(t) for t in rng.integers(3, cfg.vocab_size, args.prompt_len)]
         for _ in range(args.batch)
     ]
-    # iteration-level scheduling in every arm: this measures segmentation, not preemption
-    kw = dict(
-        policy="priority",
-        page_size=16,
-        max_num_batched_tokens=max(512, args.batch * args.prompt_len),
-    )
-    arms = {
-        "fused": dict(mode="fused"),
-        "segmented_layer": dict(mode="segmented", expert_group_size=cfg.num_experts),
-        f"segmented_group{args.group_size}": dict(
-            mode="segmented", expert_group_size=args.group_size
-        ),
-    }
-    results: dict = {}
-    for name, extra in arms.items():
-        print(f"[{name}] ...", flush=True)
-        results[name] = run_arm(model, prompts, args.new_tokens, args.repeats, **kw, **extra)
-        print(f"[{name}] {results[name]}", flush=True)
-    group_arm = f"segmented_group{args.group_size}"
-    dispatch = dispatch_us(model, prompts, mode="segmented", expert_group_size=args.group_size)
-    fused = results["fused"]["step_ms_median"]
+    arms = decode_arms(model, prompts, args)
+    fused = arms["fused"]["step_ms"]["median"]
+    group = f"segmented_group{args.group_size}"
     summary = {
-        "segmented_layer_over_fused": results["segmented_layer"]["step_ms_median"] / fused,
-        "segmented_group_over_fused": results[group_arm]["step_ms_median"] / fused,
-        "host_dispatch_us_per_segment": dispatch,
-        "overhead_us_per_segment_vs_fused": {
-            arm: (results[arm]["step_ms_median"] - fused) * 1e3 / results[arm]["segments_per_pass"]
-            for arm in ("segmented_layer", group_arm)
-        },
+        "segmented_layer_over_fused": arms["segmented_layer"]["step_ms"]["median"] / fused,
+        "segmented_group_over_fused": arms[group]["step_ms"]["median"] / fused,
+        "top_p_over_greedy": arms["fused_top_p"]["step_ms"]["median"] / fused,
+        "top_k_over_greedy": arms["fused_top_k"]["step_ms"]["median"] / fused,
+    }
+    dispatch = host_dispatch_us(model, prompts, args)
+    qllm_host = host_qllm_us(model, prompts, args)
+    summary["host_dispatch_us_per_segment"] = dispatch["us_per_segment"]["median"]
+    summary["host_us_per_segment_qllm"] = qllm_host["us_per_segment"]["median"]
+    bw = bandwidth_gb_s()
+    need = decode_bytes(model, args.batch, args.prompt_len + args.new_tokens // 2)
+    floor_ms = need["total"] / (bw * 1e9) * 1e3
+    summary["fused_roofline_fraction"] = floor_ms / fused
+    report: dict = {
+        "arms": arms,
+        "host_dispatch": dispatch,
+        "host_qllm": qllm_host,
+        "roofline": {"bandwidth_gb_s": bw, "bytes_per_step": need, "floor_ms": floor_ms},
     }
     if not args.no_hf:
         print("[hf_generate] ...", flush=True)
-        results["hf_generate"] = hf_decode(model_dir, prompts, args.new_tokens, args.dtype)
-        print(f"[hf_generate] {results['hf_generate']}", flush=True)
-        summary["fused_over_hf_tokens_per_s"] = (
-            results["fused"]["decode_tokens_per_s"] / results["hf_generate"]["decode_tokens_per_s"]
+        report["hf_generate"] = hf_decode(
+            model_dir, prompts, args.new_tokens, args.dtype, args.repeats
         )
+        summary["fused_over_hf_tokens_per_s"] = (
+            arms["fused"]["decode_tokens_per_s"] / report["hf_generate"]["decode_tokens_per_s"]
+        )
+    if args.attention_sweep:
+        report["attention_sweep"] = sweep = attention_sweep(model, args)
+        pts = sweep["points"]
+        summary["attention_per_seq_b32_over_b4"] = (
+            pts[32]["per_sequence_ms"] / pts[4]["per_sequence_ms"]
+        )
+    if args.trace:
+        report["trace"] = trace_account(model, prompts, args)
+    if args.preempt_samples:
+        report["preemption_wait"] = preemption_wait(model, args)
+        summary["preempt_wait_ms_p99"] = report["preemption_wait"]["wait_ms"]["p90"]
+    summary["valid"] = (
+        all(a["valid"] for a in arms.values())
+        and not dispatch["compiles"]
+        and not qllm_host["compiles"]
+    )
     device = jax.devices()[0]
     report = {
         "device": f"{device.platform}:{device.device_kind}",
         "host": platform.processor() or platform.machine(),
         "jax": jax.__version__,
+        "command": " ".join(["python experiments/overhead.py", *(argv or sys.argv[1:])]),
         "model": {
-            "dir": str(model_dir),
-            "model_type": cfg.model_type,
-            "layers": cfg.num_layers,
-            "experts": cfg.num_experts,
-            "hidden": cfg.hidden_size,
-            "dtype": args.dtype,
+            "dir": str(model_dir), "model_type": cfg.model_type, "layers": cfg.num_layers,
+            "experts": cfg.num_experts, "hidden": cfg.hidden_size, "dtype": args.dtype,
+            "expert_layout": model.params.layers[0].experts.layout,
         },
-        "batch": args.batch,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "arms": results,
+        "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "summary": summary,
-    }
+        **report,
+    }  # fmt: skip
     out = Path(args.out) if args.out else RESULTS / f"overhead-{device.platform}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

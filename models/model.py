@@ -368,10 +368,16 @@ def shared_expert(sp: SharedExpertParams, x: Array) -> Array:
 
 
 def logits(
-    final_norm: NormParams, lm_head: Array, lm_head_bias: Array | None, cfg: ModelConfig, h: Array
+    final_norm: NormParams,
+    lm_head: Array,
+    lm_head_bias: Array | None,
+    cfg: ModelConfig,
+    h: Array,
+    transposed: bool = False,
 ) -> Array:
-    """Final norm and LM head: h [N, D], lm_head [V, D] → logits [N, V] float32."""
-    out = norm(h, final_norm, cfg) @ lm_head.T
+    """Final norm and LM head: h [N, D], lm_head [V, D] (HF layout; [D, V] if ``transposed``,
+    which XLA:CPU multiplies about 1.5x faster) → logits [N, V] float32."""
+    out = norm(h, final_norm, cfg) @ (lm_head if transposed else lm_head.T)
     if lm_head_bias is not None:
         out = out + lm_head_bias
     return out.astype(jnp.float32)

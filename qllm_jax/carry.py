@@ -35,7 +35,8 @@ class Carry:
     weights: Array  # [N, k] top-k routing weights of the current layer (f32 or param dtype)
     ids: Array  # [N, k] int32 top-k expert ids of the current layer
     acc: Array  # [N, D] MoE output accumulated over the expert groups run so far
-    # pass metadata: built by the host from its record of the pass
+    # pass metadata: built by the host from its record of the pass (numpy arrays, passed to
+    # each segment that reads them)
     positions: Array  # [N] int32 position of each row in its sequence
     valid: Array  # [N] bool, False for padding rows
     write_slot: Array  # [N] int32 flat KV slot (page * page_size + offset) for the row's K/V

@@ -267,13 +267,16 @@ class Engine:
         self.num_steps += plan.runs
         return outs + [self.output(r) for r in self.scheduler.update(plan, result)]
 
-    def warmup(self, max_rows: int | None = None, max_context: int | None = None) -> int:
+    def warmup(
+        self, max_rows: int | None = None, max_context: int | None = None, min_context: int = 1
+    ) -> int:
         """Compile every executable this engine can use (``Executor.signatures``; tighter with
-        a workload's ``max_rows`` per pass and ``max_context`` tokens per request), so that
+        a workload's ``max_rows`` per pass and ``max_context`` tokens per request, and
+        ``min_context``, the fewest tokens the longest request of any pass holds), so that
         serving compiles nothing; ``stats()["compiles_since_warmup"]`` counts any that still
         happen. Returns the number of executables run."""
         compile_log.count()  # start counting before the warm-up's own compilations
-        n = self.executor.warmup(max_rows, max_context, self._kernels())
+        n = self.executor.warmup(max_rows, max_context, self._kernels(), min_context)
         self._compiles_at_warmup = compile_log.count()
         return n
 

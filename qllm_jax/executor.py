@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import jax
@@ -141,7 +142,9 @@ class Executor:
         self.kernels = Kernels()
         self.segments_run = 0
         self.num_resets = 0
-        self._head_params = head_params(model.params)
+        self.wait_s = 0.0  # host time spent waiting on the device (lookahead bound, tokens)
+        # on a CPU the LM head multiplies faster as [D, V]: one copy of it, made once
+        self._head_params = head_params(model.params, jax.default_backend() == "cpu")
         self._empty: dict[int, tuple[jax.Array, ...]] = {}  # padding row state per bucket
         self._inflight: collections.deque[jax.Array] = collections.deque()
 
@@ -193,10 +196,10 @@ class Executor:
         """Run segments ``start .. end`` (exclusive; the head is not one of them)."""
         if not 0 <= start <= end <= self.head:
             raise ValueError(f"cannot run segments {start}..{end}; the head is {self.head}")
-        for cursor in range(start, end):
-            carry = self._run(self.segments[cursor], carry)
-            self.segments_run += 1
+        for step in self._steps[start:end]:
+            carry = step(carry)
             self._bound_lookahead(carry.h)
+        self.segments_run += end - start
         return carry
 
     def forward(
@@ -220,29 +223,44 @@ class Executor:
         state = dict(zip(STATE_FIELDS, self._padding(bucket(rec.num_rows)), strict=True))
         return Carry(**(state | {"h": h}), **self._meta(rec))
 
-    def _run(self, seg: Segment, c: Carry) -> Carry:
-        k = self.kernels
-        lp = self.model.params.layers[seg.layer]
+    @property
+    def kernels(self) -> Kernels:
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, kernels: Kernels) -> None:
+        """Swap the kernel table (tests wrap one to inject a fault); rebinds every segment."""
+        self._kernels = kernels
+        self._steps = [self._bind(seg) for seg in self.segments[:-1]]
+
+    def _bind(self, seg: Segment) -> Callable[[Carry], Carry]:
+        """The host work of one segment, with everything but the carry looked up once."""
+        k, lp = self._kernels, self.model.params.layers[seg.layer]
         if seg.kind == "attention":
-            window = self.cfg.sliding_windows[seg.layer]
-            h, moe_in, weights, ids, self.kv.k[seg.layer], self.kv.v[seg.layer] = k.attention(
-                lp.attn,
-                self.kv.k[seg.layer],
-                self.kv.v[seg.layer],
-                c,
-                cfg=self.cfg,
-                window=window,
-                page_size=self.page_size,
+            layer = seg.layer
+            kw = dict(
+                cfg=self.cfg, window=self.cfg.sliding_windows[layer], page_size=self.page_size
             )
-            acc = self._padding(c.num_rows)[4]  # zeros: the new layer's accumulator
-            return c.replace(h=h, moe_in=moe_in, weights=weights, ids=ids, acc=acc)
+
+            def attention(c: Carry) -> Carry:
+                kv = self.kv  # not bound: a reset replaces the cache
+                h, moe_in, weights, ids, kv.k[layer], kv.v[layer] = k.attention(
+                    lp.attn, kv.k[layer], kv.v[layer], c, **kw
+                )
+                acc = self._padding(c.num_rows)[4]  # zeros: the new layer's accumulator
+                return c.replace(h=h, moe_in=moe_in, weights=weights, ids=ids, acc=acc)
+
+            return attention
         if seg.kind == "experts":
             ep = lp.experts.group(seg.group_start, seg.group_size)  # no copy
-            start = np.int32(seg.group_start)
-            acc = k.experts(ep, c.moe_in, c.weights, c.ids, c.acc, start, seg.group_size)
-            return c.replace(acc=acc)
+            start, size = np.int32(seg.group_start), seg.group_size
+
+            def experts(c: Carry) -> Carry:
+                return c.replace(acc=k.experts(ep, c.moe_in, c.weights, c.ids, c.acc, start, size))
+
+            return experts
         if seg.kind == "shared":
-            return c.replace(acc=k.shared(lp.shared, c.moe_in, c.acc))
+            return lambda c: c.replace(acc=k.shared(lp.shared, c.moe_in, c.acc))
         raise ValueError(f"cannot advance through a {seg.kind} segment")
 
     def head_tokens(self, carry: Carry, rec: CarryRecord, want_logits: bool = False) -> jax.Array:
@@ -257,6 +275,7 @@ class Executor:
         meta = pass_meta(rec, self.page_size)
         out, k, v = self.kernels.fused(
             self.model.params,
+            self._head_params,
             tuple(self.kv.k),
             tuple(self.kv.v),
             token_ids(rec),
@@ -272,13 +291,16 @@ class Executor:
 
     def _tokens(self, rec: CarryRecord, out: jax.Array) -> dict[int, int]:
         """The one device-to-host read of the step path: the sampled tokens, by sequence."""
+        t0 = time.perf_counter()
         host = jax.device_get(out)
+        self.wait_s += time.perf_counter() - t0
         return {c.seq_id: int(host[i]) for i, (_, c) in enumerate(rec.sample_rows())}
 
     # -- host-built inputs ------------------------------------------------------------------------
 
-    def _meta(self, rec: CarryRecord) -> dict[str, jax.Array]:
-        return {k: jax.device_put(v) for k, v in pass_meta(rec, self.page_size).items()}
+    def _meta(self, rec: CarryRecord) -> dict[str, np.ndarray]:
+        """Host arrays: handing numpy to a jitted call costs ~1 us a leaf, ``device_put`` ~20."""
+        return pass_meta(rec, self.page_size)
 
     def _padding(self, rows: int) -> tuple[jax.Array, ...]:
         """Row state of ``rows`` padding rows (cached per bucket, never modified)."""
@@ -315,8 +337,11 @@ class Executor:
         """JAX dispatch is asynchronous; never run more than ``lookahead`` segments ahead of
         the device, so a preemption decided now takes effect within that many segments."""
         self._inflight.append(marker)
-        while len(self._inflight) > self.lookahead:
-            self._inflight.popleft().block_until_ready()
+        if len(self._inflight) > self.lookahead:
+            t0 = time.perf_counter()
+            while len(self._inflight) > self.lookahead:
+                self._inflight.popleft().block_until_ready()
+            self.wait_s += time.perf_counter() - t0
 
     # -- faults -----------------------------------------------------------------------------------
 
@@ -353,14 +378,18 @@ class Executor:
         max_rows: int | None = None,
         max_context: int | None = None,
         kernels: Iterable[str] | None = None,
+        min_context: int = 1,
     ) -> list[Signature]:
         """Every executable a plan can need, given the configured bounds (or the tighter
-        ``max_rows`` per pass and ``max_context`` tokens per sequence of a known workload),
-        of every kernel or of the named ``kernels``."""
+        ``max_rows`` per pass and ``max_context`` tokens per sequence of a known workload, and
+        ``min_context``: the least a pass's longest sequence can hold), of every kernel or of
+        the named ``kernels``. Rows attend over their own sequence's pages, so the page bucket
+        depends on the longest sequence of a pass, not on how many it holds."""
         rows = buckets(min(max_rows or self.max_rows, self.max_rows), 16)
         ctx = min(max_context or self.max_model_len, self.max_model_len)
-        most_pages = min(self.num_pages - 1, self.max_batch_size * math.ceil(ctx / self.page_size))
-        pages = buckets(most_pages, PAGE_BUCKET_MIN)
+        most_pages = min(self.num_pages - 1, math.ceil(ctx / self.page_size))
+        least = bucket(math.ceil(min_context / self.page_size), PAGE_BUCKET_MIN)
+        pages = [p for p in buckets(most_pages, PAGE_BUCKET_MIN) if p >= least]
         samples = buckets(self.max_batch_size, SAMPLE_BUCKET_MIN)
         windows = sorted(set(self.cfg.sliding_windows), key=lambda w: (w is not None, w or 0))
         kinds = {s.kind for s in self.segments}
@@ -381,11 +410,12 @@ class Executor:
         max_rows: int | None = None,
         max_context: int | None = None,
         kernels: Iterable[str] | None = None,
+        min_context: int = 1,
     ) -> int:
         """Compile (by running once on padding rows) every executable of ``signatures``,
         or those of the named ``kernels``. Returns how many were run. Padding rows write only
         the scratch page, so no request's KV changes."""
-        sigs = self.signatures(max_rows, max_context, kernels)
+        sigs = self.signatures(max_rows, max_context, kernels, min_context)
         for sig in sigs:
             self._warm(sig)
         jax.block_until_ready((self.kv.k, self.kv.v))
@@ -422,6 +452,7 @@ class Executor:
         elif sig.kernel == "fused":
             out, kk, vv = k.fused(
                 self.model.params,
+                self._head_params,
                 tuple(self.kv.k),
                 tuple(self.kv.v),
                 np.zeros(n, np.int32),
@@ -430,6 +461,7 @@ class Executor:
                 cfg=cfg,
                 page_size=self.page_size,
                 dtype=self.dtype,
+                want_logits=False,  # as _fused passes it: jit keys on the keywords given
             )
             self.kv.k, self.kv.v = list(kk), list(vv)
 

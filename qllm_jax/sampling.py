@@ -115,6 +115,14 @@ def _kth_value(scaled: Array, k: Array) -> Array:
     return jnp.min(jnp.where(keys >= kth[:, None], scaled, jnp.inf), axis=-1)
 
 
+def argmax(x: Array) -> Array:
+    """The first index of each row's maximum, [S, V] → [S] int32: ``jnp.argmax``'s answer from
+    two plain reductions, which XLA:CPU runs about 3x faster than its variadic argmax."""
+    top = x.max(axis=-1, keepdims=True)
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def split_seeds(seeds) -> np.ndarray:
     """Host 64-bit seeds [S] → [S, 2] uint32 (low, high words), as ``sample`` takes them."""
     s = np.asarray(seeds, dtype=np.uint64)
@@ -166,7 +174,7 @@ def sample(
     need no sort (``top_k_top_p_mask``); each, and all sampling work, is skipped when no row
     asks for it.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
 
     def sampled() -> Array:
         t = jnp.where(temperature > 0, temperature, 1.0)

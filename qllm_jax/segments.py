@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from qllm_jax.carry import STATE_FIELDS, Carry
 from qllm_jax.models import ModelConfig
@@ -57,12 +58,19 @@ class SampleInputs:
 @pytree_dataclass
 class HeadParams:
     final_norm: NormParams
-    lm_head: Array  # [V, D]
+    lm_head: Array  # [V, D], or [D, V] when ``transposed``
     lm_head_bias: Array | None  # [V]
+    transposed: bool = struct.field(pytree_node=False, default=False)
 
 
-def head_params(params: Params) -> HeadParams:
-    return HeadParams(params.final_norm, params.lm_head, params.lm_head_bias)
+def head_params(params: Params, transposed: bool = False) -> HeadParams:
+    """The head's params; ``transposed`` keeps a [D, V] copy of the LM head (on a CPU the
+    matmul is faster that way; the executor makes the copy once)."""
+    lm_head = transpose_segment(params.lm_head) if transposed else params.lm_head
+    return HeadParams(params.final_norm, lm_head, params.lm_head_bias, transposed)
+
+
+transpose_segment = jax.jit(lambda w: w.T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,13 +132,13 @@ def shared_fn(sp: SharedExpertParams, moe_in: Array, acc: Array) -> Array:
 
 def head_fn(hp: HeadParams, h: Array, acc: Array, s: SampleInputs, cfg: ModelConfig) -> Array:
     """Sampled tokens [S] int32 for the rows ``s.rows``."""
-    lg = logits(hp.final_norm, hp.lm_head, hp.lm_head_bias, cfg, (h + acc)[s.rows])
+    lg = logits(hp.final_norm, hp.lm_head, hp.lm_head_bias, cfg, (h + acc)[s.rows], hp.transposed)
     return sample(lg, s.temperature, s.top_k, s.top_p, s.seeds, s.steps)
 
 
 def head_logits_fn(hp: HeadParams, h: Array, acc: Array, rows: Array, cfg: ModelConfig) -> Array:
     """Logits [S, V] of some rows (for tests and scoring)."""
-    return logits(hp.final_norm, hp.lm_head, hp.lm_head_bias, cfg, (h + acc)[rows])
+    return logits(hp.final_norm, hp.lm_head, hp.lm_head_bias, cfg, (h + acc)[rows], hp.transposed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,6 +165,7 @@ head_logits_segment = jax.jit(head_logits_fn, static_argnames=("cfg",))
 )
 def fused_step(
     params: Params,
+    head: HeadParams,
     k_caches: tuple[Array, ...],
     v_caches: tuple[Array, ...],
     tokens: Array,
@@ -169,7 +178,8 @@ def fused_step(
 ):
     """A whole forward pass in one jit: the same functions as the segments, chained.
 
-    tokens [N] int32, meta the carry's metadata fields. Returns (tokens [S] or logits [S, V],
+    head: the head's params (``head_params``); tokens [N] int32, meta the carry's metadata
+    fields. Returns (tokens [S] or logits [S, V],
     k_caches, v_caches).
     """
     state = dict(zip(STATE_FIELDS, empty_state(tokens.shape[0], cfg, dtype), strict=True))
@@ -184,9 +194,8 @@ def fused_step(
         if lp.shared is not None:
             acc = shared_fn(lp.shared, moe_in, acc)
         c = dataclasses.replace(c, h=h, moe_in=moe_in, weights=weights, ids=ids, acc=acc)
-    hp = head_params(params)
     if want_logits:
-        out = head_logits_fn(hp, c.h, c.acc, s.rows, cfg)
+        out = head_logits_fn(head, c.h, c.acc, s.rows, cfg)
     else:
-        out = head_fn(hp, c.h, c.acc, s, cfg)
+        out = head_fn(head, c.h, c.acc, s, cfg)
     return out, tuple(ks), tuple(vs)

@@ -243,16 +243,20 @@ class Injected(RuntimeError):
     pass
 
 
-def failing(kernel, on_call: int, consume_kv: bool = False):
+# where the donated KV caches sit among a kernel's positional arguments
+KV_ARGS = {"attention": slice(1, 3), "fused": slice(2, 4)}
+
+
+def failing(kernel, on_call: int, kv: slice | None = None):
     """``kernel``, but its ``on_call``-th call raises (after deleting the donated KV arrays it
-    was given, as a failed XLA call with donation does, when ``consume_kv``)."""
+    was given at ``kv``, as a failed XLA call with donation does)."""
     calls = [0]
 
     def wrapped(*args, **kwargs):
         calls[0] += 1
         if calls[0] == on_call:
-            if consume_kv:
-                for x in jax.tree_util.tree_leaves(args[1:3]):
+            if kv is not None:
+                for x in jax.tree_util.tree_leaves(args[kv]):
                     x.delete()
             raise Injected(f"injected fault in call {on_call}")
         return kernel(*args, **kwargs)
@@ -287,9 +291,10 @@ def test_a_fault_fails_only_the_requests_it_touched(model, policy, fault):
     eng = engine(model, **POLICIES[policy])
     k = eng.executor.kernels
     if fault == "fused":
-        eng.executor.kernels = dataclasses.replace(k, fused=failing(k.fused, 3, consume_kv=True))
+        kern = failing(k.fused, 3, KV_ARGS["fused"])
+        eng.executor.kernels = dataclasses.replace(k, fused=kern)
     elif fault == "attention":
-        kern = failing(k.attention, 9, consume_kv=True)
+        kern = failing(k.attention, 9, KV_ARGS["attention"])
         eng.executor.kernels = dataclasses.replace(k, attention=kern)
     elif fault == "experts":
         eng.executor.kernels = dataclasses.replace(k, experts=failing(k.experts, 12))
@@ -489,9 +494,8 @@ def injecting(kernels, fault_calls: set[int]):
         def wrapped(*args, **kwargs):
             calls[0] += 1
             if calls[0] in fault_calls:
-                if name in ("attention", "fused"):
-                    for x in jax.tree_util.tree_leaves(args[1:3]):
-                        x.delete()
+                for x in jax.tree_util.tree_leaves(args[KV_ARGS[name]] if name in KV_ARGS else ()):
+                    x.delete()
                 raise Injected(f"fault at kernel call {calls[0]} ({name})")
             return fn(*args, **kwargs)
 
