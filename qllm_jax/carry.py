@@ -54,7 +54,7 @@ class Carry:
 STATE_FIELDS = ("h", "moe_in", "weights", "ids", "acc")
 META_FIELDS = ("positions", "valid", "write_slot", "pages")
 
-ROW_BUCKET_MIN = 16  # rows of a pass
+ROW_BUCKET_MIN = 8  # rows of a pass
 PAGE_BUCKET_MIN = 4  # pages a row attends over
 SAMPLE_BUCKET_MIN = 8  # rows that sample a token
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from qllm_jax.carry import (
     PAGE_BUCKET_MIN,
+    ROW_BUCKET_MIN,
     SAMPLE_BUCKET_MIN,
     STATE_FIELDS,
     Carry,
@@ -385,7 +386,7 @@ class Executor:
         ``min_context``: the least a pass's longest sequence can hold), of every kernel or of
         the named ``kernels``. Rows attend over their own sequence's pages, so the page bucket
         depends on the longest sequence of a pass, not on how many it holds."""
-        rows = buckets(min(max_rows or self.max_rows, self.max_rows), 16)
+        rows = buckets(min(max_rows or self.max_rows, self.max_rows), ROW_BUCKET_MIN)
         ctx = min(max_context or self.max_model_len, self.max_model_len)
         most_pages = min(self.num_pages - 1, math.ceil(ctx / self.page_size))
         least = bucket(math.ceil(min_context / self.page_size), PAGE_BUCKET_MIN)
