@@ -1,22 +1,25 @@
 """Fit the simulator's cost model (``qllm_jax.scheduler.simulator.CostModel``) to the real executor.
 
-Times every segment kind of ``qllm_jax.executor.Executor`` on one model: ``embed``
-(``build_inputs`` + ``start``), ``attention``, ``experts`` (one group of 1 expert and one group
-of all experts), and ``head``, over decode-like passes (B sequences, one row each, C context
-tokens each) and prefill-like passes (one sequence, R rows from position 0). Each point is the
-fastest of ``--repeats`` calls after a warm-up call (compilation), blocking on each result.
-Then a least-squares fit per kind, of the relative error:
+Times every segment kind of ``qllm_jax.executor.Executor`` on one model: ``embed`` (``start``:
+host inputs and the embed segment), ``attention``, ``experts`` (one group of 1 expert and one
+group of all experts), and ``head``, over decode-like passes (B sequences, one row each, C
+context tokens each) and prefill-like passes (one sequence, R rows from position 0, or from a
+cached prefix). Each point is the fastest of ``--repeats`` calls after a warm-up call
+(compilation), blocking on each result. Then a least-squares fit per kind, of the relative
+error:
 
-    attention = attn_base + attn_per_row * rows + attn_per_ctx * ctx + attn_per_row_ctx * rows * ctx
+    attention = attn_base + attn_per_row * rows + attn_per_ctx * ctx
+                + attn_per_row_ctx * rows * span + attn_per_row_sq * rows**2
     experts   = segment_overhead + (expert_base + expert_per_row * rows) * group / num_experts
     head      = head_base + head_per_row * sampled_rows
 
+(ctx = the sum of chunk ends; span = the longest chunk start: each row reads its own
+sequence's cached prefix, padded to the pass's longest, and attends within its chunk.)
 ``segment_overhead`` (a jitted call's fixed cost, paid per segment) comes from the experts fit,
 where the group size separates it from the per-expert work, and is subtracted from the other
-intercepts. ``host_overhead`` is the scheduler's own time per plan (``schedule()`` + ``update()``),
-measured by running the simulator on this model's segment schedule (expert granularity).
-(ctx = the sum of chunk ends.) The attention is dense over the pass's key pages, hence the
-rows * ctx term. Coefficients are kept non-negative (a feature whose coefficient comes out
+intercepts. ``host_overhead`` is the scheduler's own time per plan (``schedule()`` +
+``update()``), measured by running the simulator on this model's segment layout (expert
+granularity). Coefficients are kept non-negative (a feature whose coefficient comes out
 negative is dropped and the rest refitted); the fit's largest relative error per kind is
 written next to them.
 
@@ -69,8 +72,9 @@ def passes(decode_batches, decode_ctx, prefill_rows, page_size):
                 ]
             )
     for r in prefill_rows:
-        pages = tuple(range(1, 1 + -(-r // page_size)))
-        out.append([Chunk(0, 0, (5,) * r, pages, GREEDY)])
+        for start in (0, r):  # a prompt's first chunk, and a chunk after r cached tokens
+            pages = tuple(range(1, 1 + -(-(start + r) // page_size)))
+            out.append([Chunk(0, start, (5,) * r, pages, GREEDY)])
     return out
 
 
@@ -105,6 +109,7 @@ def measure(model, chunk_sets, page_size: int, repeats: int) -> list[dict]:
         point = {
             "rows": rec.num_rows,
             "ctx": sum(c.end for c in chunks),
+            "span": max(c.start for c in chunks),
             "sampled": len(chunks),
         }
         carry = whole.start(rec)
@@ -142,7 +147,7 @@ def fit(points: list[dict], num_experts: int) -> tuple[dict, dict]:
             exp_y.append(p[f"experts_g{g}"])
     (seg, e_base, e_row), e_err = lstsq(exp_feats, exp_y)
     attn, a_err = lstsq(
-        [[1.0, p["rows"], p["ctx"], p["rows"] * p["ctx"]] for p in points],
+        [[1.0, p["rows"], p["ctx"], p["rows"] * p["span"], p["rows"] ** 2] for p in points],
         [p["attention"] for p in points],
     )
     head, h_err = lstsq([[1.0, p["sampled"]] for p in points], [p["head"] for p in points])
@@ -152,6 +157,7 @@ def fit(points: list[dict], num_experts: int) -> tuple[dict, dict]:
         attn_per_row=attn[1],
         attn_per_ctx=attn[2],
         attn_per_row_ctx=attn[3],
+        attn_per_row_sq=attn[4],
         expert_base=e_base,
         expert_per_row=e_row,
         head_base=max(0.0, head[0] - seg),
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--decode-batches", default="16,32,64", help="sequences of decode passes")
     ap.add_argument("--decode-ctx", default="16,128", help="context tokens per decode row")
-    ap.add_argument("--prefill-rows", default="64,256", help="rows of single-prompt passes")
+    ap.add_argument("--prefill-rows", default="64,256,512", help="rows of one-prompt passes")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--name", default="builtin-cpu", help="profile name stored in the JSON")
     ap.add_argument("--out", help="JSON path (default experiments/results/profile-<name>.json)")

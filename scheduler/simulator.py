@@ -39,12 +39,14 @@ FAKE_TOKEN = 3  # every sampled token; not an EOS id of any test config (ignore_
 class CostModel:
     """Seconds per segment, linear in the pass's size.
 
-    ``rows``: token rows of the pass; ``ctx``: context tokens it attends over (the sum of
-    ``chunk.end`` over its chunks); ``sampled``: rows that reach the LM head (our head projects
-    only the sampling rows). ``attn_per_row_ctx``: this engine's attention is dense over the
-    pass's key pages (every row scores every key, masked), so it also grows with rows * ctx;
-    paged-attention kernels do not. ``expert_*`` are for all experts of a layer; a group of ``g`` of
-    ``E`` experts pays ``g/E`` of it (weights read and routed rows both scale so). Every segment
+    ``rows``: token rows of the pass; ``ctx``: the KV tokens its sequences hold (the sum of
+    ``chunk.end`` over its chunks: what attention must read); ``sampled``: rows that reach the
+    LM head (our head projects only the sampling rows). ``attn_per_row_ctx``: each row of this
+    engine's attention reads its own sequence's cached prefix, padded to the longest prefix
+    (``chunk.start``) of the pass, so the work also grows with rows * that (``span``);
+    ``attn_per_row_sq``: and it attends within its own chunk over a rows x rows mask.
+    ``expert_*`` are for all experts of a layer; a group of ``g`` of ``E`` experts pays ``g/E``
+    of it (weights read and routed rows both scale so). Every segment
     also pays ``segment_overhead`` (one jitted call's fixed cost: what makes fine granularity
     dearer). A plan pays ``host_overhead`` once (scheduler work, added serially: an upper bound,
     the engine overlaps it with the device), and ``embed_base`` when it creates a pass.
@@ -55,6 +57,7 @@ class CostModel:
     attn_per_row: float = 0.0
     attn_per_ctx: float = 0.0
     attn_per_row_ctx: float = 0.0
+    attn_per_row_sq: float = 0.0
     expert_base: float = 0.0
     expert_per_row: float = 0.0
     shared_base: float = 0.0
@@ -65,11 +68,14 @@ class CostModel:
     embed_base: float = 0.0
     host_overhead: float = 0.0
 
-    def segment_time(self, seg: Segment, rows: int, ctx: int, num_experts: int) -> float:
-        """``rows``: the pass's rows, or its sampled rows for the head."""
+    def segment_time(
+        self, seg: Segment, rows: int, ctx: int, num_experts: int, span: int = 0
+    ) -> float:
+        """``rows``: the pass's rows, or its sampled rows for the head; ``span``: its longest
+        cached prefix."""
         if seg.kind == "attention":
             t = self.attn_base + self.attn_per_row * rows + self.attn_per_ctx * ctx
-            t += self.attn_per_row_ctx * rows * ctx
+            t += self.attn_per_row_ctx * rows * span + self.attn_per_row_sq * rows * rows
         elif seg.kind == "experts":
             t = (self.expert_base + self.expert_per_row * rows) * seg.group_size / num_experts
         elif seg.kind == "shared":
@@ -89,9 +95,10 @@ class CostModel:
         if num_experts is None:
             num_experts = count_experts(segments)
         rows, ctx = plan.num_rows, sum(c.end for c in plan.chunks)
+        span = max(c.start for c in plan.chunks)
         t = self.host_overhead + (self.embed_base if plan.new else 0.0)
         for seg in segments[plan.cursor : plan.cursor + plan.num_segments]:
-            t += self.segment_time(seg, rows, ctx, num_experts)
+            t += self.segment_time(seg, rows, ctx, num_experts, span)
         if plan.finishes:
             sampled = sum(c.samples for c in plan.chunks)
             t += self.segment_time(segments[-1], sampled, ctx, num_experts)
@@ -185,20 +192,22 @@ MIXTRAL_A100_EFFICIENT = CostModel(
 
 # Fitted on the built-in model (4 layers, 8 experts, hidden 256, float32) on a 2-core CPU by
 # experiments/profile_cost.py; a copy of experiments/results/profile-builtin-cpu.json, whose
-# "meta" holds the measured points and the fit's largest relative error per kind (25-45%). A
-# jitted segment costs ~0.8 ms however small, so expert granularity (8 expert segments a layer)
-# costs a layer ~6 ms more than layer granularity here; the attention is dense (rows * ctx).
+# "meta" holds the measured points and the fit's largest relative error per kind (46-51%). A
+# jitted segment costs ~50 us however small; attention reads each row's own cached prefix, so a
+# prefill chunk after a long prefix pays rows * prefix.
 BUILTIN_CPU = CostModel(
     name="builtin-cpu",
-    attn_per_row=1.045e-05,
-    attn_per_row_ctx=9.408e-08,
-    expert_base=0.005366,
-    expert_per_row=0.0001402,
-    head_base=0.008141,
-    head_per_row=0.000365,
-    segment_overhead=0.0008347,
-    embed_base=0.001087,
-    host_overhead=8.001e-05,
+    attn_base=7.089e-05,
+    attn_per_row=1.684e-06,
+    attn_per_row_ctx=5.968e-08,
+    attn_per_row_sq=1.91e-08,
+    expert_base=0.0002305,
+    expert_per_row=1.632e-05,
+    head_base=0.001091,
+    head_per_row=6.047e-05,
+    segment_overhead=4.622e-05,
+    embed_base=0.0001253,
+    host_overhead=2.657e-05,
 )
 
 PROFILES: dict[str, CostModel] = {

@@ -117,34 +117,46 @@ def test_top_k_top_p_mask_of_a_row_does_not_depend_on_the_batch():
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_paged_attention_blocked_and_whole_agree_with_dense(monkeypatch, window):
-    """Each row over its own pages (one block, or blocks with an online softmax) equals dense
-    attention over its sequence's keys."""
+    """Each row over its sequence's cached prefix and its own chunk (one softmax, or prefix
+    blocks with an online softmax) equals dense attention over that sequence's keys."""
     from qllm_jax.models import model as M
 
     cfg = _tiny_attention_config()
     rng = np.random.default_rng(3)
-    ps, num_pages = 4, 12
-    slots = num_pages * ps
-    k_cache = jnp.asarray(rng.normal(size=(slots, cfg.num_kv_heads, cfg.head_dim)), jnp.float32)
-    v_cache = jnp.asarray(rng.normal(size=(slots, cfg.num_kv_heads, cfg.head_dim)), jnp.float32)
-    # rows: a 3-row chunk of a sequence on pages (5, 2, 7), a decode row on (3, 9), padding
-    pages = np.array([[5, 2, 7, 0], [5, 2, 7, 0], [5, 2, 7, 0], [3, 9, 0, 0], [0, 0, 0, 0]])
+    ps, num_pages, hkv, hd = 4, 12, cfg.num_kv_heads, cfg.head_dim
+    k_cache = jnp.asarray(rng.normal(size=(num_pages * ps, hkv, hd)), jnp.float32)
+    v_cache = jnp.asarray(rng.normal(size=(num_pages * ps, hkv, hd)), jnp.float32)
+    # rows: a 3-row chunk at positions 7..9 of a sequence whose first 7 tokens sit on pages
+    # (5, 2); a decode row at position 6 of another on pages (3, 9); a padding row
+    pages = np.array([[5, 2, 0, 0]] * 3 + [[3, 9, 0, 0], [0, 0, 0, 0]], np.int32)
+    prefix = np.array([7, 7, 7, 6, 0], np.int32)
+    chunk = np.array([0, 0, 0, 1, -1], np.int32)
     positions = np.array([7, 8, 9, 6, 0], np.int32)
     valid = np.array([1, 1, 1, 1, 0], bool)
-    q = jnp.asarray(rng.normal(size=(5, cfg.num_heads, cfg.head_dim)), jnp.float32)
-    args = (q, k_cache, v_cache, jnp.asarray(pages, jnp.int32), positions, valid, window, cfg, ps)
-    whole = np.asarray(M.paged_attention(*args))
+    q = jnp.asarray(rng.normal(size=(5, cfg.num_heads, hd)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(5, hkv, hd)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(5, hkv, hd)), jnp.float32)
+    args = (q, k, v, k_cache, v_cache, jnp.asarray(pages), prefix, chunk, positions, valid)
+    whole = np.asarray(M.paged_attention(*args, window, cfg, ps))
     monkeypatch.setattr(M, "KEY_BLOCK_ELEMENTS", 5 * ps * cfg.kv_size)  # one page per block
-    blocked = np.asarray(M.paged_attention(*args))
+    blocked = np.asarray(M.paged_attention(*args, window, cfg, ps))
     np.testing.assert_allclose(blocked[:4], whole[:4], rtol=1e-5, atol=1e-5)
-    for r in range(4):  # dense reference over the row's own keys
-        own = (pages[r][:, None] * ps + np.arange(ps)).reshape(-1)
-        k_pos = np.arange(len(own))
-        mask = k_pos <= positions[r]
+    for r in range(4):  # dense reference: the cached prefix, then the chunk's rows up to r
+        slots = (pages[r][:, None] * ps + np.arange(ps)).reshape(-1)[: prefix[r]]
+        mine = [j for j in range(4) if chunk[j] == chunk[r] and positions[j] <= positions[r]]
+        keys = jnp.concatenate([k_cache[slots], k[np.array(mine)]])
+        vals = jnp.concatenate([v_cache[slots], v[np.array(mine)]])
+        k_pos = np.concatenate([np.arange(prefix[r]), positions[mine]])
+        mask = np.ones(len(k_pos), bool)
         if window is not None:
             mask &= positions[r] - k_pos < window
-        ref = M.attend(q[r : r + 1], k_cache[own], v_cache[own], jnp.asarray(mask[None]), cfg)
+        ref = M.attend(q[r : r + 1], keys, vals, jnp.asarray(mask[None]), cfg)
         np.testing.assert_allclose(whole[r], np.asarray(ref)[0], rtol=1e-5, atol=1e-5)
+    no_prefix = np.asarray(
+        M.paged_attention(q, k, v, k_cache, v_cache, jnp.zeros((5, 0), jnp.int32),
+                          prefix * 0, chunk, positions, valid, window, cfg, ps)
+    )  # fmt: skip
+    assert np.isfinite(no_prefix).all()
 
 
 def _tiny_attention_config():
