@@ -24,6 +24,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -420,6 +421,7 @@ class Executor:
         or those of the named ``kernels``. Returns how many were run. Padding rows write only
         the scratch page, so no request's KV changes."""
         sigs = self.signatures(max_rows, max_context, kernels, min_context)
+        _check_map_room(sum(s.kernel == "fused" for s in sigs))
         for sig in sigs:
             self._warm(sig)
         jax.block_until_ready((self.kv.k, self.kv.v))
@@ -468,6 +470,30 @@ class Executor:
                 want_logits=False,  # as _fused passes it: jit keys on the keywords given
             )
             self.kv.k, self.kv.v = list(kk), list(vv)
+
+
+# XLA:CPU maps each kernel of an executable into its own memory regions: a fused pass of a
+# small 4-layer model took ~400 (measured); Linux allows vm.max_map_count (65530) a process.
+_MAPS_PER_FUSED = 400
+
+
+def _check_map_room(fused: int) -> None:
+    """Refuse a warm-up whose fused executables would exhaust the process's memory maps (an
+    LLVM "Cannot allocate memory" and a crash), with what to do instead."""
+    if jax.default_backend() != "cpu" or not fused:
+        return
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        used = Path("/proc/self/maps").read_text().count("\n")
+    except OSError:  # not Linux
+        return
+    if used + fused * _MAPS_PER_FUSED > limit:
+        raise ValueError(
+            f"warming {fused} fused executables needs about {fused * _MAPS_PER_FUSED} memory "
+            f"maps; this process has {limit - used} left (vm.max_map_count={limit}). Narrow "
+            "the warm-up (max_rows=, max_context=), use mode='segmented', or raise "
+            "vm.max_map_count"
+        )
 
 
 def _healthy(x) -> bool:
