@@ -46,8 +46,9 @@ Granularity = Literal["layer", "expert"]
 POLICIES: tuple[str, ...] = ("fcfs", "priority", "qllm")
 
 PRESETS: dict[str, dict] = {
-    # The reference code's behaviour: no aging, no park timeout, parked rows ride along with any
-    # later pass, prefill never preempted, preemption between layers only.
+    # The reference code's behaviour: its pass order (prefill and decode never in one pass, LS
+    # batches topped up with BE rows), parked rows ride along with any later pass, prefill
+    # never preempted, preemption between layers only, no aging or park timeout.
     "paper": dict(
         policy="qllm",
         granularity="layer",
@@ -56,6 +57,10 @@ PRESETS: dict[str, dict] = {
         absorb_be=True,
         preempt_prefill=False,
         prefill_first=True,
+        paper_order=True,
+        mix_classes=True,
+        mix_prefill_decode=False,
+        be_share=None,
     ),
 }
 
@@ -70,8 +75,16 @@ class SchedulerConfig:
     max_batch_size: int = 32  # requests in one pass
     max_num_batched_tokens: int = 512  # rows in one pass
     prefill_chunk: int | None = None  # tokens of one prompt per pass (None: the row budget)
-    aging_s: float | None = 10.0  # a BE request gains one priority level per aging_s waited
-    max_park_s: float | None = 5.0  # parked longer than this: resumes first, runs to its end
+    # Anti-starvation that never puts BE above LS: once a BE request has made no progress for
+    # be_starve_s, BE work gets at least be_share of the engine's work (row-segments, over a
+    # window of ~1000 segments) until it is back above that share. None: off.
+    be_share: float | None = 0.1
+    be_starve_s: float = 5.0
+    # Class-inverting anti-starvation, off by default: a BE request gains one priority level per
+    # aging_s waited (under overload, waiting BE work then outranks new LS work), and a pass
+    # parked longer than max_park_s resumes first and runs to its end.
+    aging_s: float | None = None
+    max_park_s: float | None = None
     absorb_be: bool = False  # LS passes also absorb parked BE passes (the paper does)
     preempt_prefill: bool = True  # the paper never preempts a prefill pass
     # New passes top LS rows up with BE rows (split off again when another LS request waits);
@@ -84,6 +97,15 @@ class SchedulerConfig:
     split_mixed: bool = True
     # Within a priority class, prompts fill a pass before decodes (better TTFT, worse TPOT)
     prefill_first: bool = False
+    # A pass may hold prefill chunks and decode rows together (the reference code never mixes)
+    mix_prefill_decode: bool = True
+    # qllm: preempt inside passes (False: every pass runs whole; the ablation of in-pass
+    # preemption, all else equal)
+    preempt: bool = True
+    # qllm: the reference code's pass order: a full LS decode batch; else LS prompts topped up
+    # with BE prompts; else LS decodes topped up with BE decodes; else BE decodes; else BE
+    # prompts (with mix_prefill_decode=False and mix_classes=True, as its preset sets)
+    paper_order: bool = False
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -111,12 +133,16 @@ class SchedulerConfig:
             not is_int(self.prefill_chunk) or self.prefill_chunk < 1
         ):
             raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {self.prefill_chunk}")
-        for name in ("aging_s", "max_park_s"):
+        for name in ("aging_s", "max_park_s", "be_share"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be > 0 or None (off), got {value!r}")
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be finite or None (off), got {value!r}")
+        if self.be_share is not None and self.be_share >= 1:
+            raise ValueError(f"be_share must be below 1, got {self.be_share}")
+        if not (isinstance(self.be_starve_s, (int, float)) and self.be_starve_s >= 0):
+            raise ValueError(f"be_starve_s must be >= 0, got {self.be_starve_s!r}")
 
     @property
     def chunk_size(self) -> int:
@@ -141,7 +167,19 @@ class PassState:
     chunks: list[Chunk]
     cursor: int = 0  # next segment to run
     parked_since: float | None = None  # None while not parked
-    overdue: bool = False  # holds rows parked past max_park_s: runs to its end, never parked again
+    # runs to its end, never parked again: it holds rows parked past max_park_s, or it is a
+    # pass of BE work on its turn (be_share)
+    held: bool = False
+
+    _snapshot: tuple[Chunk, ...] = ()
+
+    def snapshot(self) -> tuple[Chunk, ...]:
+        """``chunks`` as a tuple, the same object while they do not change (cheap to compare)."""
+        if len(self._snapshot) != len(self.chunks) or any(
+            a is not b for a, b in zip(self._snapshot, self.chunks)
+        ):
+            self._snapshot = tuple(self.chunks)
+        return self._snapshot
 
     @property
     def seq_ids(self) -> list[int]:
@@ -178,6 +216,13 @@ class Scheduler:
         self.preempt_waits: collections.deque[float] = collections.deque(maxlen=10_000)
         self._ended: list[int] = []  # sequences ended since the last plan (go in the next one)
         self._next_pass = 0
+        # decayed row-segments of work done per class (0: LS, 1: BE), for be_share
+        self._work = [0.0, 0.0]
+        self._counted: tuple[tuple[Chunk, ...] | None, list[int]] = (None, [0, 0])
+        self.longest_be_stall = 0.0  # longest a BE request went without progress (s)
+        # the active pass, when its next plan needs no decision: nothing more urgent waits and
+        # nothing changed since (add, abort, a finished pass, a failure invalidate it)
+        self._quiet: int | None = None
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -205,6 +250,8 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.check(req)
         req.max_len = self._max_len(req)
+        req.last_progress = req.arrival_time
+        self._quiet = None
         self.requests[req.request_id] = req
         self.seqs[req.seq_id] = req
         self.waiting.append(req)
@@ -218,6 +265,7 @@ class Scheduler:
         req = self.requests.get(request_id)
         if req is None or req.status.done:
             return None
+        self._quiet = None
         self._leave_pass(req)
         self._finish(req, "abort", Status.ABORTED)
         self._forget(req)
@@ -247,11 +295,20 @@ class Scheduler:
     def schedule(self) -> Plan | None:
         """The next plan, or None when there is nothing to do (not even rows to drop)."""
         now = self.clock()
-        self._admit(now)
-        if self.config.policy == "qllm":
-            plan = self._schedule_preemptive(now)
+        quiet = self._quiet is not None and self._quiet == self.active and not self._ended
+        if quiet and self.config.aging_s is None:  # (aging changes priorities with time)
+            plan = self._advance(self.passes[self.active], now)  # nothing to decide
+            if plan.finishes or plan.absorb or plan.split_seq_ids:
+                self._quiet = None
         else:
-            plan = self._schedule_iteration(now)
+            self._quiet = None
+            self._admit(now)
+            if self.config.policy == "qllm":
+                plan = self._schedule_preemptive(now)
+            else:
+                plan = self._schedule_iteration(now)
+        if plan is not None:
+            self._count_work(plan)
         if plan is None and self._ended:
             plan = Plan(None)
         if plan is not None and self._ended:
@@ -265,16 +322,20 @@ class Scheduler:
         out = self._fail(result.failed)
         if result.reset:
             self._recompute_all()
+        if result.failed or result.reset or plan.finishes:
+            self._quiet = None
         if plan.finishes and plan.pass_id in self.passes:
             ps = self.passes.pop(plan.pass_id)
             if self.active == plan.pass_id:
                 self.active = None
             now = self.clock()
+            self._count_pass(ps)
             for chunk in ps.chunks:
                 req = self.seqs[chunk.seq_id]
                 del self.in_pass[chunk.seq_id]
                 req.num_computed = chunk.end
                 req.status = Status.RUNNING
+                self._progress(req, now)
                 if chunk.samples:
                     self._append(req, result.tokens[chunk.seq_id], now)
                 out.append(req)
@@ -307,12 +368,24 @@ class Scheduler:
                     "evictions",
                     "failed",
                     "resets",
+                    "passes_ls",
+                    "passes_be",
+                    "rows_ls",
+                    "rows_be",
+                    "be_turns",
                 )
             },
             "preempt_wait_s_p50": pct(0.5),
             "preempt_wait_s_p99": pct(0.99),
             "preempt_wait_s_max": waits[-1] if waits else None,
+            "be_work_share": self._work[1] / sum(self._work) if sum(self._work) else None,
+            "be_longest_wait_s": self.be_longest_wait(self.clock()),
         }
+
+    def be_longest_wait(self, now: float) -> float:
+        """The longest a BE request has gone without progress, so far or still waiting."""
+        live = (now - r.last_progress for r in (*self.waiting, *self.admitted) if r.priority > 0)
+        return max(self.longest_be_stall, max(live, default=0.0))
 
     # -- iteration-level policies ---------------------------------------------------------------
 
@@ -325,7 +398,10 @@ class Scheduler:
                 free = decoding
         else:
             free.sort(key=lambda r: self._row_order(r, now))
-        chunks = self._chunks(free)
+            if self._be_due(now):  # starving BE rows take their share of the seats first
+                free = self._starving_first(free, now)
+                self.counters["be_turns"] += 1
+        chunks = self._chunks(self._one_kind(free))
         if not chunks:
             return None
         ps = self._new_pass(chunks)
@@ -336,34 +412,49 @@ class Scheduler:
 
     def _schedule_preemptive(self, now: float) -> Plan | None:
         active = self.passes.get(self.active) if self.active is not None else None
-        urgent = self._most_urgent_free(now)
-        if active is not None and urgent is not None and not active.overdue:
-            best = self.key(urgent, now)[0]
-            if best < self._pass_priority(active, now) and self._may_park(active):
-                self._park(active, now)
-                self.preempt_waits.append(now - urgent.arrival_time)
-                active = None
-            elif (
-                self.config.split_mixed
-                and best <= self._pass_priority(active, now)
-                and self._is_mixed(active, now)
-            ):
-                return self._split(active, now)
+        quiet = active is not None  # nothing could park or split it later, absent news
+        if active is not None and not active.held:
+            urgent = self._most_urgent_free(now)
+            if urgent is not None:
+                best, mine = self.key(urgent, now)[0], self._pass_priority(active, now)
+                splits = self.config.split_mixed and self.config.preempt
+                splits = splits and best <= mine and self._is_mixed(active, now)
+                quiet = best >= mine and not splits
+                if best < mine and self._may_park(active):
+                    self._park(active, now)
+                    self.preempt_waits.append(now - urgent.arrival_time)
+                    active = None
+                elif splits:
+                    return self._split(active, now)
         if active is None:
-            active = self._pick_pass(now)
+            active, quiet = self._pick_pass(now), False
             if active is None:
                 return None
-        return self._advance(active, now)
+        plan = self._advance(active, now)
+        if quiet and not (plan.finishes or plan.absorb or plan.split_seq_ids):
+            self._quiet = active.pass_id
+        return plan
 
     def _pick_pass(self, now: float) -> PassState | None:
         """The next pass to run: a parked one, or a new one from free requests, by urgency."""
         parked = [p for p in self.passes.values() if p.parked_since is not None]
-        best_parked = min(parked, key=lambda p: self._parked_key(p, now), default=None)
         free = sorted(self._free(), key=lambda r: self._row_order(r, now))
+        turn = False
+        if self._be_due(now):  # BE's turn: one whole pass of its parked or free work
+            be_parked = [p for p in parked if self._pass_priority(p, now) > 0]
+            be_free = [r for r in free if self.effective_priority(r, now) > 0]
+            if be_parked or be_free:
+                parked, free = be_parked, self._starving_first(be_free, now)
+                self.counters["be_turns"] += 1
+                turn = True
+        best_parked = min(parked, key=lambda p: self._parked_key(p, now), default=None)
         top = self.effective_priority(free[0], now) if free else 0
-        if free and not self.config.mix_classes:
+        if self.config.paper_order:
+            free = self._paper_order(free, now)
+        elif free and not self.config.mix_classes:
             # one priority class per new pass: BE rows never slow down an LS pass
             free = [r for r in free if self.effective_priority(r, now) == top]
+        free = self._one_kind(free)
         # parked rows this pass will absorb on its way keep their seats ahead of younger rows
         on_the_way = [p for p in parked if free and self._welcome(top, top, p, now)]
         chunks = self._chunks(free, now, on_the_way)
@@ -373,13 +464,14 @@ class Scheduler:
         if resume and chunks and self._rejoin(best_parked, free[0], chunks, now):
             resume = False  # a new pass of its class will absorb it at its cursor
         if resume:
-            best_parked.overdue = self._expired(best_parked, now)
+            best_parked.held = turn or self._expired(best_parked, now)
             self._unpark(best_parked, now)
             self.active = best_parked.pass_id
             return best_parked
         if not chunks:
             return None
         ps = self._new_pass(chunks)
+        ps.held = turn
         self.active = ps.pass_id
         return ps
 
@@ -409,7 +501,7 @@ class Scheduler:
         and splits the carries)."""
         new = ps.cursor == 0
         absorb, left = self._absorbable(ps, now, partial) if ps.cursor > 0 else ([], [])
-        ps.overdue |= any(self._expired(other, now) for other in absorb)
+        ps.held |= any(self._expired(other, now) for other in absorb)
         rest = self._leave_parked(absorb, left) if left else None
         for other in absorb:
             self._unpark(other, now)
@@ -432,7 +524,7 @@ class Scheduler:
             ps.pass_id,
             start,
             ps.cursor - start,
-            tuple(ps.chunks),
+            ps.snapshot(),
             new=new,
             absorb=tuple(o.pass_id for o in absorb),
             finishes=ps.cursor == self.head,
@@ -468,6 +560,80 @@ class Scheduler:
             plan, split_seq_ids=tuple(c.seq_id for c in moved), split_pass_id=parked.pass_id
         )
 
+    # -- anti-starvation and pass composition ----------------------------------------------------
+
+    def _be_due(self, now: float) -> bool:
+        """Whether BE work is owed its share: a BE request has made no progress for
+        ``be_starve_s`` and BE's share of recent work is below ``be_share``."""
+        share = self.config.be_share
+        total = sum(self._work)
+        if share is None or (total and self._work[1] / total >= share):
+            return False
+        limit = now - self.config.be_starve_s
+        return any(r.priority > 0 and r.last_progress <= limit for r in self._live())
+
+    def _starving_first(self, ordered: list[Request], now: float) -> list[Request]:
+        """``ordered`` with the starving BE requests, longest waiting first, moved ahead (up to
+        the share of a pass's seats)."""
+        limit = now - self.config.be_starve_s
+        starving = [r for r in ordered if r.priority > 0 and r.last_progress <= limit]
+        starving.sort(key=lambda r: (r.last_progress, r.seq_id))
+        quota = max(1, math.ceil((self.config.be_share or 0) * self.config.max_batch_size))
+        first = {id(r) for r in starving[:quota]}
+        return starving[:quota] + [r for r in ordered if id(r) not in first]
+
+    def _one_kind(self, ordered: list[Request]) -> list[Request]:
+        """Without ``mix_prefill_decode``, only the requests of the first one's kind."""
+        if self.config.mix_prefill_decode or not ordered:
+            return ordered
+        kind = ordered[0].in_prefill
+        return [r for r in ordered if r.in_prefill == kind]
+
+    def _paper_order(self, free: list[Request], now: float) -> list[Request]:
+        """The reference code's next batch, in order (see ``SchedulerConfig.paper_order``)."""
+        urgent = lambda r: self.effective_priority(r, now) <= 0  # noqa: E731
+        ls_dec = [r for r in free if urgent(r) and not r.in_prefill]
+        ls_pre = [r for r in free if urgent(r) and r.in_prefill]
+        be_dec = [r for r in free if not urgent(r) and not r.in_prefill]
+        be_pre = [r for r in free if not urgent(r) and r.in_prefill]
+        if len(ls_dec) >= self.config.max_batch_size:
+            return ls_dec
+        if ls_pre:
+            return ls_pre + be_pre
+        return ls_dec + be_dec if ls_dec else be_dec or be_pre
+
+    def _count_work(self, plan: Plan) -> None:
+        """Decayed row-segments of work per class (a window of ~1000 segments)."""
+        if not plan.runs:
+            return
+        if plan.chunks is not self._counted[0]:  # a pass's plans share their chunks
+            rows = [0, 0]
+            for c in plan.chunks:
+                req = self.seqs.get(c.seq_id)
+                if req is not None:
+                    rows[req.priority > 0] += c.num_tokens
+            self._counted = (plan.chunks, rows)
+        k = max(plan.num_segments, 1)
+        decay = 0.999**k
+        ls, be = self._counted[1]
+        self._work = [self._work[0] * decay + ls * k, self._work[1] * decay + be * k]
+
+    def _count_pass(self, ps: PassState) -> None:
+        """Attribution: passes by their most urgent class, rows by class."""
+        classes = [self.seqs[c.seq_id].priority > 0 for c in ps.chunks]
+        self.counters["passes_be" if all(classes) else "passes_ls"] += 1
+        for c, be in zip(ps.chunks, classes, strict=True):
+            self.counters["rows_be" if be else "rows_ls"] += c.num_tokens
+
+    def _progress(self, req: Request, now: float) -> None:
+        if req.priority > 0:
+            self.longest_be_stall = max(self.longest_be_stall, now - req.last_progress)
+        req.last_progress = now
+
+    def _live(self):
+        yield from self.waiting
+        yield from self.admitted
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _free(self) -> list[Request]:
@@ -484,7 +650,7 @@ class Scheduler:
         return len({self.effective_priority(self.seqs[s], now) for s in ps.seq_ids}) > 1
 
     def _may_park(self, ps: PassState) -> bool:
-        return self.config.preempt_prefill or not ps.has_prefill
+        return self.config.preempt and (self.config.preempt_prefill or not ps.has_prefill)
 
     def _expired(self, ps: PassState, now: float) -> bool:
         limit = self.config.max_park_s
@@ -511,14 +677,16 @@ class Scheduler:
     ) -> tuple[list[PassState], list[Chunk]]:
         """Parked passes waiting at ``ps``'s cursor that may ride along with it, most urgent
         first, and (with ``partial``) the rows of them that do not fit and stay parked."""
-        mine = self._pass_priority(ps, now)
-        least = max(self.effective_priority(self.seqs[s], now) for s in ps.seq_ids)
-        rows, seqs = sum(c.num_tokens for c in ps.chunks), len(ps.chunks)
         waiting = [
             p
             for p in self.passes.values()
             if p.parked_since is not None and p.cursor == ps.cursor and p is not ps
         ]
+        if not waiting:
+            return [], []
+        mine = self._pass_priority(ps, now)
+        least = max(self.effective_priority(self.seqs[s], now) for s in ps.seq_ids)
+        rows, seqs = sum(c.num_tokens for c in ps.chunks), len(ps.chunks)
         out, left = [], []
         for other in sorted(waiting, key=lambda p: self._parked_key(p, now)):
             if not self._welcome(mine, least, other, now):
@@ -617,6 +785,8 @@ class Scheduler:
             order = sorted(self.waiting, key=lambda r: (r.arrival_time, r.seq_id))
         else:
             order = sorted(self.waiting, key=lambda r: self.key(r, now))
+            if self._be_due(now):
+                order = self._starving_first(order, now)
         for req in order:
             if self.config.policy == "fcfs" and len(self.admitted) >= self.config.max_batch_size:
                 break

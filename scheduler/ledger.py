@@ -137,7 +137,7 @@ class Ledger:
         if plan.finishes:
             self._set(plan.pass_id, None)
             return Applied(tuple(gone), tuple(moves), None, rec)
-        self._set(plan.pass_id, rec)
+        self.carries[plan.pass_id] = rec  # same rows at a new cursor: `where` is unchanged
         return Applied(tuple(gone), tuple(moves), rec, None)
 
     def check(self, plan: Plan) -> None:
@@ -184,7 +184,8 @@ class Ledger:
             held = [c for c in held if c.seq_id not in split]
         elif plan.split_pass_id is not None:
             raise PlanError(f"pass {pid}: a split pass id without rows to split")
-        if sorted(held, key=_seq) != sorted(plan.chunks, key=_seq):
+        same = len(held) == len(plan.chunks) and all(a is b for a, b in zip(held, plan.chunks))
+        if not same and sorted(held, key=_seq) != sorted(plan.chunks, key=_seq):
             raise PlanError(f"pass {pid}: carry rows differ from plan.chunks")
         end = plan.cursor + plan.num_segments
         if plan.num_segments < 0 or end > self.head or plan.finishes != (end == self.head):
@@ -213,6 +214,8 @@ class Ledger:
 
     def _after_release(self, seq_ids: tuple[int, ...]) -> dict[int, tuple[Chunk, ...]]:
         """Carries that hold rows of finished sequences, and the chunks they keep."""
+        if not seq_ids:
+            return {}
         hit = {self.where[s] for s in seq_ids if s in self.where}
         gone = set(seq_ids)
         return {

@@ -42,6 +42,7 @@ class Request:
     error: str | None = None  # what went wrong, with finish_reason "error"
     num_preemptions: int = 0
     parked_time: float = 0.0
+    last_progress: float = 0.0  # when it last had rows computed (its arrival, at first)
 
     @property
     def num_tokens(self) -> int:

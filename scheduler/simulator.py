@@ -87,20 +87,23 @@ class CostModel:
         return self.segment_overhead + t
 
     def plan_time(
-        self, plan: Plan, segments: list[Segment], num_experts: int | None = None
+        self,
+        plan: Plan,
+        segments: list[Segment],
+        num_experts: int | None = None,
+        shape: tuple[int, int, int, int] | None = None,
     ) -> float:
-        """Time to carry out ``plan``: its segments, plus the head when it finishes the pass."""
+        """Time to carry out ``plan``: its segments, plus the head when it finishes the pass.
+        ``shape``: ``pass_shape(plan.chunks)``, when the caller has it already."""
         if not plan.runs:
             return 0.0
         if num_experts is None:
             num_experts = count_experts(segments)
-        rows, ctx = plan.num_rows, sum(c.end for c in plan.chunks)
-        span = max(c.start for c in plan.chunks)
+        rows, ctx, span, sampled = shape or pass_shape(plan.chunks)
         t = self.host_overhead + (self.embed_base if plan.new else 0.0)
         for seg in segments[plan.cursor : plan.cursor + plan.num_segments]:
             t += self.segment_time(seg, rows, ctx, num_experts, span)
         if plan.finishes:
-            sampled = sum(c.samples for c in plan.chunks)
             t += self.segment_time(segments[-1], sampled, ctx, num_experts)
         return t
 
@@ -122,6 +125,16 @@ class CostModel:
     @classmethod
     def from_json(cls, text: str) -> CostModel:
         return cls.from_dict(json.loads(text))
+
+
+def pass_shape(chunks: tuple[Chunk, ...]) -> tuple[int, int, int, int]:
+    """rows, ctx, span and sampled rows of a pass, as ``CostModel.plan_time`` uses them."""
+    return (
+        sum(c.num_tokens for c in chunks),
+        sum(c.end for c in chunks),
+        max(c.start for c in chunks),
+        sum(c.samples for c in chunks),
+    )
 
 
 def count_experts(segments: list[Segment]) -> int:
@@ -295,9 +308,12 @@ class FakeExecutor:
         self.ledger = Ledger(len(segments) - 1, page_size)
         self.kv: dict[int, tuple[int, int]] = {}  # KV slot -> (seq_id, position) written there
         self.computed: Counter[int] = Counter()  # rows run per sequence, in finished passes
+        self._shape: tuple = (None, None)
 
     def plan_time(self, plan: Plan) -> float:
-        return self.cost.plan_time(plan, self.segments, self.num_experts)
+        if plan.chunks is not self._shape[0]:  # the plans of a pass share one chunks tuple
+            self._shape = (plan.chunks, pass_shape(plan.chunks) if plan.chunks else None)
+        return self.cost.plan_time(plan, self.segments, self.num_experts, self._shape[1])
 
     def execute(self, plan: Plan) -> StepResult:
         """Check and record ``plan`` (``PlanError`` if it is invalid, nothing changed)."""

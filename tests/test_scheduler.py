@@ -51,6 +51,7 @@ def simulate(events, group_size=4, **knobs):
         max_num_batched_tokens=64,
         aging_s=None,
         max_park_s=None,
+        be_share=None,  # the timelines below are of other mechanisms; be_share has its own
         granularity="layer" if group_size == 4 else "expert",
     )
     clock = VirtualClock()
@@ -569,3 +570,146 @@ def test_plans_are_plain_snapshots():
     assert any(p.split_seq_ids for p, _ in plans) and any(p.finished_seq_ids for p, _ in plans)
     for plan, pickled in plans:
         assert _plain(plan) and pickle.loads(pickled) == plan
+
+
+# -- anti-starvation that never inverts the classes --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "be_share, be_first, ls_finish",
+    [
+        # off: the BE request waits for all 20 LS passes (0 -> 340), then runs: 357
+        (None, 357.0, 340.0),
+        # be_share=0.1, be_starve_s=10: at the t=17 pass boundary the BE request has waited 17
+        # and BE has had none of the work: its turn, 17 -> 34. Then LS runs on (19 more passes
+        # to 357); BE never runs ahead of LS again (it is done).
+        (0.1, 34.0, 357.0),
+    ],
+)
+def test_starving_be_gets_a_turn_without_outranking_ls(be_share, be_first, ls_finish):
+    events = [req("ls", 0, 4, 20, LS), req("be", 1, 4, 1, BE)]
+    records, stats, _ = simulate(events, policy="qllm", be_share=be_share, be_starve_s=10.0)
+    assert records["be"].first_token == be_first
+    assert records["ls"].finish == ls_finish
+    assert stats["be_turns"] == (1 if be_share else 0)
+
+
+def test_a_be_pass_on_its_turn_is_not_parked():
+    # As above with an LS request arriving at t=20, inside BE's turn (17 -> 34): the BE pass is
+    # owed its share, so it is not parked (with be_share off it would be, at the t=20 boundary).
+    # LS2's prefill then joins the LS stream by priority and arrival.
+    events = [req("ls", 0, 4, 20, LS), req("be", 1, 4, 1, BE), req("ls2", 2, 4, 1, LS, at=20.0)]
+    records, stats, _ = simulate(events, policy="qllm", be_share=0.1, be_starve_s=10.0)
+    assert records["be"].first_token == 34.0 and records["be"].num_preemptions == 0
+    assert stats["preemptions_layer"] == 0
+    assert records["ls2"].first_token == 34.0 + 17.0  # next, ahead of the first LS decode
+
+
+def test_priority_policy_gives_starving_be_rows_their_seats():
+    # iteration-level priority, one seat per pass (max_batch_size=1): without the share the BE
+    # request waits for the LS request's 20 passes; with it, it takes the seat at t=17.
+    def events():
+        return [req("ls", 0, 4, 20, LS), req("be", 1, 4, 1, BE)]
+
+    records, _, _ = simulate(
+        events(), policy="priority", max_batch_size=1, be_share=0.1, be_starve_s=10.0
+    )
+    assert records["be"].first_token == 34.0 and records["ls"].finish == 357.0
+    records, _, _ = simulate(events(), policy="priority", max_batch_size=1, be_share=None)
+    assert records["be"].first_token == 357.0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    policy=st.sampled_from(["priority", "qllm"]),
+    granularity=st.sampled_from(["layer", "expert"]),
+    ls_gap=st.sampled_from([3.0, 8.0, 17.0]),
+    be=st.lists(
+        st.tuples(st.integers(0, 60), st.integers(1, 12), st.integers(1, 4)), min_size=1, max_size=4
+    ),
+    starve=st.sampled_from([5.0, 30.0]),
+)
+def test_be_work_is_never_starved_under_sustained_ls_load(policy, granularity, ls_gap, be, starve):
+    """A stream of LS requests that alone keeps the engine busy, and a few BE requests: every
+    BE request finishes, and none goes longer without progress than the starvation threshold
+    plus, for each BE request that may be served first, the passes it takes for BE's share
+    to fall below be_share again (the share is the class's, so BE requests take turns)."""
+    group = 4 if granularity == "layer" else 1
+    events = [req(f"ls{i}", i, 4, 3, LS, at=i * ls_gap) for i in range(40)]
+    events += [req(f"be{i}", 100 + i, p, o, BE, at=float(t)) for i, (t, p, o) in enumerate(be)]
+    records, stats, _ = simulate(
+        events, group_size=group, policy=policy, granularity=granularity,
+        be_share=0.1, be_starve_s=starve, max_batch_size=2,
+    )  # fmt: skip
+    for i in range(len(be)):
+        assert records[f"be{i}"].finish_reason == "length"
+    pass_time = 41.0 if group == 1 else 17.0  # one whole pass of this layout
+    bound = starve + len(be) * (1 / 0.1 + 3) * pass_time * 2
+    assert stats["be_longest_wait_s"] <= bound
+
+
+# -- the ablation, the reference's pass order, the fast path -----------------------------------
+
+
+def test_qllm_without_in_pass_preemption_runs_passes_whole():
+    """preempt=False: the BE prefill runs whole (0 -> 17), then the LS pass (17 -> 34): what
+    priority gives, with qllm's one-class passes."""
+    records, stats, _ = simulate(be_then_ls(), policy="qllm", preempt=False)
+    assert records["ls"].first_token == 34.0 and records["be"].num_preemptions == 0
+    assert stats["preemptions_layer"] == stats["preemptions_expert"] == 0
+
+
+def test_paper_order_never_mixes_prompts_and_decodes():
+    """paper preset, 2 seats: LS decoding, a BE prompt and then an LS prompt waiting. The
+    reference runs LS prompts (topped up with BE prompts) before LS decodes, and never puts a
+    prompt and a decode in one pass."""
+    events = [req("ls", 0, 4, 3, LS), req("be", 1, 4, 2, BE, at=1.0), req("ls2", 2, 4, 1, LS, 20.0)]
+    clock = VirtualClock()
+    config = SchedulerConfig(
+        page_size=4, num_pages=64, max_model_len=64, max_batch_size=2, max_num_batched_tokens=64,
+        **PRESETS["paper"],
+    )  # fmt: skip
+    sched = Scheduler(config, segment_layout(8, 4, 4, shared_expert=False), clock=clock)
+    sim = Simulator(sched, unit_cost(4), clock)
+    kinds = []
+    step = sim.step
+
+    def record(plan):
+        if plan.runs and plan.new:
+            kinds.append({c.num_tokens > 1 or not c.samples for c in plan.chunks})
+        step(plan)
+
+    sim.step = record
+    sim.run(events)
+    assert all(len(k) == 1 for k in kinds)  # prefill and decode never together
+    assert_clean(sched, sim)
+
+
+class FullScheduler(Scheduler):
+    """Decides every plan the long way (no fast path)."""
+
+    def schedule(self):
+        self._quiet = None
+        return super().schedule()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_fast_path_plans_are_the_full_path_plans(scenario):
+    config, shape, cost, requests = scenario
+    results = []
+    for cls in (Scheduler, FullScheduler):
+        clock = VirtualClock()
+        sched = cls(SchedulerConfig(**config), segment_layout(**shape), clock=clock)
+        plans = []
+        sim = Simulator(sched, cost, clock)
+        step = sim.step
+        sim.step = lambda plan, step=step, plans=plans: (plans.append(plan), step(plan))
+        events = []
+        for i, (at, prio, prompt, tokens, abort_at) in enumerate(requests):
+            events.append((float(at), make_request(f"r{i}", i, prompt, tokens, prio, float(at))))
+            if abort_at is not None:
+                events.append((float(abort_at), "abort", f"r{i}"))
+        sim.run(events, max_plans=100_000)
+        results.append(plans)
+    assert results[0] == results[1]
