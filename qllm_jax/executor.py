@@ -312,7 +312,7 @@ class Executor:
 
     def _sample_inputs(self, rec: CarryRecord) -> SampleInputs:
         samples = rec.sample_rows()
-        sb = bucket(len(samples), SAMPLE_BUCKET_MIN)
+        sb = self._sample_bucket(rec.num_rows)
         rows, temp = np.zeros(sb, np.int32), np.zeros(sb, np.float32)
         top_k, top_p = np.zeros(sb, np.int32), np.ones(sb, np.float32)
         seeds, steps = np.zeros(sb, np.uint64), np.zeros(sb, np.int32)
@@ -321,6 +321,12 @@ class Executor:
             rows[i], temp[i], top_k[i], top_p[i] = row, s.temperature, s.top_k, s.top_p
             seeds[i], steps[i] = s.seed, s.step
         return SampleInputs(rows, temp, top_k, top_p, split_seeds(seeds), steps)
+
+    def _sample_bucket(self, rows: int) -> int:
+        """Sampled rows a pass of ``rows`` rows is padded to: its row bucket, up to the batch
+        size. Tied to the rows so the fused step does not compile once more per sample count
+        (a prefill pass of few prompts projects a few padding rows through the LM head)."""
+        return min(bucket(rows), bucket(self.max_batch_size, SAMPLE_BUCKET_MIN))
 
     def _moved(self, move: Move) -> Carry:
         """A carry holding ``move.record``'s rows, gathered from the carries they are in."""
@@ -395,7 +401,6 @@ class Executor:
         most_pages = min(self.num_pages - 1, max(1, math.ceil((ctx - 1) / self.page_size)))
         least = bucket(math.ceil(max(min_context - 1, 1) / self.page_size), PAGE_BUCKET_MIN)
         pages = [0, *(p for p in buckets(most_pages, PAGE_BUCKET_MIN) if p >= least)]
-        samples = buckets(self.max_batch_size, SAMPLE_BUCKET_MIN)
         windows = sorted(set(self.cfg.sliding_windows), key=lambda w: (w is not None, w or 0))
         kinds = {s.kind for s in self.segments}
         out = []
@@ -403,10 +408,10 @@ class Executor:
             out += [Signature("embed", n), Signature("empty_state", n), Signature("experts", n)]
             out += [Signature("shared", n)] if "shared" in kinds else []
             out += [Signature("scatter", n, src_rows=m) for m in rows]
-            out += [Signature("head", n, samples=s) for s in samples if s <= max(n, 8)]
+            out += [Signature("head", n, samples=self._sample_bucket(n))]
             for p in pages:
                 out += [Signature("attention", n, p, window=w) for w in windows]
-                out += [Signature("fused", n, p, s) for s in samples if s <= max(n, 8)]
+                out += [Signature("fused", n, p, self._sample_bucket(n))]
         wanted = set(kernels) if kernels is not None else None
         return [s for s in out if wanted is None or s.kernel in wanted]
 
