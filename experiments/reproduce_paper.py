@@ -1,27 +1,39 @@
-"""The QLLM paper's headline experiment, re-run side by side with honest baselines.
+"""The QLLM paper's headline experiment, re-run side by side with faithful baselines.
 
-Open-loop Poisson arrivals at rate λ, 20 % latency-sensitive (LS, priority 0) chosen at random,
-the rest best-effort (BE, priority 1); ShareGPT-like prompt/output lengths (lognormal, seeded;
-``--sharegpt PATH`` reads a local ShareGPT JSON; ``--lengths paper`` fixes outputs at 39 tokens
-as the reference code effectively did). Arms, all on the same engine and kernels:
+Two scenarios, on the real engine (``--backend real``: the built-in model, ``--model DIR`` or
+``random:PRESET``) or the simulator (``--backend sim --profile NAME|PATH``):
 
-  fcfs         the paper's baseline: iteration-level, first come first served, decode-first
-  priority     a stronger baseline: iteration-level priority (LS first at every iteration)
-  qllm-layer   preemption inside the pass, between layers (no aging: the paper's setting)
-  qllm-expert  preemption between expert groups
-  qllm-mix     qllm-expert whose passes top LS rows up with BE rows (throughput-oriented)
-  qllm-aging   qllm-expert with aging and a maximum park time (bounded BE delay)
-  qllm-paper   the reference code's rules: layer granularity, prompts before decodes, parked
-               rows ride along with any pass, prefill never preempted, no aging
-  ls-only      the LS requests alone, no BE load: the floor for LS latency
+- ``sweep`` (the paper's recipe): open-loop Poisson arrivals at rates λ, 20 % latency-sensitive
+  (LS) chosen at random, ShareGPT-like lengths (``--lengths paper`` pins outputs at the reference
+  code's 39 tokens; ``--sharegpt PATH`` reads a local ShareGPT JSON). The sim runs ``--seeds``
+  seeds and reports their spread. "SLO met up to R" means every tested rate <= R meets it.
+- ``backlog`` (what ``make demo`` runs): a standing backlog of best-effort (BE) prompts and LS
+  requests arriving over ``--duration`` seconds, measured in that window: where in-pass
+  preemption can matter, because BE passes are long and never stop coming.
 
-``--backend real`` runs the built-in model (or ``--model DIR``) for real on this machine;
-``--backend sim --profile NAME|PATH`` runs the same scheduler on a simulated executor calibrated
-to e.g. Mixtral-8x7B on an A100. Writes JSON and PNG plots under ``experiments/results/`` and
-prints the "paper vs ours" table.
+Arms (``harness.ARMS``; all share one anti-starvation setting and prefill order):
 
-    python experiments/reproduce_paper.py --backend real --quick          # make demo
+  fcfs            the paper's baseline as its code runs it: decode-first, prefill batches of up to
+                  batch_size whole prompts, no token budget, prompts and decodes never together
+  fcfs-512        the same with the engine's 512-token budget (this project's old baseline)
+  priority        iteration-level priority (LS rows first in every pass), the baseline the
+                  paper lacks
+  qllm-nopreempt  the qllm policy with in-pass preemption off: the ablation
+  qllm-layer      preemption inside the pass, between layers
+  qllm-expert     preemption between expert groups
+  qllm-mix        qllm-expert whose passes top LS rows up with BE rows
+  qllm-aging      qllm-expert with class-inverting aging and a park timeout instead of the share
+  qllm-paper      the reference code's rules (its batch order, layer granularity, prefill never
+                  preempted, parked rows ride along, no anti-starvation)
+  ls-only         the LS requests alone on the best engine for them: the floor
+
+Every real arm is warmed before its clock starts; compilations inside a measured window are
+recorded and such a run is marked invalid. Tables give 95 % bootstrap intervals for LS TTFT
+mean and p90 and BE tokens/s, and say how often preemption fired.
+
+    python experiments/reproduce_paper.py --backend real --quick        # make demo (backlog)
     python experiments/reproduce_paper.py --backend sim --profile mixtral-a100-paper --lengths paper
+    python experiments/reproduce_paper.py --backend sim --scenario backlog --profile builtin-cpu
 """
 
 from __future__ import annotations
@@ -30,80 +42,37 @@ import argparse
 import dataclasses
 import json
 import math
-import random
+import statistics
 import sys
-import time
 from pathlib import Path
 
+import harness as h
+from harness import ARMS, Item, Lengths, make_backlog, make_workload  # noqa: F401 (API)
 from tqdm.auto import tqdm
-
-from qllm_jax.scheduler.core import PRESETS
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 
-ARMS: dict[str, dict] = {
-    "fcfs": dict(policy="fcfs"),
-    "priority": dict(policy="priority"),
-    "qllm-layer": dict(policy="qllm", granularity="layer", aging_s=None, max_park_s=None),
-    "qllm-expert": dict(policy="qllm", granularity="expert", aging_s=None, max_park_s=None),
-    "qllm-aging": dict(policy="qllm", granularity="expert", aging_s=10.0, max_park_s=5.0),
-    "qllm-mix": dict(
-        policy="qllm", granularity="expert", aging_s=None, max_park_s=None, mix_classes=True
-    ),
-    # the reference code's behaviour (scheduler.core.PRESETS["paper"])
-    "qllm-paper": dict(PRESETS["paper"]),
-    # same engine and knobs as qllm-expert, fed only the LS requests
-    "ls-only": dict(policy="qllm", granularity="expert", aging_s=None, max_park_s=None),
-}
 PAPER = {  # the paper's headline numbers (QLLM vs its FCFS baseline)
     "ls_ttft_reduction_mean": 65.5,
+    "ls_ttft_reduction_max": 101.6,
     "slo_max_rate": 7.0,
     "ls_turnaround_reduction_max": 12.8,
     "throughput_ratio": 1.0,
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Workload
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    request_id: str
-    arrival: float  # seconds after the start of the run
-    prompt_len: int
-    output_len: int
-    priority: int  # 0 = LS, 1 = BE
-
-
-@dataclasses.dataclass(frozen=True)
-class Lengths:
-    """Lognormal prompt/output lengths with the given means, clipped; ``fixed_output`` pins
-    every output length (the reference code's 39)."""
-
-    prompt_mean: float = 160.0
-    output_mean: float = 340.0
-    sigma: float = 1.0
-    prompt_max: int = 1024
-    output_max: int = 1024
-    fixed_output: int | None = None
-    pairs: tuple[tuple[int, int], ...] = ()  # from a ShareGPT file: sampled instead
-
-    def sample(self, rng: random.Random) -> tuple[int, int]:
-        if self.pairs:
-            p, o = rng.choice(self.pairs)
-        else:
-            p = _lognormal(rng, self.prompt_mean, self.sigma)
-            o = _lognormal(rng, self.output_mean, self.sigma)
-        p = max(1, min(int(p), self.prompt_max))
-        o = max(1, min(int(o), self.output_max))
-        return p, self.fixed_output or o
-
-
-def _lognormal(rng: random.Random, mean: float, sigma: float) -> float:
-    mu = math.log(mean) - sigma**2 / 2  # so that the distribution's mean is `mean`
-    return rng.lognormvariate(mu, sigma)
+PAIRS = [  # (ours, against) in the paper-vs-ours table
+    ("qllm-paper", "fcfs"),
+    ("qllm-layer", "fcfs"),
+    ("qllm-expert", "fcfs"),
+    ("priority", "fcfs"),
+    ("qllm-expert", "priority"),
+    ("qllm-expert", "qllm-nopreempt"),
+]
+# Model shape of each simulated profile (what the segment layout is built from).
+PROFILE_SHAPES = {
+    "mixtral": dict(num_layers=32, num_experts=8),
+    "builtin-cpu": dict(num_layers=4, num_experts=8),
+}
 
 
 def sharegpt_lengths(path: str, tokenizer=None, limit: int = 20_000) -> tuple[tuple[int, int], ...]:
@@ -126,187 +95,158 @@ def sharegpt_lengths(path: str, tokenizer=None, limit: int = 20_000) -> tuple[tu
     return tuple(pairs)
 
 
-def make_workload(
-    rate: float, num: int, ls_fraction: float, lengths: Lengths, seed: int
-) -> list[Item]:
-    """Open-loop Poisson arrivals; round(num * ls_fraction) of them, chosen at random, are LS
-    (an exact share, so short runs are never left without LS requests)."""
-    rng = random.Random(seed)
-    ls = set(rng.sample(range(num), round(num * ls_fraction)))
-    t, items = 0.0, []
-    for i in range(num):
-        t += rng.expovariate(rate)
-        p, o = lengths.sample(rng)
-        prio = 0 if i in ls else 1
-        items.append(Item(f"{'ls' if prio == 0 else 'be'}{i}", t, p, o, prio))
-    return items
-
-
 # ----------------------------------------------------------------------------------------------
-# Backends: each runs one arm on one workload and returns its requests' metrics records
-
-
-def run_real(model, arm: str, items: list[Item], engine_kw: dict, seed: int):
-    import numpy as np
-
-    import qllm_jax
-
-    engine = qllm_jax.Engine(model, **ARMS[arm], **engine_kw)
-    rng = np.random.default_rng(seed)
-    vocab = engine.model.config.vocab_size
-    pending = [it for it in items if arm != "ls-only" or it.priority == 0]
-    prompts = {it.request_id: rng.integers(3, vocab, it.prompt_len).tolist() for it in pending}
-    t0, i, done = time.monotonic(), 0, {}
-    while i < len(pending) or engine.has_unfinished():
-        now = time.monotonic() - t0
-        while i < len(pending) and pending[i].arrival <= now:
-            it = pending[i]
-            sp = qllm_jax.SamplingParams(max_tokens=it.output_len, temperature=0, ignore_eos=True)
-            engine.add_request(
-                prompts[it.request_id], sp, it.priority, t0 + it.arrival, it.request_id
-            )
-            i += 1
-        if engine.has_unfinished():
-            done |= {out.request_id: out for out in engine.step() if out.finished}
-        elif i < len(pending):
-            time.sleep(min(pending[i].arrival - now, 0.05))
-    return [_record(out) for out in done.values()], engine.stats()
-
-
-def _record(out):
-    from qllm_jax.scheduler.metrics import RequestRecord
-
-    m = out.metrics
-    return RequestRecord(
-        request_id=out.request_id,
-        priority=out.priority,
-        arrival=m.arrival_time,
-        first_token=m.first_token_time,
-        finish=m.finish_time if out.finish_reason not in ("abort", "error") else None,
-        prompt_tokens=len(out.prompt_token_ids),
-        output_tokens=len(out.token_ids),
-        num_preemptions=m.num_preemptions,
-        parked_time=m.parked_time,
-    )
-
-
-def run_sim(profile, arm: str, items: list[Item], sim_kw: dict):
-    from qllm_jax.scheduler import Scheduler, SchedulerConfig, segment_layout
-    from qllm_jax.scheduler.plan import default_group_size
-    from qllm_jax.scheduler.simulator import Simulator, VirtualClock, make_request
-
-    knobs = ARMS[arm]
-    layers, experts = sim_kw["num_layers"], sim_kw["num_experts"]
-    group = default_group_size(experts, knobs.get("granularity", "expert"))
-    segments = segment_layout(layers, experts, group, False)
-    clock = VirtualClock()
-    config = SchedulerConfig(
-        page_size=16,
-        num_pages=sim_kw.get("num_pages", 1 << 20),
-        max_model_len=1 << 16,
-        max_batch_size=sim_kw["max_batch_size"],
-        max_num_batched_tokens=sim_kw["max_num_batched_tokens"],
-        prefill_chunk=sim_kw.get("prefill_chunk"),
-        **knobs,
-    )
-    sched = Scheduler(config, segments, clock=clock)
-    pending = [it for it in items if arm != "ls-only" or it.priority == 0]
-    events = [
-        (
-            it.arrival,
-            make_request(it.request_id, n, it.prompt_len, it.output_len, it.priority, it.arrival),
-        )
-        for n, it in enumerate(pending)
-    ]
-    result = Simulator(sched, profile, clock).run(events)
-    return list(result.records.values()), result.stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Summaries, the table, the plots
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+# Tables
 
 
 def max_rate_meeting_slo(rows: dict[float, dict], arm: str, target: float) -> float | None:
-    ok = [r for r, s in rows.items() if s[arm]["ls"]["slo_attainment"] >= target]
-    return max(ok) if ok else None
+    """The largest tested rate R such that every tested rate <= R meets the SLO target."""
+    best = None
+    for rate in sorted(rows):
+        if rows[rate][arm]["ls"]["slo_attainment"] < target:
+            break
+        best = rate
+    return best
 
 
-def paper_table(results: dict[float, dict], slo_target: float) -> list[list[str]]:
-    """Rows: metric | paper | ours (qllm-paper, qllm-layer, qllm-expert vs fcfs) |
-    priority vs fcfs (the baseline the paper lacks) | qllm-expert vs priority."""
-    arms = next(iter(results.values())).keys()
-
-    def ttft_reduction(a: str, b: str) -> float:
-        vals = [
-            _ratio(s[b]["ls"]["ttft"]["mean"], s[a]["ls"]["ttft"]["mean"]) for s in results.values()
-        ]
-        vals = [v for v in vals if not math.isnan(v)]
-        return sum(vals) / len(vals) if vals else math.nan
-
-    def turnaround_reduction(a: str, b: str) -> float:
-        vals = [
-            _ratio(s[b]["ls"]["turnaround"]["mean"], s[a]["ls"]["turnaround"]["mean"])
-            for s in results.values()
-        ]
-        return max((v for v in vals if not math.isnan(v)), default=math.nan)
-
-    def tput(a: str, b: str) -> float:
-        vals = [
-            _ratio(s[a]["total_tokens_per_s"], s[b]["total_tokens_per_s"]) for s in results.values()
-        ]
-        vals = [v for v in vals if not math.isnan(v)]
-        return sum(vals) / len(vals) if vals else math.nan
-
-    def slo(a: str) -> str:
-        r = max_rate_meeting_slo(results, a, slo_target)
-        return "none" if r is None else f"{r:g} req/s"
-
-    pairs = [
-        ("qllm-paper", "fcfs"),
-        ("qllm-layer", "fcfs"),
-        ("qllm-expert", "fcfs"),
-        ("priority", "fcfs"),
-        ("qllm-expert", "priority"),
+def _ttft_ratios(results: dict[float, dict], a: str, b: str) -> list[float]:
+    vals = [
+        h.ratio(s[b]["ls"]["ttft"]["mean"], s[a]["ls"]["ttft"]["mean"]) for s in results.values()
     ]
-    pairs = [(a, b) for a, b in pairs if a in arms and b in arms]
+    return [v for v in vals if not math.isnan(v)]
+
+
+def sweep_metrics(results: dict[float, dict], a: str, b: str, target: float) -> dict:
+    """The paper's headline metrics of arm ``a`` against ``b`` over one rate sweep."""
+    ttft = _ttft_ratios(results, a, b)
+    turn = [
+        h.ratio(s[b]["ls"]["turnaround"]["mean"], s[a]["ls"]["turnaround"]["mean"])
+        for s in results.values()
+    ]
+    tput = [
+        h.ratio(s[a]["total_tokens_per_s"], s[b]["total_tokens_per_s"]) for s in results.values()
+    ]
+    turn = [v for v in turn if not math.isnan(v)]
+    tput = [v for v in tput if not math.isnan(v)]
+    return {
+        "ttft_reduction_mean": sum(ttft) / len(ttft) if ttft else math.nan,
+        "ttft_reduction_max": max(ttft, default=math.nan),
+        "slo_up_to": max_rate_meeting_slo(results, a, target),
+        "slo_up_to_baseline": max_rate_meeting_slo(results, b, target),
+        "turnaround_reduction_max": max(turn, default=math.nan),
+        "throughput_ratio": sum(tput) / len(tput) if tput else math.nan,
+    }
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    mid = statistics.median(vals)
+    if len(vals) == 1 or min(vals) == max(vals):
+        return format(mid, fmt)
+    return f"{format(mid, fmt)} [{format(min(vals), fmt)}-{format(max(vals), fmt)}]"
+
+
+def paper_table(per_seed: list[dict[float, dict]], target: float) -> list[list[str]]:
+    """Rows: metric | paper | each pair of ``PAIRS`` present: the median over seeds [min-max]."""
+    arms = next(iter(per_seed[0].values())).keys()
+    pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+    m = {(a, b): [sweep_metrics(res, a, b, target) for res in per_seed] for a, b in pairs}
+
+    def slo(a, b):
+        ours = [x["slo_up_to"] for x in m[(a, b)]]
+        base = [x["slo_up_to_baseline"] for x in m[(a, b)]]
+        txt = lambda v: "none" if v is None else f"{v:g}"  # noqa: E731
+        return f"{'/'.join(txt(v) for v in ours)} (vs {'/'.join(txt(v) for v in base)}) req/s"
+
     header = ["metric", "paper (QLLM vs FCFS)", *[f"{a} vs {b}" for a, b in pairs]]
-    rows = [
-        [
-            "mean LS TTFT reduction (avg over rates)",
-            f"{PAPER['ls_ttft_reduction_mean']}x",
-            *[f"{ttft_reduction(a, b):.1f}x" for a, b in pairs],
-        ],
-        [
-            "LS TTFT SLO met up to",
-            f"{PAPER['slo_max_rate']:g} req/s (FCFS: none)",
-            *[f"{slo(a)} (vs {slo(b)})" for a, b in pairs],
-        ],
-        [
-            "LS turnaround reduction (max over rates)",
-            f"{PAPER['ls_turnaround_reduction_max']}x",
-            *[f"{turnaround_reduction(a, b):.1f}x" for a, b in pairs],
-        ],
-        [
-            "total throughput ratio (avg over rates)",
-            "about 1.0",
-            *[f"{tput(a, b):.2f}" for a, b in pairs],
-        ],
+    col = lambda key, fmt: [_spread([x[key] for x in m[p]], fmt) + "x" for p in pairs]  # noqa: E731
+    return [
+        header,
+        ["mean LS TTFT reduction (avg over rates)", "65.5x", *col("ttft_reduction_mean", ".1f")],
+        ["max LS TTFT reduction (over rates)", "101.6x", *col("ttft_reduction_max", ".1f")],
+        ["LS TTFT SLO met up to (each seed)", "7 req/s (FCFS: none)", *[slo(*p) for p in pairs]],
+        ["LS turnaround reduction (max over rates)", "12.8x",
+         *col("turnaround_reduction_max", ".1f")],
+        ["total throughput ratio (avg over rates)", "about 1.0", *col("throughput_ratio", ".2f")],
+    ]  # fmt: skip
+
+
+def backlog_table(results: dict[str, dict]) -> list[list[str]]:
+    """One row per arm of a backlog run: LS TTFT with intervals and against the LS-alone floor,
+    BE tokens/s with its interval and against priority, and what the scheduler did."""
+    floor = results.get("ls-only", {}).get("ls", {}).get("ttft", {}).get("p90", math.nan)
+    be_ref = results.get("priority", {}).get("be_tokens_per_s", math.nan)
+    rows = [[
+        "arm", "LS TTFT mean [95% CI]", "LS TTFT p90 [95% CI]", "p90/floor", "LS TTFT max",
+        "BE tok/s [95% CI]", "BE vs priority", "preemptions", "wait p50/p99 ms",
+        "rows/pass LS/BE", "valid",
+    ]]  # fmt: skip
+    for arm, s in results.items():
+        t, a = s["ls"]["ttft"], s["attribution"]
+        wait = "-"
+        if a["preemptions"]:
+            p50, p99 = a["preempt_wait_s_p50"] or 0, a["preempt_wait_s_p99"] or 0
+            wait = f"{p50 * 1e3:.1f}/{p99 * 1e3:.1f}"
+        rows.append([
+            arm,
+            h.fmt_ci(t["mean"], t["mean_ci"]),
+            h.fmt_ci(t["p90"], t["p90_ci"]),
+            f"{h.ratio(t['p90'], floor):.2f}",
+            f"{t['max']:.3f}",
+            h.fmt_ci(s["be_tokens_per_s"], s["be_tokens_per_s_ci"], 1) if arm != "ls-only" else "-",
+            f"{h.ratio(s['be_tokens_per_s'], be_ref):.2f}" if arm != "ls-only" else "-",
+            str(a["preemptions"]) if a["preemptions"] else "none fired",
+            wait,
+            f"{a['rows_per_ls_pass']:.1f}/{a['rows_per_be_pass']:.1f}",
+            "yes" if s["valid"] else f"NO ({s['compiles_in_window']} compiles)",
+        ])  # fmt: skip
+    return rows
+
+
+def backlog_pairs(results: dict[str, dict]) -> list[list[str]]:
+    """The paper's metrics, for the pairs of ``PAIRS``, on one backlog run."""
+    pairs = [(a, b) for a, b in PAIRS if a in results and b in results]
+    rows = [["metric", "paper (QLLM vs FCFS)", *[f"{a} vs {b}" for a, b in pairs]]]
+
+    def red(key, a, b):
+        return h.ratio(results[b]["ls"]["ttft"][key], results[a]["ls"]["ttft"][key])
+
+    rows.append(
+        ["mean LS TTFT reduction", "65.5x", *[f"{red('mean', a, b):.1f}x" for a, b in pairs]]
+    )
+    rows.append(["p90 LS TTFT reduction", "-", *[f"{red('p90', a, b):.1f}x" for a, b in pairs]])
+    rows.append(
+        ["max LS TTFT reduction", "101.6x", *[f"{red('max', a, b):.1f}x" for a, b in pairs]]
+    )
+    turn = [
+        h.ratio(results[b]["ls"]["turnaround"]["mean"], results[a]["ls"]["turnaround"]["mean"])
+        for a, b in pairs
     ]
-    return [header, *rows]
+    rows.append(["LS turnaround reduction", "12.8x", *[f"{v:.1f}x" for v in turn]])
+    be = [h.ratio(results[a]["be_tokens_per_s"], results[b]["be_tokens_per_s"]) for a, b in pairs]
+    rows.append(["BE throughput ratio", "about 1.0", *[f"{v:.2f}" for v in be]])
+    return rows  # fmt: skip
 
 
-def format_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+def per_rate_table(results: dict[float, dict]) -> list[list[str]]:
+    rows = [["rate", "arm", "LS TTFT p50", "LS TTFT p90 [95% CI]", "LS SLO", "LS turnaround",
+             "BE tok/s", "preemptions", "valid"]]  # fmt: skip
+    for rate in sorted(results):
+        for arm, s in results[rate].items():
+            rows.append([
+                f"{rate:g}", arm, f"{s['ls']['ttft']['p50']:.3f}",
+                h.fmt_ci(s["ls"]["ttft"]["p90"], s["ls"]["ttft"]["p90_ci"]),
+                f"{s['ls']['slo_attainment']:.2f}", f"{s['ls']['turnaround']['mean']:.2f}",
+                f"{s['be']['output_tokens_per_s']:.1f}",
+                str(s["attribution"]["preemptions"] or "none fired"),
+                "yes" if s["valid"] else "NO",
+            ])  # fmt: skip
+    return rows
 
 
-def plot(results: dict[float, dict], slo: float, path: Path, title: str) -> None:
+def plot_sweep(results: dict[float, dict], slo: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,7 +260,7 @@ def plot(results: dict[float, dict], slo: float, path: Path, title: str) -> None
         return [f(results[r][arm]) for r in rates]
 
     for i, arm in enumerate(arms):
-        c = dict(color=f"C{i}")
+        c = dict(color=f"C{i % 10}")
         ax[0, 0].plot(rates, series(arm, lambda s: s["ls"]["ttft"]["mean"]), "o-", label=arm, **c)
         ax[0, 0].plot(rates, series(arm, lambda s: s["ls"]["ttft"]["p90"]), "x--", alpha=0.6, **c)
         ax[0, 1].plot(rates, series(arm, lambda s: s["ls"]["slo_attainment"]), "o-", label=arm, **c)
@@ -328,13 +268,15 @@ def plot(results: dict[float, dict], slo: float, path: Path, title: str) -> None
             rates, series(arm, lambda s: s["ls"]["turnaround"]["mean"]), "o-", label=arm, **c
         )
         if arm != "ls-only":
-            be_turn = series(arm, lambda s: s["be"]["turnaround"]["mean"])
-            ax[1, 0].plot(rates, be_turn, "x--", alpha=0.6, **c)
+            ax[1, 0].plot(
+                rates, series(arm, lambda s: s["be"]["turnaround"]["mean"]), "x--", alpha=0.6, **c
+            )
             ax[1, 1].plot(
                 rates, series(arm, lambda s: s["total_tokens_per_s"]), "o-", label=arm, **c
             )
-            be_tput = series(arm, lambda s: s["be"]["output_tokens_per_s"])
-            ax[1, 1].plot(rates, be_tput, "x--", alpha=0.6, **c)
+            ax[1, 1].plot(
+                rates, series(arm, lambda s: s["be"]["output_tokens_per_s"]), "x--", alpha=0.6, **c
+            )
     ax[0, 0].axhline(slo, color="k", ls=":", label=f"SLO {slo:g}s")
     ax[0, 0].set(yscale="log", title="LS TTFT (o mean, x p90)", xlabel="req/s", ylabel="s")
     ax[0, 1].set(title=f"LS SLO attainment (TTFT <= {slo:g}s)", xlabel="req/s", ylim=(-0.05, 1.05))
@@ -348,7 +290,41 @@ def plot(results: dict[float, dict], slo: float, path: Path, title: str) -> None
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plt.close(fig)  # fmt: skip
+
+
+def plot_backlog(results: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(results)
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, arm in enumerate(arms):
+        t = results[arm]["ls"]["ttft"]
+        for j, key in enumerate(("mean", "p90")):
+            lo, hi = t[f"{key}_ci"]
+            err = [[t[key] - lo], [hi - t[key]]] if not math.isnan(lo) else None
+            ax[0].bar(
+                i + 0.4 * j, t[key], 0.4, yerr=err, color=f"C{j}", label=key if i == 0 else None
+            )
+        if arm != "ls-only":
+            lo, hi = results[arm]["be_tokens_per_s_ci"]
+            v = results[arm]["be_tokens_per_s"]
+            ax[1].bar(
+                i, v, 0.6, yerr=[[v - lo], [hi - v]] if not math.isnan(lo) else None, color="C2"
+            )
+    for a in ax:
+        a.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+        a.grid(alpha=0.3, axis="y")
+    ax[0].set(yscale="log", ylabel="s", title="LS TTFT (mean, p90; 95% CI)")
+    ax[0].legend()
+    ax[1].set(ylabel="tokens/s", title="BE output tokens/s (95% CI)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,9 +337,9 @@ def parse_args(argv):
         epilog=__doc__.split("\n\n", 1)[1],
     )
     ap.add_argument("--backend", choices=["real", "sim"], default="sim")
-    ap.add_argument(
-        "--profile", default="mixtral-a100-paper", help="sim: profile name or JSON path"
-    )
+    ap.add_argument("--scenario", choices=["sweep", "backlog"], help="default: backlog for a "
+                    "real --quick run (make demo), sweep otherwise")  # fmt: skip
+    ap.add_argument("--profile", default="mixtral-a100-paper", help="sim: name or JSON path")
     ap.add_argument(
         "--model",
         help="real: HF checkpoint dir (default: the built-in model), or random:PRESET for "
@@ -371,45 +347,40 @@ def parse_args(argv):
         "random:mixtral-8x7b-16l an 80 GB card)",
     )
     ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
-    ap.add_argument("--rates", type=float, nargs="+", help="request rates (req/s)")
-    ap.add_argument("--num-requests", type=int, help="requests per rate")
+    ap.add_argument("--rates", type=float, nargs="+", help="sweep: request rates (req/s)")
+    ap.add_argument("--num-requests", type=int, help="sweep: requests per rate")
+    ap.add_argument("--seeds", type=int, help="sim: seeds per point (default 5; --quick 2)")
     ap.add_argument("--ls-fraction", type=float, default=0.2)
+    ap.add_argument("--duration", type=float, help="backlog: seconds of LS arrivals")
+    ap.add_argument("--ls-rate", type=float, help="backlog: LS arrivals per second")
     ap.add_argument("--slo", type=float, default=3.0, help="LS TTFT SLO in seconds")
     ap.add_argument("--slo-target", type=float, default=0.9, help="attainment that counts as met")
     ap.add_argument("--lengths", choices=["sharegpt", "paper"], default="sharegpt")
     ap.add_argument("--prompt-mean", type=float)
     ap.add_argument("--output-mean", type=float)
     ap.add_argument("--sharegpt", help="a local ShareGPT JSON to draw lengths from")
-    ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: all (--quick: 5)")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: all (--quick: 6)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument(
-        "--prefill-chunk", type=int, help="prompt tokens per pass (default: the row budget)"
+        "--prefill-chunk", type=int, help="prompt tokens per pass (default: the budget)"
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a short run (what make demo uses)")
     ap.add_argument("--out", help="output name stem (default reproduce-<backend>-<profile|model>)")
     ap.add_argument("--results-dir", default=str(RESULTS), help="where JSON and PNG go")
-    return ap.parse_args(argv)
+    return ap.parse_args(argv)  # fmt: skip
+
+
+QUICK_ARMS = ["fcfs", "priority", "qllm-nopreempt", "qllm-layer", "qllm-expert", "ls-only"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     real = args.backend == "real"
-    quick = args.quick
-    if not args.arms:
-        quick_arms = ["fcfs", "priority", "qllm-layer", "qllm-expert", "ls-only"]
-        args.arms = quick_arms if quick else list(ARMS)
-    rates = args.rates or (
-        [1.0, 2.0]
-        if real and quick
-        else [0.5, 1, 2, 3]
-        if real
-        else [1, 2, 4, 7, 10]
-        if quick
-        else list(range(1, 11))
-    )
-    num = args.num_requests or (16 if real and quick else 40 if real else 60 if quick else 300)
+    scenario = args.scenario or ("backlog" if real and args.quick else "sweep")
+    args.arms = args.arms or (QUICK_ARMS if args.quick else list(ARMS))
+    seeds = 1 if real else (args.seeds or (2 if args.quick else 5))
     lengths = Lengths(fixed_output=39 if args.lengths == "paper" else None)
     if real:  # the built-in model on 2 CPU cores: shorter requests
         lengths = dataclasses.replace(
@@ -421,9 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
             prompt_mean=args.prompt_mean or lengths.prompt_mean,
             output_mean=args.output_mean or lengths.output_mean,
         )
-
-    from qllm_jax.scheduler.metrics import summarize
-
+    base = dict(
+        max_batch_size=args.batch_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_chunk=args.prefill_chunk,
+    )
     if real:
         import jax
 
@@ -436,113 +409,128 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             model = qllm_jax.load(model_dir, dtype=args.dtype)
         if args.sharegpt:
-            lengths = dataclasses.replace(
-                lengths, pairs=sharegpt_lengths(args.sharegpt, model.tokenizer)
-            )
-        engine_kw = dict(
-            max_batch_size=args.batch_size,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            # On a CPU a 512-token prefill segment takes hundreds of ms; short chunks keep
-            # segments, and so the wait for a preemption point, short.
-            prefill_chunk=args.prefill_chunk or (64 if jax.default_backend() == "cpu" else None),
-        )
+            pairs = sharegpt_lengths(args.sharegpt, model.tokenizer)
+            lengths = dataclasses.replace(lengths, pairs=pairs)
         label = f"real-{jax.devices()[0].platform}-{Path(model_dir).name}"
-        warm = make_workload(4.0, 12, 0.5, lengths, args.seed + 99)
-        for arm in tqdm(["priority", "qllm-layer", "qllm-expert"], desc="warm-up (compiling)"):
-            if arm in ARMS:
-                run_real(model, arm, warm, engine_kw, args.seed)
-        run = lambda arm, items: run_real(model, arm, items, engine_kw, args.seed)  # noqa: E731
         device = str(jax.devices()[0].device_kind)
+        run = lambda arm, items, seed, until=None: h.run_real(model, arm, items, base, seed, until)  # noqa: E731
     else:
         from qllm_jax.scheduler.simulator import load_profile
 
         profile = load_profile(args.profile)
         if args.sharegpt:
             lengths = dataclasses.replace(lengths, pairs=sharegpt_lengths(args.sharegpt))
-        meta = PROFILE_SHAPES.get(profile.name, PROFILE_SHAPES["mixtral"])
-        sim_kw = dict(
-            meta,
-            max_batch_size=args.batch_size,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            prefill_chunk=args.prefill_chunk,
-        )
+        sim_kw = dict(PROFILE_SHAPES.get(profile.name, PROFILE_SHAPES["mixtral"]), **base)
         label = f"sim-{profile.name}"
-        run = lambda arm, items: run_sim(profile, arm, items, sim_kw)  # noqa: E731
         device = f"simulated: {profile.name}"
+        run = lambda arm, items, seed, until=None: h.run_sim(profile, arm, items, sim_kw, until)  # noqa: E731
 
-    results: dict[float, dict] = {}
-    stats: dict[float, dict] = {}
-    with tqdm(total=len(rates) * len(args.arms), desc="runs") as bar:
-        for rate in rates:
-            items = make_workload(rate, num, args.ls_fraction, lengths, args.seed)
-            results[rate], stats[rate] = {}, {}
-            for arm in args.arms:
-                requests, st = run(arm, items)
-                results[rate][arm] = summarize(requests, args.slo)
-                stats[rate][arm] = st
-                bar.update(1)
-    table = paper_table(results, args.slo_target)
-    stem = args.out or f"reproduce-{label}{'-quick' if quick else ''}"
+    if scenario == "backlog":
+        report = run_backlog(args, run, real, label, device)
+    else:
+        report = run_sweep(args, run, real, lengths, seeds, label, device)
+    return report
+
+
+def run_backlog(args, run, real: bool, label: str, device: str) -> dict:
+    """The demo: a standing BE backlog, >= 30 LS arrivals per arm, measured in one window."""
+    duration = args.duration or (30.0 if real else 120.0)
+    ls_rate = args.ls_rate or (1.2 if real else 1.0)
+    ls_len = Lengths(prompt_mean=48, output_mean=12, sigma=0.5, prompt_max=128, output_max=32)
+    be_len = Lengths(prompt_mean=160, output_mean=8, sigma=0.4, prompt_max=256, output_max=16)
+    if args.prompt_mean:
+        be_len = dataclasses.replace(be_len, prompt_mean=args.prompt_mean)
+    be_count = 4000  # more than any arm finishes in the window: the backlog never drains
+    items = make_backlog(duration, ls_rate, be_count, ls_len, be_len, args.seed)
+    results = {}
+    for arm in tqdm(args.arms, desc="arms"):
+        r = run(arm, items, args.seed, until=duration)
+        results[arm] = h.summarize_run(r, args.slo, args.seed)
+        results[arm]["engine_stats"] = r.stats
+    stem = args.out or f"reproduce-{label}-backlog{'-quick' if args.quick else ''}"
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    table, pairs = backlog_table(results), backlog_pairs(results)
+    report = {
+        "scenario": "backlog",
+        "backend": args.backend,
+        "device": device,
+        "args": vars(args),
+        "workload": {
+            "duration_s": duration, "ls_rate": ls_rate,
+            "ls_requests": sum(it.priority == 0 for it in items),
+            "ls_lengths": dataclasses.asdict(ls_len), "be_lengths": dataclasses.asdict(be_len),
+            "be_backlog": be_count,
+        },
+        "results": results,
+        "table": table,
+        "paper_vs_ours": pairs,
+    }  # fmt: skip
+    json_path = results_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    png = results_dir / f"{stem}.png"
+    n_ls = report["workload"]["ls_requests"]
+    plot_backlog(results, png, f"{label}: standing BE backlog, {n_ls} LS arrivals in {duration:g}s")
+    print()
+    print(h.format_table(table))
+    print()
+    print(h.format_table(pairs))
+    invalid = [a for a, s in results.items() if not s["valid"]]
+    if invalid:
+        print(f"\nINVALID (compiled inside the measured window): {', '.join(invalid)}")
+    print(f"\nJSON: {json_path}\nplots: {png}")
+    return report
+
+
+def run_sweep(args, run, real: bool, lengths: Lengths, seeds: int, label: str, device: str) -> dict:
+    """The paper's recipe: a rate sweep, each point all arms, several seeds in simulation."""
+    rates = args.rates or ([0.5, 1, 2] if real else [1, 2, 3, 4, 5, 6, 7, 8, 10])
+    num = args.num_requests or (40 if real else 60 if args.quick else 300)
+    per_seed: list[dict[float, dict]] = []
+    with tqdm(total=seeds * len(rates) * len(args.arms), desc="runs") as bar:
+        for k in range(seeds):
+            seed = args.seed + k
+            results: dict[float, dict] = {}
+            for rate in rates:
+                items = make_workload(rate, num, args.ls_fraction, lengths, seed)
+                results[rate] = {}
+                for arm in args.arms:
+                    r = run(arm, items, seed)
+                    results[rate][arm] = h.summarize_run(r, args.slo, seed)
+                    bar.update(1)
+            per_seed.append(results)
+    table = paper_table(per_seed, args.slo_target)
+    stem = args.out or f"reproduce-{label}{'-quick' if args.quick else ''}"
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     report = {
+        "scenario": "sweep",
         "backend": args.backend,
         "device": device,
         "args": vars(args),
         "lengths": dataclasses.asdict(lengths) | {"pairs": len(lengths.pairs)},
         "rates": rates,
         "requests_per_rate": num,
-        "results": {str(r): v for r, v in results.items()},
-        "engine_stats": {str(r): v for r, v in stats.items()},
+        "seeds": [args.seed + k for k in range(seeds)],
+        "results": {str(r): v for r, v in per_seed[0].items()},
+        "results_by_seed": [{str(r): v for r, v in res.items()} for res in per_seed],
         "paper_vs_ours": table,
     }
     json_path = results_dir / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    png_path = results_dir / f"{stem}.png"
-    plot(results, args.slo, png_path, f"{label}: {num} requests/rate, {args.ls_fraction:.0%} LS")
+    png = results_dir / f"{stem}.png"
+    plot_sweep(
+        per_seed[0],
+        args.slo,
+        png,
+        f"{label}: {num} requests/rate, {args.ls_fraction:.0%} LS, seed {args.seed}",
+    )
     print()
-    print(format_table(table))
+    print(h.format_table(table))
     print()
-    print(per_rate_table(results))
-    print(f"\nJSON: {json_path}\nplots: {png_path}")
-    return report
-
-
-def per_rate_table(results: dict[float, dict]) -> str:
-    rows = [
-        [
-            "rate",
-            "arm",
-            "LS TTFT p50",
-            "LS TTFT p90",
-            "LS SLO",
-            "LS turnaround",
-            "BE tok/s",
-            "total tok/s",
-        ]
-    ]
-    for rate in sorted(results):
-        for arm, s in results[rate].items():
-            rows.append(
-                [
-                    f"{rate:g}",
-                    arm,
-                    f"{s['ls']['ttft']['p50']:.3f}",
-                    f"{s['ls']['ttft']['p90']:.3f}",
-                    f"{s['ls']['slo_attainment']:.2f}",
-                    f"{s['ls']['turnaround']['mean']:.2f}",
-                    f"{s['be']['output_tokens_per_s']:.1f}",
-                    f"{s['total_tokens_per_s']:.1f}",
-                ]
-            )
-    return format_table(rows)
-
-
-# Model shape of each simulated profile (what the segment schedule is built from).
-PROFILE_SHAPES = {
-    "mixtral": dict(num_layers=32, num_experts=8),
-    "builtin-cpu": dict(num_layers=4, num_experts=8),
-}
+    print(h.format_table(per_rate_table(per_seed[0])))
+    print(f"\nJSON: {json_path}\nplots: {png}")
+    return report  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -619,9 +619,10 @@ class Scheduler:
         self._work = [self._work[0] * decay + ls * k, self._work[1] * decay + be * k]
 
     def _count_pass(self, ps: PassState) -> None:
-        """Attribution: passes by their most urgent class, rows by class."""
+        """Attribution: passes holding each class, and that class's rows in them."""
         classes = [self.seqs[c.seq_id].priority > 0 for c in ps.chunks]
-        self.counters["passes_be" if all(classes) else "passes_ls"] += 1
+        for be in set(classes):
+            self.counters["passes_be" if be else "passes_ls"] += 1
         for c, be in zip(ps.chunks, classes, strict=True):
             self.counters["rows_be" if be else "rows_ls"] += c.num_tokens
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Callable, Iterable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,3 +136,43 @@ def record_of(req) -> RequestRecord:
         num_preemptions=req.num_preemptions,
         parked_time=req.parked_time,
     )
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    stat: Callable[[Sequence[float]], float],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat(values)``: resample with replacement ``n_boot``
+    times. (NaN, NaN) for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    draws = sorted(stat([values[rng.randrange(n)] for _ in range(n)]) for _ in range(n_boot))
+    lo = draws[int((1 - level) / 2 * n_boot)]
+    hi = draws[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return (lo, hi)
+
+
+def p90(values: Sequence[float]) -> float:
+    return percentile(values, 90)
+
+
+def windowed_rate(
+    events: Sequence[tuple[float, float]], start: float, end: float, windows: int = 10
+) -> tuple[float, tuple[float, float]]:
+    """A rate (sum of amounts per second) over [start, end) from ``(time, amount)`` events,
+    and its 95 % interval by batch means: the span cut into ``windows`` equal windows, their
+    rates bootstrapped."""
+    span = end - start
+    if span <= 0:
+        return math.nan, (math.nan, math.nan)
+    per = [0.0] * windows
+    for t, amount in events:
+        if start <= t < end:
+            per[min(windows - 1, int((t - start) / span * windows))] += amount
+    rates = [x / (span / windows) for x in per]
+    return mean(rates), bootstrap_ci(rates, mean)

@@ -355,12 +355,16 @@ class Simulator:
         self.requests: dict[int, Request] = {}  # every request seen, by seq_id
         self.num_plans = 0
         self.busy_time = 0.0
+        self.timeline: list[tuple[float, int, int]] = []  # (time, LS tokens, BE tokens) sampled
 
-    def run(self, events: list[tuple], max_plans: int = 10_000_000) -> SimResult:
-        """Events: ``(time, Request)`` arrivals and ``(time, "abort", request_id)``."""
+    def run(
+        self, events: list[tuple], max_plans: int = 10_000_000, until: float | None = None
+    ) -> SimResult:
+        """Events: ``(time, Request)`` arrivals and ``(time, "abort", request_id)``. Runs until
+        every request is done, or (``until``) to that time, leaving the rest unfinished."""
         events = sorted(events, key=lambda e: e[0])  # stable: same-time events keep their order
         i = 0
-        while True:
+        while until is None or self.clock.now < until:
             while i < len(events) and events[i][0] <= self.clock.now:
                 self._apply(events[i])
                 i += 1
@@ -385,6 +389,9 @@ class Simulator:
         self.busy_time += dt
         self.num_plans += plan.runs
         self.scheduler.update(plan, result)
+        if result.tokens:
+            be = sum(self.requests[s].priority > 0 for s in result.tokens)
+            self.timeline.append((self.clock.now, len(result.tokens) - be, be))
 
     def abort(self, request_id: str) -> bool:
         """Abort like ``Engine.abort``: its rows leave their carry with the next plan."""

@@ -17,7 +17,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import reproduce_paper as rp  # noqa: E402
 
-SCRIPTS = ["reproduce_paper.py", "overhead.py", "load_bench.py", "profile_cost.py"]
+SCRIPTS = [
+    "reproduce_paper.py", "regime_map.py", "overhead.py", "load_bench.py", "profile_cost.py",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -75,56 +77,108 @@ def _summary(ttft_mean, turn_mean, tput, slo):
 
 
 def test_paper_table_ratios():
+    s = _summary
     results = {
-        1.0: {
-            "fcfs": _summary(10.0, 40.0, 100.0, 0.2),
-            "qllm-layer": _summary(0.5, 10.0, 100.0, 1.0),
-        },
-        2.0: {
-            "fcfs": _summary(20.0, 60.0, 90.0, 0.0),
-            "qllm-layer": _summary(1.0, 30.0, 99.0, 0.8),
-        },
+        1.0: {"fcfs": s(10.0, 40.0, 100.0, 0.2), "qllm-layer": s(0.5, 10.0, 100.0, 1.0)},
+        2.0: {"fcfs": s(20.0, 60.0, 90.0, 0.0), "qllm-layer": s(1.0, 30.0, 99.0, 0.8)},
+        3.0: {"fcfs": s(30.0, 60.0, 90.0, 0.0), "qllm-layer": s(1.0, 30.0, 99.0, 0.95)},
     }
-    table = rp.paper_table(results, slo_target=0.9)
+    m = rp.sweep_metrics(results, "qllm-layer", "fcfs", target=0.9)
+    assert m["ttft_reduction_mean"] == pytest.approx((20 + 20 + 30) / 3)
+    assert m["ttft_reduction_max"] == 30.0
+    assert m["slo_up_to"] == 1.0  # 3 req/s meets it, but 2 does not: "up to" stops at 1
+    assert m["slo_up_to_baseline"] is None
+    assert m["turnaround_reduction_max"] == 4.0
+    assert m["throughput_ratio"] == pytest.approx((1.0 + 1.1 + 1.1) / 3)
+    table = rp.paper_table([results, results], target=0.9)
     row = {r[0]: r[2] for r in table[1:]}
-    assert row["mean LS TTFT reduction (avg over rates)"] == "20.0x"  # (20 + 20) / 2
-    assert row["LS turnaround reduction (max over rates)"] == "4.0x"  # max(4, 2)
-    assert row["LS TTFT SLO met up to"] == "1 req/s (vs none)"
-    assert row["total throughput ratio (avg over rates)"] == "1.05"  # (1.0 + 1.1) / 2
-    assert math.isnan(rp._ratio(1.0, 0.0))
+    assert row["mean LS TTFT reduction (avg over rates)"] == "23.3x"
+    assert row["LS TTFT SLO met up to (each seed)"] == "1/1 (vs none/none) req/s"
+    assert math.isnan(rp.h.ratio(1.0, 0.0))
+
+
+def test_backlog_workload_keeps_be_waiting_and_spreads_ls():
+    ls_len, be_len = rp.Lengths(48, 12, 0.5, 128, 32), rp.Lengths(160, 8, 0.4, 256, 16)
+    items = rp.make_backlog(60.0, 1.0, 500, ls_len, be_len, seed=3)
+    ls = [it for it in items if it.priority == 0]
+    assert sum(it.priority > 0 and it.arrival == 0.0 for it in items) == 500
+    assert 40 <= len(ls) <= 80 and max(it.arrival for it in ls) < 60.0
+    assert items == sorted(items, key=lambda it: it.arrival)
 
 
 def test_reproduce_paper_sim_end_to_end(tmp_path):
+    arms = ["fcfs", "priority", "qllm-nopreempt", "qllm-layer", "qllm-expert", "ls-only"]
     report = rp.main(
         [
             "--backend", "sim", "--profile", "mixtral-a100-efficient",
-            "--rates", "2", "6", "--num-requests", "30", "--output-mean", "20",
-            "--arms", "fcfs", "priority", "qllm-layer", "qllm-expert", "ls-only",
-            "--results-dir", str(tmp_path), "--out", "t",
+            "--rates", "2", "6", "--num-requests", "30", "--output-mean", "20", "--seeds", "2",
+            "--arms", *arms, "--results-dir", str(tmp_path), "--out", "t",
         ]
     )  # fmt: skip
     assert (tmp_path / "t.json").is_file() and (tmp_path / "t.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "t.json").read_text())
-    assert saved["paper_vs_ours"] == report["paper_vs_ours"]
+    assert saved["paper_vs_ours"] == report["paper_vs_ours"] and len(saved["results_by_seed"]) == 2
     for rate in ("2.0", "6.0"):
         res = saved["results"][rate]
-        assert set(res) == {"fcfs", "priority", "qllm-layer", "qllm-expert", "ls-only"}
+        assert set(res) == set(arms)
         assert res["qllm-expert"]["ls"]["finished"] == res["qllm-expert"]["ls"]["count"] == 6
         # the preemptive arm serves LS requests at least as fast as the paper's baseline
         assert res["qllm-expert"]["ls"]["ttft"]["mean"] <= res["fcfs"]["ls"]["ttft"]["mean"]
         assert res["ls-only"]["be"]["count"] == 0
+        assert res["qllm-nopreempt"]["attribution"]["preemptions"] == 0
+        lo, hi = res["priority"]["ls"]["ttft"]["mean_ci"]
+        assert lo <= res["priority"]["ls"]["ttft"]["mean"] <= hi
+
+
+def test_reproduce_paper_sim_backlog(tmp_path):
+    """The demo's scenario on the simulator: in-pass preemption fires and cuts LS latency
+    against iteration-level priority, whose passes it must wait for."""
+    report = rp.main(
+        [
+            "--backend", "sim", "--scenario", "backlog", "--profile", "builtin-cpu",
+            "--duration", "20", "--arms", "priority", "qllm-nopreempt", "qllm-expert", "ls-only",
+            "--results-dir", str(tmp_path), "--out", "b",
+        ]
+    )  # fmt: skip
+    res = report["results"]
+    assert res["qllm-expert"]["attribution"]["preemptions"] > 0
+    assert res["qllm-nopreempt"]["attribution"]["preemptions"] == 0
+    p90 = {arm: res[arm]["ls"]["ttft"]["p90"] for arm in res}
+    assert p90["ls-only"] <= p90["qllm-expert"] < p90["priority"]
+    assert res["qllm-expert"]["be_tokens_per_s"] > 0 and (tmp_path / "b.png").is_file()
+
+
+def test_regime_map_sim_point(tmp_path):
+    import regime_map
+
+    report = regime_map.main(
+        ["--chunks", "256", "--batches", "8", "--ls-rates", "1", "--seeds", "1",
+         "--duration", "15", "--results-dir", str(tmp_path), "--out", "m"]
+    )  # fmt: skip
+    (g,) = report["grid"]
+    assert set(g["result"]) == {"priority", "qllm-layer", "qllm-expert", "ls-only"}
+    assert g["result"]["ls-only"]["ls_p90_over_floor"] == 1.0
+    assert (tmp_path / "m.png").is_file()
 
 
 def test_reproduce_paper_real_tiny(tmp_path):
-    """The real backend on a random-weight model small enough for a test."""
+    """The real backend on a random-weight model small enough for a test: both scenarios."""
+    common = [
+        "--backend", "real", "--model", "random:mixtral-tiny", "--dtype", "float32",
+        "--batch-size", "4", "--max-num-batched-tokens", "64", "--results-dir", str(tmp_path),
+    ]  # fmt: skip
     report = rp.main(
-        [
-            "--backend", "real", "--model", "random:mixtral-tiny", "--dtype", "float32",
-            "--rates", "8", "--num-requests", "5", "--arms", "priority", "qllm-expert",
-            "--batch-size", "4", "--max-num-batched-tokens", "64", "--prompt-mean", "12",
-            "--output-mean", "4", "--results-dir", str(tmp_path), "--out", "r",
-        ]
+        [*common, "--rates", "8", "--num-requests", "5", "--arms", "priority", "qllm-expert",
+         "--prompt-mean", "12", "--output-mean", "4", "--out", "r"]
     )  # fmt: skip
     res = report["results"]["8.0"]
     for arm in ("priority", "qllm-expert"):
         assert res[arm]["ls"]["finished"] + res[arm]["be"]["finished"] == 5
+        assert res[arm]["valid"], res[arm]["compiles_in_window"]
+    report = rp.main(
+        [*common, "--scenario", "backlog", "--duration", "2", "--ls-rate", "4", "--prompt-mean",
+         "40", "--arms", "fcfs", "qllm-expert", "--out", "b"]
+    )  # fmt: skip
+    for arm in ("fcfs", "qllm-expert"):
+        s = report["results"][arm]
+        assert s["ls"]["count"] >= 1 and s["ls"]["finished"] == s["ls"]["count"]

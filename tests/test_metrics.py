@@ -78,3 +78,27 @@ def test_summary_splits_classes_and_aggregates():
     assert s["be"]["turnaround"]["mean"] == pytest.approx((6.0 + 7.5) / 2)
     assert s["be"]["preemptions"] == 3 and s["be"]["parked_time_mean"] == pytest.approx(1.0)
     assert s["wall_s"] == 8.0
+
+
+def test_bootstrap_interval_covers_the_statistic_and_narrows_with_samples():
+    from qllm_jax.scheduler.metrics import bootstrap_ci, mean
+
+    small = [float(x % 7) for x in range(20)]
+    large = [float(x % 7) for x in range(2000)]
+    lo, hi = bootstrap_ci(small, mean, seed=1)
+    assert lo <= mean(small) <= hi
+    lo2, hi2 = bootstrap_ci(large, mean, seed=1)
+    assert lo2 <= mean(large) <= hi2 and (hi2 - lo2) < (hi - lo) / 3
+    assert bootstrap_ci(small, mean, seed=1) == (lo, hi)  # seeded: reproducible
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0], mean))
+
+
+def test_windowed_rate_by_batch_means():
+    from qllm_jax.scheduler.metrics import windowed_rate
+
+    events = [(t * 0.1, 2.0) for t in range(100)]  # 20 units per second over [0, 10)
+    rate, (lo, hi) = windowed_rate(events, 0.0, 10.0, windows=10)
+    assert rate == pytest.approx(20.0) and lo == pytest.approx(20.0) and hi == pytest.approx(20.0)
+    rate, _ = windowed_rate(events + [(50.0, 1e9)], 0.0, 10.0)  # outside the window: ignored
+    assert rate == pytest.approx(20.0)
+    assert math.isnan(windowed_rate(events, 5.0, 5.0)[0])
