@@ -26,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 import harness as h
 from harness import Lengths, make_backlog
+from tqdm.auto import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ["priority", "qllm-layer", "qllm-expert", "ls-only"]
