@@ -141,11 +141,11 @@ def plot(grid: list[dict], real: list[dict], path: Path, title: str) -> None:
                               color=f"C{i}", alpha=0.6, label=f"{arm} (real)")  # fmt: skip
         ax[0, j].axhline(1.25, color="k", ls=":", lw=1)
         ax[0, j].axhline(3.0, color="r", ls=":", lw=1)
+        xlabel = "BE pass length (prefill chunk, tokens)"
         ax[0, j].set(xscale="log", yscale="log", title=f"batch {batch}, LS {rate:g}/s",
-                     xlabel="BE pass length (prefill chunk, tokens)", ylabel="LS TTFT p90 / floor")  # fmt: skip
+                     xlabel=xlabel, ylabel="LS TTFT p90 / floor")  # fmt: skip
         ax[1, j].axhline(0.95, color="k", ls=":", lw=1)
-        ax[1, j].set(xscale="log", xlabel="BE pass length (prefill chunk, tokens)",
-                     ylabel="BE tokens/s / priority's")  # fmt: skip
+        ax[1, j].set(xscale="log", xlabel=xlabel, ylabel="BE tokens/s / priority's")
         for a in ax[:, j]:
             a.grid(alpha=0.3)
             a.legend(fontsize=6)
@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def summary_table(grid: list[dict], real: list[dict]) -> str:
     rows = [["source", "chunk", "batch", "LS/s", "priority p90/floor", "layer p90/floor",
-             "expert p90/floor", "layer BE/prio", "expert BE/prio", "target (layer/expert)"]]  # fmt: skip
+             "expert p90/floor", "layer BE/prio", "expert BE/prio",
+             "target (layer/expert)"]]  # fmt: skip
     for src, pts in (("sim", grid), ("real", real)):
         for g in pts:
             r = g["result"]
