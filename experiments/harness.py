@@ -50,10 +50,12 @@ ARMS: dict[str, dict] = {
 FUSED_ARMS = ("fcfs", "fcfs-512", "priority", "ls-only")
 
 
-def arm_options(arm: str, base: dict, prompt_max: int) -> dict:
+def arm_options(arm: str, base: dict, prompt_max: int, options: dict | None = None) -> dict:
     """Scheduler options of ``arm`` over the run's ``base`` options (batch size, token budget,
-    prefill chunk). ``no_token_budget``: a pass may take ``max_batch_size`` whole prompts."""
+    prefill chunk), with ``options`` on top (a variant of the arm that changes one knob).
+    ``no_token_budget``: a pass may take ``max_batch_size`` whole prompts."""
     knobs = dict(base) | {k: v for k, v in ARMS[arm].items() if k != "no_token_budget"}
+    knobs |= options or {}
     if ARMS[arm].get("no_token_budget"):
         knobs["max_num_batched_tokens"] = knobs["max_batch_size"] * prompt_max
     return knobs
@@ -162,7 +164,9 @@ class Run:
         return self.compiles == 0
 
 
-def run_real(model, arm: str, items: list[Item], base: dict, seed: int, until=None) -> Run:
+def run_real(
+    model, arm: str, items: list[Item], base: dict, seed: int, until=None, options=None
+) -> Run:
     """Serve ``items`` on this machine with ``arm``'s engine, arrivals on the wall clock.
     ``until``: stop feeding BE at that time and end once every LS request is done (a standing
     backlog); else run until every request finishes."""
@@ -173,7 +177,7 @@ def run_real(model, arm: str, items: list[Item], base: dict, seed: int, until=No
 
     pending = [it for it in items if arm != "ls-only" or it.priority == 0]
     prompt_max = max(it.prompt_len for it in pending)
-    knobs = arm_options(arm, base, prompt_max)
+    knobs = arm_options(arm, base, prompt_max, options)
     mode = "fused" if arm in FUSED_ARMS else "segmented"
     engine = qllm_jax.Engine(model, mode=mode, **knobs)
     engine.warmup(
@@ -238,7 +242,7 @@ def _record_of_output(out) -> RequestRecord:
     )
 
 
-def run_sim(profile, arm: str, items: list[Item], sim_kw: dict, until=None) -> Run:
+def run_sim(profile, arm: str, items: list[Item], sim_kw: dict, until=None, options=None) -> Run:
     """The same arm on the simulator: ``profile``'s costs on a virtual clock."""
     from qllm_jax.scheduler import Scheduler, SchedulerConfig, segment_layout
     from qllm_jax.scheduler.plan import default_group_size
@@ -246,7 +250,7 @@ def run_sim(profile, arm: str, items: list[Item], sim_kw: dict, until=None) -> R
 
     pending = [it for it in items if arm != "ls-only" or it.priority == 0]
     base = {k: sim_kw[k] for k in ("max_batch_size", "max_num_batched_tokens", "prefill_chunk")}
-    knobs = arm_options(arm, base, max(it.prompt_len for it in pending))
+    knobs = arm_options(arm, base, max(it.prompt_len for it in pending), options)
     group = default_group_size(sim_kw["num_experts"], knobs.get("granularity", "expert"))
     segments = segment_layout(sim_kw["num_layers"], sim_kw["num_experts"], group, False)
     clock = VirtualClock()

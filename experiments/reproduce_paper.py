@@ -69,7 +69,7 @@ PAIRS = [  # (ours, against) in the paper-vs-ours table
     ("qllm-expert", "qllm-nopreempt"),
 ]
 # Model shape of each simulated profile (what the segment layout is built from).
-PROFILE_SHAPES = {
+PROFILE_SHAPES = {  # (names not listed: Mixtral's)
     "mixtral": dict(num_layers=32, num_experts=8),
     "builtin-cpu": dict(num_layers=4, num_experts=8),
 }

@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import reproduce_paper as rp  # noqa: E402
 
 SCRIPTS = [
-    "reproduce_paper.py", "regime_map.py", "overhead.py", "load_bench.py", "profile_cost.py",
+    "reproduce_paper.py", "regime_map.py", "calibration.py", "starvation.py", "overhead.py",
+    "load_bench.py", "profile_cost.py",
 ]  # fmt: skip
 
 
