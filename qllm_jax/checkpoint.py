@@ -5,8 +5,8 @@ their tokens and sampling state (``Scheduler.snapshot``, plain data), the conten
 pages (``Executor.export_kv``) and their rows of any pass that holds them, at its cursor
 (``Executor.export_rows``: a running pass is between two segments at a step boundary, so it is
 saved as if parked there, and other requests' rows are left out). Only the device-to-host copy
-is synchronous; ``CheckpointStore.save`` writes in the background (orbax's async
-checkpointing) while the engine keeps serving.
+is synchronous; ``CheckpointStore.save`` writes in a background thread while the engine keeps
+serving.
 
 ``restore(engine, snapshot)`` brings them back into another engine, possibly in another
 process: fresh sequence ids and pages (the saved pages are remapped into them), the saved rows
@@ -22,13 +22,15 @@ so a corrupt or truncated checkpoint is detected on load and the previous one us
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
 import shutil
+import threading
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +118,8 @@ def capture(engine: Engine, request_ids: Iterable[str]) -> Snapshot:
         )
         arrays |= {f"rows{i}.{name}": x for name, x in rows.items()}
         for c in rec.chunks:  # the scheduler and the executor agree on where each row is
-            assert states[index[c.seq_id]]["pass"]["cursor"] == rec.cursor
+            if (states[index[c.seq_id]]["pass"] or {}).get("cursor") != rec.cursor:
+                raise RuntimeError(f"sequence {c.seq_id}: scheduler and executor disagree")
     meta = {"format": FORMAT_VERSION, **engine_identity(engine)}
     return Snapshot(meta | {"requests": states, "passes": passes}, arrays)
 
@@ -215,11 +218,12 @@ def _crc(x: np.ndarray) -> int:
 class CheckpointStore:
     """One job's orbax checkpoints in ``directory`` (steps 0, 1, ...; the last ``keep`` kept).
 
-    ``save`` returns once orbax has taken the arrays (it writes them in a background thread);
-    a failed write surfaces as ``CheckpointWriteError`` from the next ``save`` or ``wait``,
-    with the earlier checkpoints untouched. ``load`` returns the newest checkpoint whose
-    metadata parses and whose arrays match their checksums, warning about each newer one it
-    had to skip."""
+    ``save`` returns at once: one background thread computes the checksums, runs the caller's
+    ``before`` (a job syncs its output files there) and has orbax write and commit the step,
+    so the engine's loop pays only for ``capture``'s device-to-host copy. A failed write
+    surfaces as ``CheckpointWriteError`` from the next ``save`` or ``wait``, with the earlier
+    checkpoints untouched. ``load`` returns the newest checkpoint whose metadata parses and
+    whose arrays match their checksums, warning about each newer one it had to skip."""
 
     def __init__(self, directory: str | Path, keep: int = 3) -> None:
         import orbax.checkpoint as ocp
@@ -227,46 +231,59 @@ class CheckpointStore:
         _quiet_orbax()
         self.directory = Path(directory).absolute()
         self._ocp = ocp
+        # orbax's own async mode would still do its setup (directories, metadata) on the
+        # calling thread; the whole save runs on our writer thread instead
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=True, create=True
+                max_to_keep=keep, enable_async_checkpointing=False, create=True
             ),
         )
-        self._next = max(self._manager.all_steps(), default=-1) + 1
+        self._lock = threading.Lock()  # the manager is used by one thread at a time
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "qllm-checkpoint")
+        self._pending: concurrent.futures.Future | None = None
+        self._next = max(self.steps(), default=-1) + 1
 
     def steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        with self._lock:
+            return sorted(self._manager.all_steps())
 
     def busy(self) -> bool:
         """A write is still in progress."""
-        return self._manager.is_saving_in_progress()
+        return self._pending is not None and not self._pending.done()
 
-    def save(self, snap: Snapshot) -> int:
-        """Start writing ``snap`` as a new step; returns the step number."""
+    def save(self, snap: Snapshot, before: Callable[[], None] | None = None) -> int:
+        """Start writing ``snap`` as a new step (after the previous write, whose failure is
+        raised here); returns the step number. ``before`` runs on the writer thread first."""
+        self.wait()
+        step, self._next = self._next, self._next + 1
+        self._pending = self._writer.submit(self._write, step, snap, before)
+        return step
+
+    def wait(self) -> None:
+        """Block until the last write has committed (``CheckpointWriteError`` if it failed)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception as e:
+            with self._lock:
+                self._clean_tmp()
+            raise CheckpointWriteError(f"writing a checkpoint failed: {e}") from e
+
+    def _write(self, step: int, snap: Snapshot, before: Callable[[], None] | None) -> None:
+        if before is not None:
+            before()
         arrays = {k: v for k, v in snap.arrays.items() if v.size}  # orbax refuses empty arrays
         meta = snap.meta | {"arrays": {k: _crc(v) for k, v in arrays.items()}}
         items = {"meta": self._ocp.args.JsonSave(meta)}
         if arrays:
             items["state"] = self._ocp.args.StandardSave(arrays)
-        step = self._next
-        if not self.busy():
-            self._clean_tmp()  # what an earlier failed write left
-        try:
+        with self._lock:
+            self._clean_tmp()  # what an earlier failed or killed write left
             self._manager.save(step, args=self._ocp.args.Composite(**items), force=True)
-        except Exception as e:  # an earlier async write failed, or this one could not start
-            self._clean_tmp()
-            raise CheckpointWriteError(f"writing checkpoint {step} failed: {e}") from e
-        self._next += 1
-        return step
-
-    def wait(self) -> None:
-        """Block until the last write has committed (``CheckpointWriteError`` if it failed)."""
-        try:
             self._manager.wait_until_finished()
-        except Exception as e:
-            self._clean_tmp()
-            raise CheckpointWriteError(f"writing a checkpoint failed: {e}") from e
 
     def load(self) -> tuple[int, Snapshot] | None:
         """The newest valid checkpoint (step, snapshot), or None if there is none at all.
@@ -309,10 +326,11 @@ class CheckpointStore:
         return Snapshot(meta, arrays)
 
     def close(self) -> None:
-        """Wait for the last write (errors raised) and release orbax's threads."""
+        """Wait for the last write (errors raised) and release the threads."""
         try:
             self.wait()
         finally:
+            self._writer.shutdown()
             self._manager.close()
 
     def _clean_tmp(self) -> None:

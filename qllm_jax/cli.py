@@ -186,6 +186,8 @@ def _drive(args: argparse.Namespace, flags: dict[str, Any], start) -> int:
     if job.finished:
         _print_status(jobs.status(job.dir))
         return 0
+    for note in job.notes:
+        print(f"qllm-jax: {note}", file=sys.stderr)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     print(f"qllm-jax: job {job.id}: {job.num_done}/{job.total} done", file=sys.stderr)
     try:

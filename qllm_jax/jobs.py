@@ -42,7 +42,6 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -429,6 +428,7 @@ class Job:
         self.store: ckpt.CheckpointStore | None = None
         self.last_checkpoint = time.monotonic()
         self.last_error: str | None = None  # of the last failed checkpoint write
+        self.notes: list[str] = []  # what resuming did, for the user
         self._files: dict[str, Any] = {}
         self._last_cancel_poll = 0.0
 
@@ -479,7 +479,8 @@ class Job:
         self.done.add(obj["custom_id"])
 
     def sync(self) -> None:
-        for f in self._files.values():
+        """fsync the output files (also called on the checkpoint writer thread)."""
+        for f in list(self._files.values()):
             os.fsync(f.fileno())
 
     def close_files(self) -> None:
@@ -620,17 +621,19 @@ class JobRunner:
         step, snap = loaded
         if snap.meta.get("job", {}).get("id") != job.id:
             raise ckpt.IncompatibleCheckpoint(f"checkpoint {step} belongs to another job")
-        if recompute and ckpt.mismatches(snap.meta, self.engine):
-            print(
-                "qllm-jax: resuming from tokens alone (--recompute): "
-                + "; ".join(ckpt.mismatches(snap.meta, self.engine)),
-                file=sys.stderr,
-            )
         skip = {
             job.request_id(job.by_custom_id[c].index) for c in job.done if c in job.by_custom_id
         }
         before = set(self.engine.scheduler.requests)
-        ckpt.restore(self.engine, snap, recompute=recompute, skip=skip)
+        done = ckpt.restore(self.engine, snap, recompute=recompute, skip=skip)
+        job.notes.append(
+            f"restored checkpoint {step}: {len(done.with_kv)} requests with their KV pages, "
+            f"{len(done.recomputed)} recomputing from tokens, {done.parked_rows} rows parked "
+            f"at their cursor, {done.rewound_rows} rerun from their chunk's start"
+        )
+        if recompute:
+            why = "; ".join(ckpt.mismatches(snap.meta, self.engine)) or "asked to"
+            job.notes.append(f"resumed from tokens alone (recompute: {why})")
         restored = set(self.engine.scheduler.requests) - before
         for rid in restored:
             self.engine.route_outputs(rid, self._on_output)
@@ -686,10 +689,11 @@ class JobRunner:
         """Checkpoint ``job`` now (between two engine steps): its output files are synced
         first, then its requests in flight are captured and written in the background.
         ``wait``: return once the write has committed. Returns the checkpoint step."""
-        job.sync()  # results on disk before the checkpoint that counts them commits
         snap = ckpt.capture(self.engine, job.in_flight)
         snap.meta["job"] = {"id": job.id, "done": len(job.done)}
-        step = job.store.save(snap)
+        # the results written so far reach the disk before the checkpoint commits (on the
+        # writer thread: an fsync can take a while)
+        step = job.store.save(snap, before=job.sync)
         job.last_checkpoint = time.monotonic()
         if wait:
             job.store.wait()
@@ -831,10 +835,10 @@ class JobRunner:
             return
         cancelled = job.state == "cancelling"
         job.set_state("finalizing")
-        job.close_files()
-        if job.store is not None:
+        if job.store is not None:  # first: its writer may be syncing the files
             with contextlib.suppress(ckpt.CheckpointWriteError):
                 job.store.close()
+        job.close_files()
         shutil.rmtree(job.paths.checkpoints, ignore_errors=True)
         job.paths.cancel_marker.unlink(missing_ok=True)
         job.set_state("cancelled" if cancelled else "completed")
@@ -848,10 +852,12 @@ class JobRunner:
             self.engine.abort(rid)  # its abort output reaches no job
         job.in_flight.clear()
         job.pending.clear()
-        job.close_files()
-        if job.store is not None:
-            job.store.close()
-        job.lock.release()
+        try:
+            if job.store is not None:
+                job.store.close()
+        finally:
+            job.close_files()
+            job.lock.release()
         self.jobs.pop(job.id, None)
 
 
