@@ -164,7 +164,10 @@ def size_sweep(model, args) -> list[dict]:
     for n, tokens in args.sizes:
         eng = qllm_jax.Engine(model, **engine_kw(args))
         sp = qllm_jax.SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-        ids = [eng.add_request(list(range(3, 3 + tokens)), sp, 1, None, f"s{k}") for k in range(n)]
+        rng = random.Random(n * tokens)  # distinct prompts: identical KV would compress away
+        vocab = eng.model.config.vocab_size
+        prompts = [[rng.randrange(3, vocab) for _ in range(tokens)] for _ in range(n)]
+        ids = [eng.add_request(p, sp, 1, None, f"s{k}") for k, p in enumerate(prompts)]
         while any(eng.scheduler.requests[r].num_computed < tokens for r in ids):
             eng.step()  # prefilled: each holds about `tokens` tokens of KV
         cfg = eng.model.config

@@ -175,3 +175,10 @@ def test_status_and_cancel_commands(env, cache, tmp_path):
     again = subprocess.run(cli("job", "resume", str(tmp_path / "c")), env=env,
                            capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
     assert again.returncode == 0 and "cancelled" in again.stdout
+
+
+def test_benchmark_script_help():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "experiments" / "job_bench.py"), "--help"],
+                         capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert out.returncode == 0 and "usage" in out.stdout, out.stderr
