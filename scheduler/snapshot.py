@@ -93,7 +93,8 @@ def restore(
         sched.requests[req.request_id] = req
         sched.seqs[req.seq_id] = req
         need = sched.pages_needed(req)
-        if keep_kv and state["kv_tokens"] > 0 and sched.allocator.can_allocate(need):
+        fits = 0 < kv_pages(state, sched.config.page_size) <= need  # a shorter max_model_len
+        if keep_kv and fits and sched.allocator.can_allocate(need):
             req.pages = sched.allocator.allocate(need)
             req.num_computed = state["num_computed"]
             req.status = Status.RUNNING
