@@ -438,17 +438,16 @@ class Executor:
     ) -> list[Signature]:
         """Every executable a plan can need, given the configured bounds (or the tighter
         ``max_rows`` per pass and ``max_context`` tokens per sequence of a known workload, and
-        ``min_context``: the fewest tokens the longest sequence of a pass that reads the cache
-        holds), of every kernel or of the named ``kernels``. Rows read only their own
+        ``min_context``: the fewest tokens the longest sequence of any pass holds up to its
+        chunk's end), of every kernel or of the named ``kernels``. Rows read only their own
         sequence's pages, so the page bucket follows the longest sequence of a pass, not how
         many it holds."""
         rows = buckets(min(max_rows or self.max_rows, self.max_rows), ROW_BUCKET_MIN)
         ctx = min(max_context or self.max_model_len, self.max_model_len)
-        # a row reads its sequence's tokens before its chunk: at most ctx - 1 of them; 0
-        # pages when every chunk of the pass starts its sequence
-        most_pages = min(self.num_pages - 1, max(1, math.ceil((ctx - 1) / self.page_size)))
-        least = bucket(math.ceil(max(min_context - 1, 1) / self.page_size), PAGE_BUCKET_MIN)
-        pages = [0, *(p for p in buckets(most_pages, PAGE_BUCKET_MIN) if p >= least)]
+        # a row reads its sequence's keys up to its own position: at most ctx of them
+        most_pages = min(self.num_pages - 1, max(1, math.ceil(ctx / self.page_size)))
+        least = bucket(math.ceil(max(min_context, 1) / self.page_size), PAGE_BUCKET_MIN)
+        pages = [p for p in buckets(most_pages, PAGE_BUCKET_MIN) if p >= least]
         samples = buckets(self.max_batch_size, SAMPLE_BUCKET_MIN)
         windows = sorted(set(self.cfg.sliding_windows), key=lambda w: (w is not None, w or 0))
         kinds = {s.kind for s in self.segments}
@@ -570,8 +569,6 @@ def _dummy_meta(rows: int, pages: int) -> dict[str, np.ndarray]:
         positions=np.zeros(rows, np.int32),
         valid=np.zeros(rows, bool),
         write_slot=np.zeros(rows, np.int32),
-        chunk=np.full(rows, -1, np.int32),
-        prefix_len=np.zeros(rows, np.int32),
         pages=np.zeros((rows, pages), np.int32),
     )
 
