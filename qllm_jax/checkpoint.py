@@ -23,9 +23,11 @@ so a corrupt or truncated checkpoint is detected on load and the previous one us
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import shutil
 import threading
 import warnings
@@ -240,7 +242,9 @@ class CheckpointStore:
             ),
         )
         self._lock = threading.Lock()  # the manager is used by one thread at a time
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, "qllm-checkpoint")
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            1, "qllm-checkpoint", initializer=_background_priority
+        )
         self._pending: concurrent.futures.Future | None = None
         self._next = max(self.steps(), default=-1) + 1
 
@@ -269,7 +273,7 @@ class CheckpointStore:
             pending.result()
         except Exception as e:
             with self._lock:
-                self._clean_tmp()
+                self.clean_tmp()
             raise CheckpointWriteError(f"writing a checkpoint failed: {e}") from e
 
     def _write(self, step: int, snap: Snapshot, before: Callable[[], None] | None) -> None:
@@ -281,7 +285,7 @@ class CheckpointStore:
         if arrays:
             items["state"] = self._ocp.args.StandardSave(arrays)
         with self._lock:
-            self._clean_tmp()  # what an earlier failed or killed write left
+            self.clean_tmp()  # what an earlier failed or killed write left
             self._manager.save(step, args=self._ocp.args.Composite(**items), force=True)
             self._manager.wait_until_finished()
 
@@ -333,10 +337,17 @@ class CheckpointStore:
             self._writer.shutdown()
             self._manager.close()
 
-    def _clean_tmp(self) -> None:
+    def clean_tmp(self) -> None:
         """Remove what a failed or interrupted write left (orbax's temporary directories)."""
         for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _background_priority() -> None:
+    """The writer thread yields the CPU to the engine's threads (Linux: a thread has its own
+    nice value), so a checkpoint being written slows serving as little as it can."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _quiet_orbax() -> None:

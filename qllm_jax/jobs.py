@@ -583,6 +583,7 @@ class JobRunner:
         if manifest.get("format") != FORMAT_VERSION:
             raise JobError(f"{paths.manifest}: job format {manifest.get('format')} is unknown")
         lock = _Lock(paths)
+        job = None
         try:
             lines = parse_input(paths.input.read_bytes())
             job = Job(paths, manifest, lines, lock)
@@ -598,6 +599,8 @@ class JobRunner:
                 self._validate_bodies(job)
             restored = self._restore(job, recompute)
         except BaseException:
+            if job is not None and job.store is not None:
+                job.store.close()
             lock.release()
             raise
         return self._start(job, restored)
@@ -614,7 +617,7 @@ class JobRunner:
     def _restore(self, job: Job, recompute: bool) -> set[str]:
         """Restore the requests of the newest valid checkpoint that are not done yet."""
         job.store = ckpt.CheckpointStore(job.paths.checkpoints, self.keep)
-        job.store._clean_tmp()  # what a write killed mid-way left behind
+        job.store.clean_tmp()  # what a write killed mid-way left behind
         loaded = job.store.load()
         if loaded is None:
             return set()
