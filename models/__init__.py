@@ -39,6 +39,7 @@ class Model:
     tokenizer: Any | None
     path: Path
     dtype: str  # "float32" or "bfloat16"
+    seed: int | None = None  # the seed of a random_model (None: weights from a checkpoint)
 
 
 def load_tokenizer(model_dir: Path) -> Any | None:

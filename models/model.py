@@ -146,93 +146,71 @@ def attend(q: Array, k: Array, v: Array, mask: Array, cfg: ModelConfig) -> Array
     return out.reshape(n, cfg.q_size)
 
 
-KEY_BLOCK_ELEMENTS = 1 << 23  # gathered K elements per block of the paged attention (32 MB f32)
+# Pages per block of the paged attention's online softmax. Fixed, not sized to the pass, so a
+# row's arithmetic never depends on how many rows or pages its pass holds: XLA reduces a longer
+# block of masked keys in another order. The runtime's smallest page bucket, so every bucket is
+# a whole number of blocks.
+ATTENTION_BLOCK_PAGES = 4
 
 
 def paged_attention(
     q: Array,
-    k: Array,
-    v: Array,
     k_cache: Array,
     v_cache: Array,
     pages: Array,
-    prefix_len: Array,
-    chunk: Array,
     positions: Array,
     valid: Array,
     window: int | None,
     cfg: ModelConfig,
     page_size: int,
 ) -> Array:
-    """Each row attends over its own sequence only: the tokens before its chunk, read from the
-    paged cache, and the rows of its own chunk, as just computed.
+    """Each row attends over its own sequence's keys at positions 0 .. its own, all read from
+    the paged cache (the pass writes its rows' K/V there first).
 
-    q [N, Hq, hd], k/v [N, Hkv, hd]: this pass's rows; k_cache/v_cache [slots, Hkv, hd];
-    pages [N, P] int32: the pages of each row's sequence holding positions 0 ..
-    prefix_len[n] (page j holds positions j*ps .. (j+1)*ps; P may be 0); prefix_len, chunk,
-    positions, valid [N] (chunk: the index of a row's chunk in the pass). → [N, Hq*hd].
+    q [N, Hq, hd]; k_cache/v_cache [slots, Hkv, hd]; pages [N, P] int32: the pages of each
+    row's sequence up to its position (page j holds positions j*ps .. (j+1)*ps; 0: scratch
+    padding); positions, valid [N]. → [N, Hq*hd].
 
-    Work and memory are rows x (P*ps + N), never rows x all keys of the pass, so a decode step
-    grows linearly in its batch, and a prompt's first chunk reads nothing from the cache. A
-    long prefix is read in blocks of pages with an online softmax, so the gathered keys stay
-    under ``KEY_BLOCK_ELEMENTS``.
+    Batch invariant: a key sits at its position in fixed blocks of ``ATTENTION_BLOCK_PAGES``
+    pages, folded into an online softmax in order, and a block past a row's position leaves
+    its state exactly as it was. So a row's result depends on its sequence's keys and its
+    position alone, not on the other rows of its pass, the row and page buckets, or how its
+    prompt was cut into chunks: a request gets the same tokens however it is scheduled
+    (preempted, resumed from a checkpoint, batched with anyone). Work and memory are rows x
+    P*ps per layer, never rows x all keys of the pass.
     """
     n, p = pages.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(n, cfg.num_kv_heads, groups, cfg.head_dim)  # [N, Hkv, G, hd]
     scale = jnp.asarray(cfg.head_dim**-0.5, q.dtype)
     masked = jnp.finfo(jnp.float32).min
-
-    def scores(keys: Array, spec: str, mask: Array) -> Array:
-        s = jnp.einsum(spec, qg, keys) * scale
-        return jnp.where(mask[:, None, None, :], s.astype(jnp.float32), masked)
-
-    # the rows of the row's own chunk, up to its position: [N, Hkv, G, N]
-    own = (chunk[:, None] == chunk[None, :]) & (positions[None, :] <= positions[:, None])
-    own &= valid[None, :]
-    if window is not None:
-        own &= (positions[:, None] - positions[None, :]) < window
-    s_own = scores(k, "nhgd,mhd->nhgm", own)
-
-    if p == 0:  # no row has a cached prefix: a plain softmax over the chunk
-        probs = jax.nn.softmax(s_own, axis=-1).astype(q.dtype)
-        return jnp.einsum("nhgm,mhd->nhgd", probs, v).reshape(n, cfg.q_size)
-
-    per_page = n * page_size * cfg.kv_size
-    block = max(1, min(p, KEY_BLOCK_ELEMENTS // max(per_page, 1)))
+    block = min(p, ATTENTION_BLOCK_PAGES)
     while p % block:
         block -= 1  # P is a power of two in practice, so this ends on one
-    offsets = jnp.arange(page_size, dtype=jnp.int32)
-
-    def prefix_block(j: Array) -> tuple[Array, Array]:
-        """Masked scores [N, Hkv, G, M] and values [N, M, Hkv, hd] of prefix page block j."""
-        blk = jax.lax.dynamic_slice_in_dim(pages, j * block, block, axis=1)  # [N, B]
-        slots = (blk[:, :, None] * page_size + offsets).reshape(n, -1)  # [N, M]
-        k_pos = j * block * page_size + jnp.arange(block * page_size, dtype=jnp.int32)  # [M]
-        mask = (k_pos[None, :] < prefix_len[:, None]) & valid[:, None]
-        if window is not None:
-            mask &= (positions[:, None] - k_pos[None, :]) < window
-        return scores(k_cache[slots], "nhgd,nmhd->nhgm", mask), v_cache[slots]
-
-    if block == p:  # one softmax over prefix and chunk, as HF's eager attention computes it
-        s_pre, v_pre = prefix_block(jnp.int32(0))
-        probs = jax.nn.softmax(jnp.concatenate([s_pre, s_own], -1), axis=-1).astype(q.dtype)
-        m = s_pre.shape[-1]
-        out = jnp.einsum("nhgm,nmhd->nhgd", probs[..., :m], v_pre)
-        out += jnp.einsum("nhgm,mhd->nhgd", probs[..., m:], v)
-        return out.reshape(n, cfg.q_size)
+    offsets = jnp.arange(block * page_size, dtype=jnp.int32)
 
     def step(j, carry):
         mx, total, acc = carry  # running max, sum of exp, weighted values (f32)
-        s, vals = prefix_block(j)
+        blk = jax.lax.dynamic_slice_in_dim(pages, j * block, block, axis=1)  # [N, B]
+        slots = (blk[:, :, None] * page_size + jnp.arange(page_size)).reshape(n, -1)  # [N, M]
+        k_pos = j * block * page_size + offsets  # [M]
+        mask = (k_pos[None, :] <= positions[:, None]) & valid[:, None]
+        if window is not None:
+            mask &= (positions[:, None] - k_pos[None, :]) < window
+        s = jnp.einsum("nhgd,nmhd->nhgm", qg, k_cache[slots]) * scale
+        s = jnp.where(mask[:, None, None, :], s.astype(jnp.float32), masked)
         mx_new = jnp.maximum(mx, s.max(-1))
         r, e = jnp.exp(mx - mx_new), jnp.exp(s - mx_new[..., None])
+        vals = v_cache[slots]  # [N, M, Hkv, hd]
         acc = acc * r[..., None] + jnp.einsum("nhgm,nmhd->nhgd", e.astype(q.dtype), vals)
         return mx_new, total * r + e.sum(-1), acc
 
-    mx = s_own.max(-1)  # start from the chunk's own part
-    e = jnp.exp(s_own - mx[..., None])
-    init = (mx, e.sum(-1), jnp.einsum("nhgm,mhd->nhgd", e.astype(q.dtype), v).astype(jnp.float32))
+    shape = (n, cfg.num_kv_heads, groups)
+    init = (
+        jnp.full(shape, masked),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, cfg.head_dim), jnp.float32),
+    )
     _, total, acc = jax.lax.fori_loop(0, p // block, step, init)
     return (acc / total[..., None]).astype(q.dtype).reshape(n, cfg.q_size)
 

@@ -100,4 +100,5 @@ def random_model(
     else:
         cfg, name = name_or_config, "custom"
     params = random_params(cfg, dtype, seed, expert_layout)
-    return Model(cfg, params, None, Path(f"random:{name}"), str(np.dtype(jnp.dtype(dtype))))
+    dtype_name = str(np.dtype(jnp.dtype(dtype)))
+    return Model(cfg, params, None, Path(f"random:{name}"), dtype_name, seed=seed)

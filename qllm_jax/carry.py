@@ -11,8 +11,8 @@ dropped, merged or split; the row state then moves with one jitted scatter per s
 (``scatter_rows``), over bucketed shapes.
 
 Shapes: N rows (a power-of-two bucket; rows past the real ones have ``valid = False``), D hidden,
-k experts per token, P pages per row (a bucket, 0 included: the cached prefix of the pass's
-longest one).
+k experts per token, P pages per row (a bucket: the pages of the pass's longest sequence up to
+its chunk's end).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from qllm_jax.models.model import ATTENTION_BLOCK_PAGES
 from qllm_jax.models.params import pytree_dataclass
 from qllm_jax.scheduler.ledger import CarryRecord
 
@@ -41,9 +42,8 @@ class Carry:
     positions: Array  # [N] int32 position of each row in its sequence
     valid: Array  # [N] bool, False for padding rows
     write_slot: Array  # [N] int32 flat KV slot (page * page_size + offset) for the row's K/V
-    chunk: Array  # [N] int32 index of the row's chunk in the pass, -1 for padding
-    prefix_len: Array  # [N] int32 tokens of the row's sequence before its chunk (in the cache)
-    pages: Array  # [N, P] int32 pages holding those tokens, in order (0: scratch padding)
+    pages: Array  # [N, P] int32 pages of the row's sequence up to its chunk's end, in order
+    # (0: scratch padding)
 
     @property
     def num_rows(self) -> int:
@@ -55,10 +55,10 @@ class Carry:
 
 
 STATE_FIELDS = ("h", "moe_in", "weights", "ids", "acc")
-META_FIELDS = ("positions", "valid", "write_slot", "chunk", "prefix_len", "pages")
+META_FIELDS = ("positions", "valid", "write_slot", "pages")
 
 ROW_BUCKET_MIN = 8  # rows of a pass
-PAGE_BUCKET_MIN = 4  # pages a row attends over
+PAGE_BUCKET_MIN = ATTENTION_BLOCK_PAGES  # pages a row attends over: whole attention blocks
 SAMPLE_BUCKET_MIN = 8  # rows that sample a token
 
 
@@ -77,35 +77,30 @@ def buckets(largest: int, minimum: int) -> list[int]:
 
 
 def pages_per_row(rec: CarryRecord, page_size: int) -> int:
-    """Pages each row of a pass reads from the cache: those holding the longest prefix (the
-    tokens before a chunk) of the pass, bucketed; 0 when every chunk starts its sequence."""
-    most = max(-(-c.start // page_size) for c in rec.chunks)
-    return bucket(most, PAGE_BUCKET_MIN) if most else 0
+    """Pages each row of a pass reads from the cache: those of the pass's longest sequence up
+    to its chunk's end (attention reads a row's own chunk back from the cache too), bucketed."""
+    return bucket(max(-(-c.end // page_size) for c in rec.chunks), PAGE_BUCKET_MIN)
 
 
 def pass_meta(rec: CarryRecord, page_size: int) -> dict[str, np.ndarray]:
     """The metadata fields of a carry holding ``rec``'s chunks, in its row order (host arrays).
 
-    Each chunk's rows are consecutive, at positions ``start .. end``; each row reads its
-    sequence's first ``start`` tokens from the cache and sees its own chunk's rows directly.
+    Each chunk's rows are consecutive, at positions ``start .. end``; each row writes its K/V
+    to its slot and reads its sequence's keys up to its own position from the cache.
     """
     nb, pb = bucket(rec.num_rows), pages_per_row(rec, page_size)
     pos, valid = np.zeros(nb, np.int32), np.zeros(nb, bool)
     slot, pages = np.zeros(nb, np.int32), np.zeros((nb, pb), np.int32)
-    chunk, prefix = np.full(nb, -1, np.int32), np.zeros(nb, np.int32)
     r = 0
-    for i, c in enumerate(rec.chunks):
+    for c in rec.chunks:
         m, nk = c.num_tokens, -(-c.end // page_size)
         p = np.arange(c.start, c.end, dtype=np.int32)
         own = np.asarray(c.pages[:nk], np.int32)
-        pos[r : r + m], valid[r : r + m], chunk[r : r + m], prefix[r : r + m] = p, True, i, c.start
+        pos[r : r + m], valid[r : r + m] = p, True
         slot[r : r + m] = own[p // page_size] * page_size + p % page_size
-        held = -(-c.start // page_size)
-        pages[r : r + m, :held] = own[:held]
+        pages[r : r + m, :nk] = own
         r += m
-    return dict(
-        positions=pos, valid=valid, write_slot=slot, chunk=chunk, prefix_len=prefix, pages=pages
-    )
+    return dict(positions=pos, valid=valid, write_slot=slot, pages=pages)
 
 
 def token_ids(rec: CarryRecord) -> np.ndarray:

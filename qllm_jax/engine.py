@@ -16,7 +16,7 @@ import numbers
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -148,6 +148,8 @@ class Engine:
         self._seq_ids = itertools.count()
         self._ids = itertools.count()
         self._ended: list[RequestOutput] = []  # aborted requests, reported by the next step
+        self._owners: dict[str, Callable[[RequestOutput], None]] = {}  # request id -> on_output
+        self._step_hooks: list[Callable[[], None]] = []
         self._compiles_at_warmup: int | None = None
         self.num_steps = 0
         compile_log.count()  # count compilations from here on
@@ -199,6 +201,8 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(t >= vocab for t in sampling.stop_token_ids):
             raise ValueError(f"stop_token_ids must lie in [0, {vocab})")
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
         if isinstance(priority, bool) or not isinstance(priority, numbers.Integral):
             raise TypeError(f"priority must be an int, got {priority!r}")
         if arrival_time is not None and not (
@@ -230,10 +234,24 @@ class Engine:
         """Queue a request; returns its id. ``priority``: lower is more urgent (0 = LS)."""
         return self.add(self.make_request(prompt, sampling, priority, arrival_time, request_id))
 
-    def add(self, req: Request) -> str:
-        """Queue a request from ``make_request``."""
+    def add(self, req: Request, on_output: Callable[[RequestOutput], None] | None = None) -> str:
+        """Queue a request from ``make_request``. With ``on_output``, its outputs go to that
+        callback instead of ``step()``'s list (a durable job collects its requests so)."""
         self.scheduler.add(req)
+        if on_output is not None:
+            self._owners[req.request_id] = on_output
         return req.request_id
+
+    def restore_requests(self, states: list[dict], keep_kv: bool = True) -> list[Request]:
+        """Bring back requests saved by ``Scheduler.snapshot`` (a job's checkpoint) with fresh
+        sequence ids; ``qllm_jax.checkpoint.restore`` then fills their pages and rows."""
+        return self.scheduler.restore(states, lambda: next(self._seq_ids), keep_kv)
+
+    def route_outputs(self, request_id: str, on_output: Callable[[RequestOutput], None]) -> None:
+        """Send the outputs of live request ``request_id`` to ``on_output`` (as ``add`` does)."""
+        if request_id not in self.scheduler.requests:
+            raise ValueError(f"no live request {request_id!r}")
+        self._owners[request_id] = on_output
 
     def _auto_id(self) -> str:
         """The next counter value that no live request uses (callers may pick ids too)."""
@@ -258,14 +276,58 @@ class Engine:
     # -- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one plan; return the requests that advanced or ended (tokens so far)."""
+        """Run one plan; return the requests that advanced or ended (tokens so far).
+
+        Outputs of requests added with an ``on_output`` callback go to it instead of the list;
+        then every step hook runs (``add_step_hook``), still between two plans."""
         outs, self._ended = self._ended, []
         plan = self.scheduler.schedule()
-        if plan is None:
+        if plan is not None:
+            result = self.executor.execute(plan)
+            self.num_steps += plan.runs
+            outs += [self._advanced(r) for r in self.scheduler.update(plan, result)]
+        outs = self._route(outs)
+        for hook in list(self._step_hooks):
+            hook()
+        return outs
+
+    def _advanced(self, req: Request) -> RequestOutput:
+        """The output of a request the last plan advanced, after its stop strings: a match in
+        the detokenised text ends it with ``"stop"`` and the text is cut there (OpenAI's
+        rule). Checked here because only the engine has the tokenizer; one decode per
+        request per step, which ``output`` needs anyway."""
+        text = self._text(req)
+        stops = req.sampling.stop
+        if stops and text and req.finish_reason in (None, "stop", "length"):
+            cut = stop_string_cut(text, stops)
+            if cut is not None:
+                if not req.status.done:
+                    self.scheduler.stop(req.request_id)
+                req.finish_reason, text = "stop", text[:cut]
+        return self.output(req, text)
+
+    def _route(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        """Hand outputs of requests added with ``on_output`` to their callback."""
+        if not self._owners:
             return outs
-        result = self.executor.execute(plan)
-        self.num_steps += plan.runs
-        return outs + [self.output(r) for r in self.scheduler.update(plan, result)]
+        mine = []
+        for out in outs:
+            owner = self._owners.get(out.request_id)
+            if owner is None:
+                mine.append(out)
+                continue
+            if out.finished:
+                del self._owners[out.request_id]
+            owner(out)
+        return mine
+
+    def add_step_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` at the end of every ``step()``, between two plans: where durable
+        jobs submit more requests and take checkpoints (no pass is mid-segment there)."""
+        self._step_hooks.append(hook)
+
+    def remove_step_hook(self, hook: Callable[[], None]) -> None:
+        self._step_hooks.remove(hook)
 
     def warmup(
         self, max_rows: int | None = None, max_context: int | None = None, min_context: int = 1
@@ -284,10 +346,15 @@ class Engine:
         """The kernels this engine's mode calls."""
         return ("fused",) if self.mode == "fused" else SEGMENT_KERNELS
 
-    def output(self, req: Request) -> RequestOutput:
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+    def _text(self, req: Request) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+
+    def output(self, req: Request, text: str | None = None) -> RequestOutput:
+        """What a request has produced so far (``text``: its detokenised output, if known)."""
+        if text is None:
+            text = self._text(req)
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=list(req.prompt_token_ids),
@@ -321,6 +388,12 @@ class Engine:
             "compiles": compile_log.count(),
             "compiles_since_warmup": None if since is None else compile_log.count() - since,
         }
+
+
+def stop_string_cut(text: str, stops: Sequence[str]) -> int | None:
+    """Where ``text`` must be cut for the earliest match of any of ``stops`` (None: none)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits, default=None)
 
 
 def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size) -> None:

@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jax
@@ -351,6 +351,60 @@ class Executor:
                 self._inflight.popleft().block_until_ready()
             self.wait_s += time.perf_counter() - t0
 
+    # -- saving and restoring requests (durable jobs) ---------------------------------------------
+    # Called between plans, off the step path: each export is one explicit device-to-host copy.
+
+    def export_kv(self, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of KV pages, every layer: k, v [L, len(pages), page_size, Hkv, hd]."""
+        self._inflight.clear()  # the copy waits for the device anyway
+        return self.kv.read_pages(pages)
+
+    def import_kv(self, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
+        """Write saved pages (``export_kv``'s arrays) into ``pages``, which may differ from the
+        pages they came from: restored requests get fresh page ids."""
+        self.kv.write_pages(pages, k, v)
+
+    def export_rows(
+        self, seq_ids: Iterable[int]
+    ) -> list[tuple[CarryRecord, dict[str, np.ndarray]]]:
+        """The rows of ``seq_ids`` in every carry holding any of them, as if they had been
+        split off into a pass of their own at the carry's cursor: its record (chunks in row
+        order) and the row state of just those rows (host arrays [rows, ...] per field).
+        The carries themselves are left as they are."""
+        wanted, out = set(seq_ids), []
+        for pid, rec in self.ledger.carries.items():
+            mine = [(off, c) for off, c in zip(rec.offsets, rec.chunks) if c.seq_id in wanted]
+            if not mine:
+                continue
+            rows = np.concatenate([np.arange(off, off + c.num_tokens) for off, c in mine])
+            state = jax.device_get(self.carries[pid].state)
+            arrays = {f: np.asarray(x)[rows] for f, x in zip(STATE_FIELDS, state, strict=True)}
+            out.append((CarryRecord(rec.cursor, tuple(c for _, c in mine)), arrays))
+        return out
+
+    def check_rows(self, num_rows: int, state: dict[str, np.ndarray]) -> None:
+        """Raise ``ValueError`` unless ``state`` holds ``num_rows`` rows of this model's row
+        state (fields, shapes and dtypes), as ``import_rows`` needs."""
+        for name, pad in zip(STATE_FIELDS, self._padding(bucket(num_rows)), strict=True):
+            x = state.get(name)
+            want = (num_rows, *pad.shape[1:])
+            if x is None or x.shape != want or x.dtype != pad.dtype:
+                got = "nothing" if x is None else f"{x.dtype}{list(x.shape)}"
+                need = f"{pad.dtype}{list(want)}"
+                raise ValueError(f"carry field {name}: saved {got}, this model needs {need}")
+
+    def import_rows(self, pass_id: int, rec: CarryRecord, state: dict[str, np.ndarray]) -> None:
+        """Hold a parked pass ``pass_id`` at ``rec.cursor`` with ``rec``'s rows and their saved
+        row state (``export_rows``' arrays; its chunks may name new sequences and pages)."""
+        self.check_rows(rec.num_rows, state)
+        fields = {}
+        for name, pad in zip(STATE_FIELDS, self._padding(bucket(rec.num_rows)), strict=True):
+            full = np.array(jax.device_get(pad))  # padding rows exactly as a new carry has them
+            full[: rec.num_rows] = state[name]
+            fields[name] = jax.device_put(full)
+        self.ledger.restore(pass_id, rec)
+        self.carries[pass_id] = Carry(**fields, **self._meta(rec))
+
     # -- faults -----------------------------------------------------------------------------------
 
     def _recover(self, plan: Plan, finished: CarryRecord | None, err: Exception) -> StepResult:
@@ -390,17 +444,16 @@ class Executor:
     ) -> list[Signature]:
         """Every executable a plan can need, given the configured bounds (or the tighter
         ``max_rows`` per pass and ``max_context`` tokens per sequence of a known workload, and
-        ``min_context``: the fewest tokens the longest sequence of a pass that reads the cache
-        holds), of every kernel or of the named ``kernels``. Rows read only their own
+        ``min_context``: the fewest tokens the longest sequence of any pass holds up to its
+        chunk's end), of every kernel or of the named ``kernels``. Rows read only their own
         sequence's pages, so the page bucket follows the longest sequence of a pass, not how
         many it holds."""
         rows = buckets(min(max_rows or self.max_rows, self.max_rows), ROW_BUCKET_MIN)
         ctx = min(max_context or self.max_model_len, self.max_model_len)
-        # a row reads its sequence's tokens before its chunk: at most ctx - 1 of them; 0
-        # pages when every chunk of the pass starts its sequence
-        most_pages = min(self.num_pages - 1, max(1, math.ceil((ctx - 1) / self.page_size)))
-        least = bucket(math.ceil(max(min_context - 1, 1) / self.page_size), PAGE_BUCKET_MIN)
-        pages = [0, *(p for p in buckets(most_pages, PAGE_BUCKET_MIN) if p >= least)]
+        # a row reads its sequence's keys up to its own position: at most ctx of them
+        most_pages = min(self.num_pages - 1, max(1, math.ceil(ctx / self.page_size)))
+        least = bucket(math.ceil(max(min_context, 1) / self.page_size), PAGE_BUCKET_MIN)
+        pages = [p for p in buckets(most_pages, PAGE_BUCKET_MIN) if p >= least]
         windows = sorted(set(self.cfg.sliding_windows), key=lambda w: (w is not None, w or 0))
         kinds = {s.kind for s in self.segments}
         out = []
@@ -521,8 +574,6 @@ def _dummy_meta(rows: int, pages: int) -> dict[str, np.ndarray]:
         positions=np.zeros(rows, np.int32),
         valid=np.zeros(rows, bool),
         write_slot=np.zeros(rows, np.int32),
-        chunk=np.full(rows, -1, np.int32),
-        prefix_len=np.zeros(rows, np.int32),
         pages=np.zeros((rows, pages), np.int32),
     )
 

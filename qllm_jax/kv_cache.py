@@ -10,6 +10,8 @@ no sequence owns. Page ids are handed out by the scheduler's ``PageAllocator`` (
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,29 +39,63 @@ class KVCache:
     def num_pages(self) -> int:
         return self.k[0].shape[0] // self.page_size
 
-    def read_pages(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of some pages, all layers: [L, len(pages) * page_size, Hkv, hd] each.
-        For saving a request's KV (job checkpoints)."""
-        slots = page_slots(pages, self.page_size)
-        return np.stack([np.asarray(x[slots]) for x in self.k]), np.stack(
-            [np.asarray(x[slots]) for x in self.v]
-        )
+    def read_pages(self, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of whole pages, every layer: k, v [L, len(pages), page_size, Hkv, hd].
 
-    def write_pages(self, pages: list[int], k: np.ndarray, v: np.ndarray) -> None:
-        """Inverse of ``read_pages``: restore a request's KV into (possibly other) pages."""
-        slots = jnp.asarray(page_slots(pages, self.page_size))
-        self.k = [
-            x.at[slots].set(jnp.asarray(kk, x.dtype)) for x, kk in zip(self.k, k, strict=True)
-        ]
-        self.v = [
-            x.at[slots].set(jnp.asarray(vv, x.dtype)) for x, vv in zip(self.v, v, strict=True)
-        ]
+        For saving a request's KV (job checkpoints): one jitted gather over a power-of-two
+        bucket of page ids (padded with the scratch page, so the executables stay few) and one
+        explicit device-to-host copy; the cache itself is not touched."""
+        ids = _bucketed(pages)
+        k, v = jax.device_get(_gather_pages(tuple(self.k), tuple(self.v), ids, self.page_size))
+        return k[:, : len(pages)], v[:, : len(pages)]
+
+    def write_pages(self, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
+        """Inverse of ``read_pages``: put saved pages into (possibly other) pages ``pages``.
+        In place (the cache is donated); padding entries write the scratch page."""
+        n, layers = len(pages), len(self.k)
+        want = (layers, n, self.page_size, *self.k[0].shape[1:])
+        if k.shape != want or v.shape != want:
+            raise ValueError(f"KV pages of shape {k.shape}, {v.shape}; this cache holds {want}")
+        ids = _bucketed(pages)
+        pad = ((0, 0), (0, len(ids) - n)) + ((0, 0),) * 3
+        dtype = self.k[0].dtype
+        kk, vv = (np.pad(np.asarray(x, dtype), pad) for x in (k, v))
+        new_k, new_v = _scatter_pages(tuple(self.k), tuple(self.v), ids, kk, vv, self.page_size)
+        self.k, self.v = list(new_k), list(new_v)
 
 
-def page_slots(pages: list[int], page_size: int) -> np.ndarray:
-    """Flat slot indices of whole pages, in order: [len(pages) * page_size] int32."""
-    p = np.asarray(pages, np.int32)
-    return (p[:, None] * page_size + np.arange(page_size, dtype=np.int32)[None, :]).reshape(-1)
+PAGE_IO_BUCKET_MIN = 8  # pages per checkpoint read or write
+
+
+def _bucketed(pages: Sequence[int]) -> np.ndarray:
+    """Page ids padded with the scratch page to a power-of-two count."""
+    n = len(pages)
+    ids = np.zeros(max(PAGE_IO_BUCKET_MIN, 1 << max(0, n - 1).bit_length()), np.int32)
+    ids[:n] = pages
+    return ids
+
+
+@functools.partial(jax.jit, static_argnames=("page_size",))
+def _gather_pages(k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], ids, page_size: int):
+    """k, v [L, P, page_size, Hkv, hd] of pages ``ids`` [P]."""
+
+    def take(x):  # [num_pages * page_size, Hkv, hd] -> [P, page_size, Hkv, hd]
+        return x.reshape(-1, page_size, *x.shape[1:])[ids]
+
+    return jnp.stack([take(x) for x in k]), jnp.stack([take(x) for x in v])
+
+
+@functools.partial(jax.jit, static_argnames=("page_size",), donate_argnums=(0, 1))
+def _scatter_pages(k, v, ids, new_k, new_v, page_size: int):
+    """The caches with pages ``ids`` [P] replaced by ``new_k``/``new_v`` [L, P, ps, Hkv, hd]."""
+
+    def put(x, new):
+        return x.reshape(-1, page_size, *x.shape[1:]).at[ids].set(new).reshape(x.shape)
+
+    return (
+        tuple(put(x, new_k[i]) for i, x in enumerate(k)),
+        tuple(put(x, new_v[i]) for i, x in enumerate(v)),
+    )
 
 
 def pages_for_budget(

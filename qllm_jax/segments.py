@@ -106,9 +106,8 @@ def attention_fn(
     k_cache = k_cache.at[c.write_slot].set(k.astype(k_cache.dtype))
     v_cache = v_cache.at[c.write_slot].set(v.astype(v_cache.dtype))
     out = paged_attention(
-        q, k, v, k_cache, v_cache, c.pages, c.prefix_len, c.chunk, c.positions, c.valid,
-        window, cfg, page_size,
-    )  # fmt: skip
+        q, k_cache, v_cache, c.pages, c.positions, c.valid, window, cfg, page_size
+    )
     h, moe_in, weights, ids = attention_output(p, cfg, h, out)
     ids = jnp.where(c.valid[:, None], ids, cfg.num_experts)  # padding rows visit no expert
     return h, moe_in, weights, ids, k_cache, v_cache

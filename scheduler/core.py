@@ -33,9 +33,10 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
+from . import snapshot
 from .pages import PageAllocator
 from .plan import Chunk, Plan, SampleSpec, Segment, StepResult
 from .request import Request, Status
@@ -270,6 +271,34 @@ class Scheduler:
         self._finish(req, "abort", Status.ABORTED)
         self._forget(req)
         return req
+
+    def stop(self, request_id: str) -> Request | None:
+        """End a live request now with ``finish_reason="stop"``: the engine matched one of its
+        stop strings in the detokenised text, which the scheduler cannot see. Frees what it
+        holds, like ``abort``. Returns the request (now forgotten), or None."""
+        req = self.requests.get(request_id)
+        if req is None or req.status.done:
+            return None
+        self._leave_pass(req)
+        self._finish(req, "stop", Status.FINISHED)
+        self._forget(req)
+        return req
+
+    # -- durable jobs: requests as plain data, and back (the logic is in snapshot.py) ----------
+
+    def snapshot(self, request_ids: Iterable[str]) -> list[dict]:
+        """JSON-ready states of the live requests among ``request_ids``, for a checkpoint."""
+        return snapshot.take(self, request_ids, self.clock())
+
+    def restore(
+        self, states: list[dict], new_seq_id: Callable[[], int], keep_kv: bool = True
+    ) -> list[Request]:
+        """Bring back requests saved by ``snapshot`` (see ``snapshot.restore``)."""
+        return snapshot.restore(self, states, self.clock(), new_seq_id, keep_kv)
+
+    def restore_pass(self, rows: list[tuple[Request, int]], cursor: int) -> int:
+        """Park restored rows as one pass at ``cursor`` (see ``snapshot.restore_pass``)."""
+        return snapshot.restore_pass(self, rows, cursor, self.clock())
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.admitted)

@@ -95,6 +95,16 @@ class Ledger:
             self.where.pop(c.seq_id, None)
         return rec
 
+    def restore(self, pass_id: int, rec: CarryRecord) -> None:
+        """Record a parked carry restored from a checkpoint (``PlanError`` if it clashes with
+        what is held: the pass id or a sequence in use, pages too few, a cursor out of range)."""
+        if pass_id in self.carries:
+            raise PlanError(f"cannot restore pass {pass_id}: it already holds a carry")
+        if not 0 < rec.cursor < self.head:
+            raise PlanError(f"cannot restore pass {pass_id} at cursor {rec.cursor}")
+        self._check_new_chunks(rec.chunks, {p: list(r.chunks) for p, r in self.carries.items()})
+        self._set(pass_id, rec)
+
     # -- the plan ------------------------------------------------------------------------------
 
     def apply(self, plan: Plan, checked: bool = False) -> Applied:

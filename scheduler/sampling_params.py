@@ -27,9 +27,13 @@ class SamplingParams:
 
     ``top_k`` <= 0 and ``top_p`` = 1 disable those filters. ``seed=None`` draws a seed per
     request. Generation stops at ``max_tokens``, at an EOS token (unless ``ignore_eos``), at any
-    of ``stop_token_ids``, or at the model's maximum length. Every field is checked here against
-    the bounds the device types can hold (int32 counts, finite float32 values, 64-bit seeds);
-    token ids are checked against the vocabulary when the request is added.
+    of ``stop_token_ids``, at any of the ``stop`` strings, or at the model's maximum length.
+    ``stop`` strings are matched on the detokenised text, as OpenAI does: the engine (which has
+    the tokenizer; the scheduler has none) ends the request with ``finish_reason="stop"`` and
+    cuts the text at the match (the output's ``token_ids`` keep every generated token).
+    Every field is checked here against the bounds the device types can hold (int32 counts,
+    finite float32 values, 64-bit seeds); token ids are checked against the vocabulary when
+    the request is added.
     """
 
     max_tokens: int = 16
@@ -39,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    stop: str | Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
@@ -65,6 +70,10 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative ints, got {stops!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
         # plain Python values from here on (numpy scalars are accepted above)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
         object.__setattr__(self, "max_tokens", int(self.max_tokens))

@@ -16,6 +16,8 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 # What a wheel build needs: the build config, the readme it names, and the package folders.
 SOURCES = ["pyproject.toml", "README.md", "qllm_jax", "models", "scheduler"]
@@ -76,8 +78,18 @@ def _install_in_fresh_venv(tmp: Path, wheel: Path) -> tuple[Path, Path]:
     return python, purelib
 
 
-def test_wheel_installs_single_import_root(tmp_path: Path) -> None:
-    wheel = _build_wheel(tmp_path)
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(wheel, venv python, its purelib): the wheel built once and installed in a new venv."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    wheel = _build_wheel(tmp)
+    return (wheel, *_install_in_fresh_venv(tmp, wheel))
+
+
+def test_wheel_installs_single_import_root(
+    installed: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    wheel, python, purelib = installed
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"qllm_jax"}, tops
@@ -89,8 +101,6 @@ def test_wheel_installs_single_import_root(tmp_path: Path) -> None:
     }
     missing = sorted(expected - set(names))
     assert not missing, f"modules missing from the wheel (add them to `packages`): {missing}"
-
-    python, purelib = _install_in_fresh_venv(tmp_path, wheel)
 
     probe = textwrap.dedent(
         f"""
@@ -110,3 +120,23 @@ def test_wheel_installs_single_import_root(tmp_path: Path) -> None:
         assert file is not None and Path(file).resolve().is_relative_to(purelib.resolve()), file
         assert not Path(file).resolve().is_relative_to(REPO), file
     assert result["missing"] == [], f"qllm_jax does not export {result['missing']}"
+
+
+def test_console_script_runs_a_job(installed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """``qllm-jax`` as the wheel installs it (its own entry-point script, outside the checkout)
+    runs a small job on the built-in model and reports its status."""
+    _, python, _ = installed
+    script = python.parent / "qllm-jax"
+    assert script.is_file(), "the wheel installs no qllm-jax script"
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions"}
+    line["body"] = {"prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    (tmp_path / "in.jsonl").write_text(json.dumps(line) + "\n")
+    run = [script, "job", "run", tmp_path / "in.jsonl", "--job-dir", tmp_path / "job"]
+    run += ["--policy", "priority", "--kv-pages", "32", "--max-batch-size", "2"]
+    run += ["--max-num-batched-tokens", "16", "--compilation-cache-dir", "none"]
+    out = _run(*run, cwd=tmp_path)
+    assert "completed, 1 completed, 0 failed, 1 total" in out, out
+    status = json.loads(_run(script, "job", "status", tmp_path / "job", "--json", cwd=tmp_path))
+    assert status["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
+    (result,) = (tmp_path / "job" / "output.jsonl").read_text().splitlines()
+    assert json.loads(result)["response"]["body"]["usage"]["completion_tokens"] == 3

@@ -116,9 +116,9 @@ def test_top_k_top_p_mask_of_a_row_does_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_paged_attention_blocked_and_whole_agree_with_dense(monkeypatch, window):
-    """Each row over its sequence's cached prefix and its own chunk (one softmax, or prefix
-    blocks with an online softmax) equals dense attention over that sequence's keys."""
+def test_paged_attention_equals_dense_attention(monkeypatch, window):
+    """Each row over its own sequence's keys up to its position, read from the paged cache,
+    in one block or several (an online softmax), equals dense attention over those keys."""
     from qllm_jax.models import model as M
 
     cfg = _tiny_attention_config()
@@ -126,37 +126,65 @@ def test_paged_attention_blocked_and_whole_agree_with_dense(monkeypatch, window)
     ps, num_pages, hkv, hd = 4, 12, cfg.num_kv_heads, cfg.head_dim
     k_cache = jnp.asarray(rng.normal(size=(num_pages * ps, hkv, hd)), jnp.float32)
     v_cache = jnp.asarray(rng.normal(size=(num_pages * ps, hkv, hd)), jnp.float32)
-    # rows: a 3-row chunk at positions 7..9 of a sequence whose first 7 tokens sit on pages
-    # (5, 2); a decode row at position 6 of another on pages (3, 9); a padding row
-    pages = np.array([[5, 2, 0, 0]] * 3 + [[3, 9, 0, 0], [0, 0, 0, 0]], np.int32)
-    prefix = np.array([7, 7, 7, 6, 0], np.int32)
-    chunk = np.array([0, 0, 0, 1, -1], np.int32)
+    # rows: a 3-row chunk at positions 7..9 of a sequence on pages (5, 2, 7); a decode row at
+    # position 6 of another on pages (3, 9); a padding row
+    pages = np.array([[5, 2, 7, 0]] * 3 + [[3, 9, 0, 0], [0, 0, 0, 0]], np.int32)
     positions = np.array([7, 8, 9, 6, 0], np.int32)
     valid = np.array([1, 1, 1, 1, 0], bool)
     q = jnp.asarray(rng.normal(size=(5, cfg.num_heads, hd)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(5, hkv, hd)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(5, hkv, hd)), jnp.float32)
-    args = (q, k, v, k_cache, v_cache, jnp.asarray(pages), prefix, chunk, positions, valid)
-    whole = np.asarray(M.paged_attention(*args, window, cfg, ps))
-    monkeypatch.setattr(M, "KEY_BLOCK_ELEMENTS", 5 * ps * cfg.kv_size)  # one page per block
-    blocked = np.asarray(M.paged_attention(*args, window, cfg, ps))
+    args = (q, k_cache, v_cache, jnp.asarray(pages), positions, valid, window, cfg, ps)
+    whole = np.asarray(M.paged_attention(*args))
+    monkeypatch.setattr(M, "ATTENTION_BLOCK_PAGES", 1)
+    blocked = np.asarray(M.paged_attention(*args))
     np.testing.assert_allclose(blocked[:4], whole[:4], rtol=1e-5, atol=1e-5)
-    for r in range(4):  # dense reference: the cached prefix, then the chunk's rows up to r
-        slots = (pages[r][:, None] * ps + np.arange(ps)).reshape(-1)[: prefix[r]]
-        mine = [j for j in range(4) if chunk[j] == chunk[r] and positions[j] <= positions[r]]
-        keys = jnp.concatenate([k_cache[slots], k[np.array(mine)]])
-        vals = jnp.concatenate([v_cache[slots], v[np.array(mine)]])
-        k_pos = np.concatenate([np.arange(prefix[r]), positions[mine]])
+    for r in range(4):  # dense reference over the row's keys 0 .. its position
+        slots = (pages[r][:, None] * ps + np.arange(ps)).reshape(-1)[: positions[r] + 1]
+        k_pos = np.arange(positions[r] + 1)
         mask = np.ones(len(k_pos), bool)
         if window is not None:
             mask &= positions[r] - k_pos < window
-        ref = M.attend(q[r : r + 1], keys, vals, jnp.asarray(mask[None]), cfg)
+        ref = M.attend(q[r : r + 1], k_cache[slots], v_cache[slots], jnp.asarray(mask[None]), cfg)
         np.testing.assert_allclose(whole[r], np.asarray(ref)[0], rtol=1e-5, atol=1e-5)
-    no_prefix = np.asarray(
-        M.paged_attention(q, k, v, k_cache, v_cache, jnp.zeros((5, 0), jnp.int32),
-                          prefix * 0, chunk, positions, valid, window, cfg, ps)
-    )  # fmt: skip
-    assert np.isfinite(no_prefix).all()
+    assert np.isfinite(whole).all()
+
+
+def test_paged_attention_of_a_row_does_not_depend_on_its_pass():
+    """Bitwise: a row's output is the same whatever else its pass holds, however many rows and
+    pages the pass is bucketed to, wherever the row sits in it, and however its prompt was cut
+    into chunks. What makes a resumed or preempted request's tokens identical. (Up to 32 rows:
+    from 64 rows on, XLA:CPU multiplies matrices in another order, here as in every matmul.)"""
+    import functools
+
+    from qllm_jax.models import model as M
+
+    cfg = _tiny_attention_config()
+    rng = np.random.default_rng(4)
+    ps, hkv, hd = 4, cfg.num_kv_heads, cfg.head_dim
+    k_cache = jnp.asarray(rng.normal(size=(40 * ps, hkv, hd)), jnp.float32)
+    v_cache = jnp.asarray(rng.normal(size=(40 * ps, hkv, hd)), jnp.float32)
+    q_seq = rng.normal(size=(12, cfg.num_heads, hd)).astype(np.float32)
+    own = np.array([3, 8, 5], np.int32)  # the sequence's pages: positions 0..11
+    attend = jax.jit(functools.partial(M.paged_attention, window=None, cfg=cfg, page_size=ps))
+
+    def out(rows: int, num_pages: int, offset: int, start: int) -> np.ndarray:
+        """The sequence's rows start..11 at ``offset`` of a pass of ``rows`` rows whose page
+        bucket is ``num_pages``; the other rows are another sequence's decode rows."""
+        q = rng.normal(size=(rows, cfg.num_heads, hd)).astype(np.float32)
+        pages = np.zeros((rows, num_pages), np.int32)
+        pages[:, 0] = 20  # the other rows: one page of another sequence
+        positions = np.full(rows, 2, np.int32)
+        valid = np.ones(rows, bool)
+        mine = slice(offset, offset + 12 - start)
+        q[mine], pages[mine, :3], positions[mine] = q_seq[start:], own, np.arange(start, 12)
+        return np.asarray(attend(jnp.asarray(q), k_cache, v_cache, pages, positions, valid))[mine][
+            -1
+        ]
+
+    base = out(16, 4, 0, 0)
+    for rows, num_pages, offset, start in [
+        (16, 4, 3, 0), (16, 8, 1, 4), (32, 16, 8, 11), (16, 32, 2, 6), (32, 64, 5, 9), (8, 4, 0, 6),
+    ]:  # fmt: skip
+        np.testing.assert_array_equal(out(rows, num_pages, offset, start), base)
 
 
 def _tiny_attention_config():

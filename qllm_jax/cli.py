@@ -1,0 +1,271 @@
+"""The ``qllm-jax`` command.
+
+    qllm-jax job run INPUT.jsonl --job-dir DIR [engine flags]   # validate, run, checkpoint
+    qllm-jax job resume DIR [--recompute] [engine flags]        # after a kill or a restart
+    qllm-jax job status DIR [--json]
+    qllm-jax job cancel DIR
+
+Every subcommand that runs a model takes one set of engine flags (``--model DIR|random:PRESET``,
+the built-in model by default; ``--dtype``, policy and KV knobs). ``job run`` records the flags
+it was given in the job's directory, and ``job resume`` reuses them unless told otherwise, so a
+resume needs nothing but the directory. SIGTERM or SIGINT makes a running job write a
+checkpoint and exit 0; ``job resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# flag -> Engine keyword (flags left unset keep the Engine's defaults)
+_ENGINE_FLAGS = {
+    "dtype": "dtype",
+    "policy": "policy",
+    "granularity": "granularity",
+    "mode": "mode",
+    "preset": "preset",
+    "kv_pages": "kv_pages",
+    "kv_bytes": "kv_bytes",
+    "page_size": "page_size",
+    "max_model_len": "max_model_len",
+    "max_batch_size": "max_batch_size",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "prefill_chunk": "prefill_chunk",
+    "expert_group_size": "expert_group_size",
+    "compilation_cache_dir": "compilation_cache_dir",
+}
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine flags every model-running subcommand shares (defaults: None = unset)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", help="HF checkpoint dir, or random:PRESET (default: built-in)")
+    g.add_argument("--seed", type=int, help="weights seed of a random:PRESET model (default 0)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    g.add_argument("--policy", choices=["fcfs", "priority", "qllm"])
+    g.add_argument("--granularity", choices=["layer", "expert"])
+    g.add_argument("--mode", choices=["fused", "segmented"])
+    g.add_argument("--preset", help="a named set of scheduler options (e.g. paper)")
+    g.add_argument("--kv-pages", type=int)
+    g.add_argument("--kv-bytes", type=int)
+    g.add_argument("--page-size", type=int)
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--max-batch-size", type=int)
+    g.add_argument("--max-num-batched-tokens", type=int)
+    g.add_argument("--prefill-chunk", type=int)
+    g.add_argument("--expert-group-size", type=int)
+    g.add_argument("--compilation-cache-dir", help="'none' turns the persistent cache off")
+
+
+def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags given on the command line (model included), as plain data."""
+    given = {k: getattr(args, k) for k in ("model", "seed", *_ENGINE_FLAGS)}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def build_engine(flags: dict[str, Any]):
+    """An ``Engine`` from engine flags (``engine_flags``' form)."""
+    import qllm_jax
+
+    kw = {_ENGINE_FLAGS[k]: v for k, v in flags.items() if k in _ENGINE_FLAGS}
+    if kw.get("compilation_cache_dir") == "none":
+        kw["compilation_cache_dir"] = None
+    dtype = kw.pop("dtype", "auto")
+    spec = flags.get("model")
+    if spec is None:
+        model: Any = qllm_jax.builtin_model_dir()
+    elif spec.startswith("random:"):
+        model = qllm_jax.random_model(
+            spec.removeprefix("random:"),
+            "bfloat16" if dtype == "auto" else dtype,
+            seed=flags.get("seed", 0),
+        )
+    else:
+        model = spec
+    return qllm_jax.Engine(model, dtype=dtype, **kw)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qllm-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    job = sub.add_parser("job", help="durable best-effort jobs (OpenAI Batch API files)")
+    jobs = job.add_subparsers(dest="job_command")
+
+    run = jobs.add_parser("run", help="validate an input file and run it as a job")
+    run.add_argument("input", help="OpenAI Batch API input (JSONL)")
+    run.add_argument("--job-dir", required=True, help="a new or empty directory for the job")
+    run.add_argument("--priority", type=int, default=1, help="best-effort level, >= 1")
+    _add_run_args(run)
+    add_engine_args(run)
+    run.set_defaults(func=_job_run)
+
+    resume = jobs.add_parser("resume", help="continue a job from its last checkpoint")
+    resume.add_argument("job_dir")
+    resume.add_argument(
+        "--recompute",
+        action="store_true",
+        help="accept a checkpoint of another model, dtype or page size: re-prefill from tokens",
+    )
+    _add_run_args(resume)
+    add_engine_args(resume)
+    resume.set_defaults(func=_job_resume)
+
+    st = jobs.add_parser("status", help="a job's status and request counts")
+    st.add_argument("job_dir")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.set_defaults(func=_job_status)
+
+    cancel = jobs.add_parser("cancel", help="cancel a job (running or not)")
+    cancel.add_argument("job_dir")
+    cancel.set_defaults(func=_job_cancel)
+    return parser
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints"
+    )
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None)
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _job_run(args: argparse.Namespace) -> int:
+    flags = engine_flags(args)
+
+    def start(runner):
+        return runner.create(
+            args.input, args.job_dir, priority=args.priority, metadata={"engine": flags}
+        )
+
+    return _drive(args, flags, start)
+
+
+def _job_resume(args: argparse.Namespace) -> int:
+    from qllm_jax import jobs
+
+    try:
+        manifest = jobs._read_manifest(jobs.JobPaths(Path(args.job_dir)))
+    except jobs.JobError as e:
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 1
+    flags = manifest.get("metadata", {}).get("engine", {}) | engine_flags(args)
+    return _drive(args, flags, lambda runner: runner.resume(args.job_dir, args.recompute))
+
+
+def _drive(args: argparse.Namespace, flags: dict[str, Any], start) -> int:
+    """Build the engine, start the job, run it; on SIGTERM/SIGINT checkpoint and exit 0."""
+    from qllm_jax import checkpoint, jobs
+
+    stop = _StopFlag()
+    try:
+        engine = build_engine(flags)
+        runner = jobs.JobRunner(engine, checkpoint_every=args.checkpoint_every, keep=args.keep)
+        job = start(runner)
+    except (jobs.JobError, checkpoint.JobCheckpointError, ValueError, OSError) as e:
+        for err in getattr(e, "errors", [])[:20]:  # JobInputError: every bad line
+            print(f"qllm-jax: line {err['line']}: {err['message']}", file=sys.stderr)
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 1
+    if job.finished:
+        _print_status(jobs.status(job.dir))
+        return 0
+    for note in job.notes:
+        print(f"qllm-jax: {note}", file=sys.stderr)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    print(f"qllm-jax: job {job.id}: {job.num_done}/{job.total} done", file=sys.stderr)
+    try:
+        finished = runner.run(job, should_stop=stop, progress=progress)
+        if not finished:
+            t0 = time.monotonic()
+            step = runner.suspend(job)
+            print(
+                f"qllm-jax: stopped by {stop.signal_name}; checkpoint {step} written in "
+                f"{time.monotonic() - t0:.2f} s. Resume with: qllm-jax job resume {job.dir}",
+                file=sys.stderr,
+            )
+            return 0
+    except (checkpoint.JobCheckpointError, OSError) as e:
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop.restore()
+    _print_status(jobs.status(job.dir))
+    return 0
+
+
+def _job_status(args: argparse.Namespace) -> int:
+    from qllm_jax import jobs
+
+    try:
+        st = jobs.status(args.job_dir)
+    except jobs.JobError as e:
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st.as_dict(), indent=2))
+    else:
+        _print_status(st)
+    return 0
+
+
+def _job_cancel(args: argparse.Namespace) -> int:
+    from qllm_jax import jobs
+
+    try:
+        _print_status(jobs.cancel(args.job_dir))
+    except jobs.JobError as e:
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_status(st) -> None:
+    print(
+        f"{st.id}: {st.status}, {st.completed} completed, {st.failed} failed, "
+        f"{st.total} total\n  output: {st.output_file}\n  errors: {st.error_file}"
+    )
+    for err in st.errors[:20]:
+        print(f"  line {err.get('line')}: {err.get('message')}")
+
+
+class _StopFlag:
+    """Turns SIGTERM and SIGINT into a flag the run loop polls between engine steps (a second
+    signal interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def __call__(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
