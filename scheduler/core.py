@@ -189,6 +189,7 @@ class Scheduler:
             config.num_pages, config.page_size, config.enable_prefix_caching
         )
         self.rows_done = 0  # rows computed in finished passes: hrrn's measure of waiting
+        self._remapped = 0  # allocator.version when prefixes were last remapped
         self.requests: dict[str, Request] = {}  # live requests by id
         self.seqs: dict[int, Request] = {}  # live requests by sequence id
         self.waiting: list[Request] = []  # not admitted: no pages yet
@@ -738,9 +739,11 @@ class Scheduler:
     def _remap_prefixes(self) -> None:
         """Admission reserves pages early, often before another request sharing the prompt
         has computed it; until a request first runs, map whatever more of its prefix has been
-        cached since (its own pages there were never written: they return to the free list)."""
-        if not self.config.enable_prefix_caching:
+        cached since (its own pages there were never written: they return to the free list).
+        Only after the cache gained content: the check costs a lookup per waiting request."""
+        if not self.config.enable_prefix_caching or self.allocator.version == self._remapped:
             return
+        self._remapped = self.allocator.version
         ps = self.config.page_size
         for req in self.admitted:
             if req.num_computed != req.prefix_pages * ps or req.seq_id in self.in_pass:

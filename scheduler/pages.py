@@ -86,6 +86,7 @@ class PageAllocator:
         self._hash_of: dict[int, PageHash] = {}  # cached page -> its content key
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.cache_evictions = 0  # cached pages whose content was dropped to make room
+        self.version = 0  # contents registered so far: lookups can only gain when it moves
 
     # -- counts ---------------------------------------------------------------------------------
 
@@ -204,6 +205,7 @@ class PageAllocator:
             raise ValueError(f"page {page} is not held: its K/V cannot be registered")
         self._page_of[key] = page
         self._hash_of[page] = key
+        self.version += 1
         return True
 
     def clear_cache(self) -> None:

@@ -362,8 +362,8 @@ class FakeExecutor:
         return chunk.pages[pos // self.page_size] * self.page_size + pos % self.page_size
 
     def expected_kv(self, seq_id: int, end: int) -> list[int] | None:
-        """The content hashes of positions ``0 .. end-1`` of a sequence, from its true tokens
-        (None when the truth is not known that far)."""
+        """The content hashes of (at least) positions ``0 .. end-1`` of a sequence, from its
+        true tokens (None when the truth is not known that far). Memoised: not a copy."""
         truth = self.tokens_of(seq_id) if self.tokens_of is not None else None
         if truth is None:
             truth = self._fed.get(seq_id, [])
@@ -372,14 +372,14 @@ class FakeExecutor:
         chain = self._chain.setdefault(seq_id, [])
         while len(chain) < end:
             chain.append(content_hash(chain[-1] if chain else ROOT, truth[len(chain)]))
-        return chain[:end]
+        return chain
 
     def _check_kv(self, chunk: Chunk) -> list[int]:
         """Check the K/V ``chunk`` reads; returns the content hashes of its own positions."""
-        ps, start = self.page_size, chunk.start
+        ps, start, kv, pages = self.page_size, chunk.start, self.kv, chunk.pages
         want = self.expected_kv(chunk.seq_id, start)
-        for pos in [*range(0, start, ps), *([start - 1] if start else [])]:
-            got = self.kv.get(self._slot(chunk, pos))
+        for pos in (*range(0, start, ps), start - 1) if start else ():
+            got = kv.get(pages[pos // ps] * ps + pos % ps)
             if got is None or got[1] != pos or (want is not None and got[0] != want[pos]):
                 raise PlanError(f"sequence {chunk.seq_id}: K/V of position {pos} is gone")
         parent = ROOT if not start else self.kv[self._slot(chunk, start - 1)][0]
