@@ -399,6 +399,44 @@ def print_tables(res: dict) -> None:
                 )
 
 
+METRICS = ("ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "throughput_rps", "longest_wait_s")
+
+
+def aggregate(paths: list[Path]) -> dict:
+    """Median over runs (seeds: other mixes and arrivals) of each (load, arm) metric, and how
+    often each arm had the lowest mean TTFT: one run per cell is noisy on a shared CPU."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out: dict = {"files": [str(p) for p in paths], "order": {}}
+    for load in runs[0]["order"]:
+        arms = runs[0]["order"][load]["arms"]
+        row = {}
+        for arm in arms:
+            cells = [r["order"][load]["arms"][arm] for r in runs if load in r["order"]]
+            row[arm] = {m: float(np.median([c[m]["value"] for c in cells])) for m in METRICS}
+            for b in ("short", "long"):
+                vals = [c["ttft_by_prompt_len"][b]["ttft_mean_s"]["value"] for c in cells]
+                row[arm][f"ttft_{b}_mean_s"] = float(np.nanmedian(vals))
+            row[arm]["per_run_ttft_mean_s"] = [c["ttft_mean_s"]["value"] for c in cells]
+        wins = [min(r["order"][load]["arms"], key=lambda a, r=r: r["order"][load]["arms"][a]
+                    ["ttft_mean_s"]["value"]) for r in runs]  # fmt: skip
+        out["order"][load] = {"arms": row, "best_mean_ttft_per_run": wins}
+    return out
+
+
+def print_aggregate(agg: dict) -> None:
+    print(f"median over {len(agg['files'])} runs:")
+    print("load  arm           TTFT mean  TTFT p99  TPOT ms  req/s  longest  short / long TTFT")
+    for load, row in agg["order"].items():
+        for arm, m in row["arms"].items():
+            print(
+                f"{load}  {arm:12s}  {m['ttft_mean_s']:8.3f}  {m['ttft_p99_s']:8.3f}  "
+                f"{m['tpot_mean_s'] * 1e3:7.1f}  {m['throughput_rps']:5.2f}  "
+                f"{m['longest_wait_s']:7.2f}  {m['ttft_short_mean_s']:.3f} / "
+                f"{m['ttft_long_mean_s']:.3f}"
+            )
+        print(f"      lowest mean TTFT per run: {', '.join(row['best_mean_ttft_per_run'])}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests, one load (~2 min)")
@@ -408,7 +446,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--loads", type=float, nargs="+", default=None)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--only", choices=["prefix", "order"], default=None)
+    ap.add_argument(
+        "--aggregate", type=Path, nargs="+", default=None, help="result files: median over them"
+    )
     args = ap.parse_args(argv)
+    if args.aggregate:
+        agg = aggregate(args.aggregate)
+        print_aggregate(agg)
+        path = args.results_dir / "prefix-bench-cpu-order-median.json"
+        path.write_text(json.dumps(agg, indent=1) + "\n")
+        print(f"wrote {path}")
+        return agg
     import qllm_jax
 
     loads = args.loads or ([1.0] if args.quick else [0.7, 0.85, 1.0])
