@@ -11,7 +11,8 @@ Two scenarios, on the real engine (``--backend real``: the built-in model, ``--m
   requests arriving over ``--duration`` seconds, measured in that window: where in-pass
   preemption can matter, because BE passes are long and never stop coming.
 
-Arms (``harness.ARMS``; all share one anti-starvation setting and prefill order):
+Arms (``harness.ARMS``; all share one anti-starvation setting and prefill order, and order
+requests by arrival inside a priority class, as the paper's code does):
 
   fcfs            the paper's baseline as its code runs it: decode-first, prefill batches of up to
                   batch_size whole prompts, no token budget, prompts and decodes never together
@@ -21,6 +22,8 @@ Arms (``harness.ARMS``; all share one anti-starvation setting and prefill order)
   qllm-nopreempt  the qllm policy with in-pass preemption off: the ablation
   qllm-layer      preemption inside the pass, between layers
   qllm-expert     preemption between expert groups
+  qllm-sjf        qllm-expert with the engine's default order inside a class: shortest
+                  prefill first, aged after 5 s (the multi-level paper's request level)
   qllm-mix        qllm-expert whose passes top LS rows up with BE rows
   qllm-aging      qllm-expert with class-inverting aging and a park timeout instead of the share
   qllm-paper      the reference code's rules (its batch order, layer granularity, prefill never
