@@ -226,17 +226,16 @@ MIXTRAL_A100_EFFICIENT = CostModel(
 # prefill chunk after a long prefix pays rows * prefix.
 BUILTIN_CPU = CostModel(
     name="builtin-cpu",
-    attn_base=7.089e-05,
-    attn_per_row=1.684e-06,
-    attn_per_row_ctx=5.968e-08,
-    attn_per_row_sq=1.91e-08,
-    expert_base=0.0002305,
-    expert_per_row=1.632e-05,
-    head_base=0.001091,
-    head_per_row=6.047e-05,
-    segment_overhead=4.622e-05,
-    embed_base=0.0001253,
-    host_overhead=2.657e-05,
+    attn_base=0.0001664,
+    attn_per_row_ctx=3.666e-08,
+    attn_per_row_sq=5.716e-08,
+    expert_base=0.0003286,
+    expert_per_row=3.138e-05,
+    head_base=0.001952,
+    head_per_row=0.000107,
+    segment_overhead=2.865e-05,
+    embed_base=0.000136,
+    host_overhead=3.64e-05,
 )
 
 PROFILES: dict[str, CostModel] = {
