@@ -68,6 +68,8 @@ PRESETS: dict[str, dict] = {
         mix_classes=True,
         mix_prefill_decode=False,
         be_share=None,
+        queue_order="fcfs",
+        age_after_s=None,
     ),
 }
 
