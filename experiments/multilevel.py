@@ -529,6 +529,57 @@ def summary_table(summary: dict) -> list[list[str]]:
     return rows
 
 
+def markdown_report(res: dict, sens: dict | None = None) -> str:
+    """The README's tables from a result file (and a sensitivity file)."""
+    pct = lambda x: "-" if x is None or math.isnan(x) else f"{x * 100:+.1f}"  # noqa: E731
+    lines = ["| arm | mean TTFT vs baseline, median config [95% CI] | mean TPOT | p99 TTFT "
+             "| throughput | configs with lower mean TTFT | mean rank by mean TTFT |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    configs = res["configs"]
+    arms = list(configs[0]["arms"])
+    ranks = {a: [] for a in arms}
+    for c in configs:
+        order = sorted(arms, key=lambda a: c["arms"][a]["ttft_mean_s"])
+        for i, a in enumerate(order):
+            ranks[a].append(i + 1)
+    for arm in arms:
+        if arm == "baseline":
+            lines.append(f"| baseline | 0 | 0 | 0 | 0 | - | {mean(ranks[arm]):.1f} |")
+            continue
+        d = res["summary"][arm]
+        lo, hi = d["ttft_mean_median_ci95"]
+        tlo, thi = d["tpot_mean_median_ci95"]
+        lower = sum(x > 0 for x in d["ttft_mean_all"])
+        lines.append(
+            f"| {arm} | {pct(-d['ttft_mean_median'])} % [{pct(-hi)}, {pct(-lo)}] "
+            f"| {pct(-d['tpot_mean_median'])} % [{pct(-thi)}, {pct(-tlo)}] "
+            f"| {pct(-d['ttft_p99_median'])} % | {pct(d['throughput_median'])} % "
+            f"| {lower}/{len(d['ttft_mean_all'])} | {mean(ranks[arm]):.1f} |"
+        )
+    out = "\n".join(lines)
+    # multilevel's median TTFT / TPOT change by N, by workload and by bandwidth
+    for key in ("replicas", "workload", "a2a_gbps", "load"):
+        groups: dict = {}
+        for c in configs:
+            groups.setdefault(c[key], []).append(c)
+        row = []
+        for g, cs in groups.items():
+            r = reductions(cs, "multilevel")
+            row.append(f"{key}={g}: TTFT {pct(-r['ttft_mean_median'])} %, "
+                       f"TPOT {pct(-r['tpot_mean_median'])} %")  # fmt: skip
+        out += "\n\nmultilevel by " + key + ": " + "; ".join(row)
+    if sens:
+        out += "\n\n| unknown | value | " + " | ".join(
+            f"{a} TTFT / TPOT" for a in SENS_ARMS if a != "baseline") + " |\n"  # fmt: skip
+        out += "|---|---|" + "---|" * (len(SENS_ARMS) - 1)
+        for knob, pts in sens["sensitivity"]["points"].items():
+            for v, p in pts.items():
+                cells = [f"{pct(-p['ttft_reduction'][a])} / {pct(-p['tpot_reduction'][a])}"
+                         for a in SENS_ARMS if a != "baseline"]  # fmt: skip
+                out += f"\n| {knob} | {v} | " + " | ".join(cells) + " |"
+    return out
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -566,7 +617,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--loads", type=float, nargs="+", default=None)
     ap.add_argument("--a2a", type=float, nargs="+", default=None, help="all-to-all GB/s")
     ap.add_argument("--sensitivity", action="store_true", help="sweep the unknowns instead")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the README tables of a result file (and a sensitivity file)",
+    )
     args = ap.parse_args(argv)
+    if args.report:
+        files = [json.loads(p.read_text()) for p in args.report]
+        print(markdown_report(files[0], files[1] if len(files) > 1 else None))
+        return {}
     if "baseline" not in args.arms:
         ap.error("the baseline arm is needed (every number is relative to it)")
     n_seeds = args.seeds or (1 if args.quick else 5)
