@@ -454,11 +454,15 @@ def run_grid(args, workloads, replicas, loads, arms, seeds, a2a) -> dict:
 
 
 SENSITIVITY: dict[str, list] = {
-    # (what varies, values): each point re-runs SENS_ARMS on SENS_CONFIG
+    # what varies -> its values (a dict: several knobs at once); each point re-runs SENS_ARMS
+    # on SENS_CONFIG with everything else at its default
     "a2a_gbps": [25.0, 100.0, 400.0],
-    "migration_s": [0.1, 0.72, 3.0],
-    "rebalance_steps": [300, 3000],
+    # EPLB re-places every 3000 steps by default, more than a run here lasts: the migration
+    # cost only shows with a shorter period
+    "migration_s": [{"migration_s": v, "rebalance_steps": 100} for v in (0.1, 0.72, 3.0)],
+    "rebalance_steps": [100, 300, 3000],
     "skew": [0.25, 0.5, 0.8],
+    "drift_s": [5.0, 20.0, 1e9],
     "redundant_per_rank": [0, 1],
     "staleness_s": [0.0, 0.1, 1.0],
     "age_after_s": [1.0, 5.0],
@@ -468,29 +472,37 @@ SENS_ARMS = ("baseline", "engine", "expert", "multilevel", "llmd")
 SENS_CONFIG = dict(workload="burst-random", replicas=4, load=0.85)
 
 
+def _overrides(knob: str, v) -> tuple[dict, dict]:
+    """(expert-parallel overrides, arm overrides) of one sensitivity point."""
+    point = v if isinstance(v, dict) else {knob: v}
+    ep_o = {k: x for k, x in point.items() if k in EP_DEFAULTS}
+    arm_o = {k: x for k, x in point.items() if k not in EP_DEFAULTS}
+    if "load_imbalance" in arm_o:
+        arm_o = {"dispatch_options": {"load_imbalance": arm_o.pop("load_imbalance")}} | arm_o
+    return ep_o, arm_o
+
+
+def _label(v) -> str:
+    return ",".join(f"{k}={x:g}" for k, x in v.items()) if isinstance(v, dict) else f"{v:g}"
+
+
 def run_sensitivity(args, seeds) -> dict:
     w, n, load = SENS_CONFIG["workload"], SENS_CONFIG["replicas"], SENS_CONFIG["load"]
     cap = measure_capacity([w], [n], args.quick, args.seed, args.jobs)[_cap_key(w, n, None)]
     jobs = []
     for knob, values in SENSITIVITY.items():
         for v in values:
-            ep_o, arm_o = None, None
-            if knob in EP_DEFAULTS:
-                ep_o = {knob: v}
-            elif knob == "load_imbalance":
-                arm_o = {"dispatch_options": {"load_imbalance": v}}
-            else:
-                arm_o = {knob: v}
+            ep_o, arm_o = _overrides(knob, v)
             for arm in SENS_ARMS:
-                o = arm_o  # staleness_s, age_after_s: every arm (inert where unused)
-                if knob == "load_imbalance" and ARMS[arm]["dispatch"] != "dplb":
-                    o = None
+                o = dict(arm_o)  # staleness_s, age_after_s: every arm (inert where unused)
+                if "dispatch_options" in o and ARMS[arm]["dispatch"] != "dplb":
+                    o.pop("dispatch_options")
                 for s in seeds:
-                    jobs.append(((knob, v), arm, w, requests_for(n, args.quick), load * cap, n,
-                                 s, ep_o, o))  # fmt: skip
+                    jobs.append(((knob, _label(v)), arm, w, requests_for(n, args.quick),
+                                 load * cap, n, s, ep_o or None, o or None))  # fmt: skip
     res: dict = {}
     for (knob, v), arm, _, r in _pool_map(jobs, args.jobs, "sensitivity"):
-        res.setdefault(knob, {}).setdefault(str(v), {}).setdefault(arm, []).append(r)
+        res.setdefault(knob, {}).setdefault(v, {}).setdefault(arm, []).append(r)
     out = {}
     for knob, by_v in res.items():
         out[knob] = {}
@@ -570,7 +582,7 @@ def markdown_report(res: dict, sens: dict | None = None) -> str:
         out += "\n\nmultilevel by " + key + ": " + "; ".join(row)
     if sens:
         out += "\n\n| unknown | value | " + " | ".join(
-            f"{a} TTFT / TPOT" for a in SENS_ARMS if a != "baseline") + " |\n"  # fmt: skip
+            f"{a}: TTFT / TPOT %" for a in SENS_ARMS if a != "baseline") + " |\n"  # fmt: skip
         out += "|---|---|" + "---|" * (len(SENS_ARMS) - 1)
         for knob, pts in sens["sensitivity"]["points"].items():
             for v, p in pts.items():
