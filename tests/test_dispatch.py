@@ -357,3 +357,31 @@ def test_scheduler_package_never_imports_jax():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(0, 100), st.integers(0, 9)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(1, 500),
+    st.integers(0, 1),
+    st.sampled_from(sorted(d.POLICIES)),
+)
+def test_every_policy_returns_a_replica_and_never_a_saturated_one_if_avoidable(
+    rows, prompt, prio, name
+):
+    snaps = [
+        snap(r, waiting=(w, 0), running=(0, run), kv=kv, waiting_tokens=(w * 10, 0),
+             pass_left_s=0.01 * run, token_s=1e-5)
+        for r, (w, run, kv, _) in enumerate(rows)
+    ]  # fmt: skip
+    match = tuple(min(prompt, 16 * m) for *_, m in rows)
+    p = d.make_policy(name, seed=0)
+    r = p.choose(req(prompt=prompt, match=match, priority=prio, user="u"), snaps)
+    assert 0 <= r < len(snaps)
+    avoidable = any(s.kv_use <= d.DPLB_KV_SATURATED for s in snaps)
+    if avoidable and (name == "dplb" or (name == "ours" and prio)):
+        assert snaps[r].kv_use <= d.DPLB_KV_SATURATED
