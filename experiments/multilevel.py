@@ -609,7 +609,7 @@ def plot(res: dict, path: Path) -> None:
         target = 17.8 if key.startswith("ttft") else 13.3
         ax.axhline(target, color="red", ls="--", lw=0.8, label=f"target {target} %")
         ax.set_ylabel(f"reduction of {title} vs baseline, % (per configuration)")
-        ax.set_title(f"{title}: {len(data[0])} configurations x seeds")
+        ax.set_title(f"{title}: {len(data[0])} configurations (each the mean over seeds)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
