@@ -200,7 +200,7 @@ def test_static_and_eplb_placement():
     pl = ex.eplb_placement(loads, 2, 5)  # 10 slots, 8 experts: 2 copies to the hottest
     assert sorted(e for r in pl for e in r).count(0) == 3  # 8/2 = 4 > 2: a third copy
     assert all(len(r) == 5 for r in pl)
-    assert all(r.count(0) <= 1 for r in pl)  # copies of an expert on distinct ranks
+    assert sorted(r.count(0) for r in pl) == [1, 2]  # 3 copies spread over the 2 ranks
     p = [x / sum(loads) for x in loads]
     assert max(ex.rank_shares(pl, p)) < max(ex.rank_shares(ex.static_placement(8, 2), p))
     assert sum(ex.rank_shares(pl, p)) == pytest.approx(1.0)
