@@ -339,10 +339,9 @@ class EngineLoop:
                 self.unreserve(cls)
                 raise
 
-        fut = self.call(add)
-        if fut.done() and fut.exception() is not None:
+        if not self.alive:
             self.unreserve(cls)
-        return fut
+        return self.call(add)  # (fails at once if the loop is down)
 
     def abort(self, request_id: str) -> concurrent.futures.Future:
         return self.call(lambda: self.engine.abort(request_id))
