@@ -234,7 +234,7 @@ class OutputStream:
 class _Tracked:
     """What the engine thread follows of a server request for the metrics."""
 
-    stream: OutputStream
+    stream: OutputStream | None  # None: a batch's request (its output goes to its job)
     cls: str
     arrival: float
     request: Any  # the scheduler's Request
@@ -280,6 +280,7 @@ class EngineLoop:
         self._last_snapshot = 0.0
         self.error: BaseException | None = None  # what killed the loop, if anything
         self._snapshot()
+        runner.observer = self._on_job_output
 
     # -- any thread ----------------------------------------------------------------------------
 
@@ -364,7 +365,8 @@ class EngineLoop:
             log.exception("the engine loop died")
             self.error = e
             for tracked in self._tracked.values():
-                tracked.stream.push(_failed(tracked, f"the engine loop died: {e!r}"))
+                if tracked.stream is not None:
+                    tracked.stream.push(_failed(tracked, f"the engine loop died: {e!r}"))
             while self._commands:
                 _, fut = self._commands.popleft()
                 fut.set_exception(APIError(503, "the engine is not running", "server_error"))
@@ -399,6 +401,17 @@ class EngineLoop:
                 max(0.0, now - tracked.arrival)
             )
 
+    def _on_job_output(self, out: RequestOutput) -> None:
+        """A batch's request advanced: the same metrics (its queue time is not known: it is
+        first seen when its first pass ends)."""
+        tracked = self._tracked.get(out.request_id)
+        if tracked is None:
+            req = self.engine.scheduler.requests.get(out.request_id)
+            arrival = out.metrics.arrival_time
+            tracked = _Tracked(None, _class(out.priority), arrival, req, admitted=True)
+            self._tracked[out.request_id] = tracked
+        self._on_output(tracked, out)
+
     def _on_output(self, tracked: _Tracked, out: RequestOutput) -> None:
         """A server request advanced or ended: metrics, then hand it to its stream."""
         m, labels = self.metrics, self.metrics.label(tracked.cls)
@@ -421,7 +434,8 @@ class EngineLoop:
             m.e2e.labels(**labels).observe(max(0.0, finish - tracked.arrival))
             m.success.labels(**labels, finished_reason=out.finish_reason or "abort").inc()
             self._tracked.pop(out.request_id, None)
-        tracked.stream.push(out)
+        if tracked.stream is not None:
+            tracked.stream.push(out)
 
     def _snapshot(self, force: bool = False) -> None:
         """The scheduler's queue sizes and counters for the gauges, at most every
@@ -468,8 +482,9 @@ class EngineLoop:
                     self.runner.suspend(job)
                 except Exception:
                     log.exception("could not checkpoint batch %s on shutdown", job.id)
-        for rid in list(self._tracked):
-            self.engine.abort(rid)
+        for rid, tracked in list(self._tracked.items()):
+            if tracked.stream is not None:
+                self.engine.abort(rid)
         with contextlib.suppress(Exception):
             self.engine.step()  # reports the aborts to their streams
 

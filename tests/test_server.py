@@ -376,6 +376,7 @@ def test_a_batch_end_to_end(server, reference):
             }
         ).encode()
     )
+    be_tokens = sample(server.metrics(), "qllm:generation_tokens_total", priority_class="be")
     f = c.files.create(file=("in.jsonl", data), purpose="batch")
     assert c.files.retrieve(f.id).bytes == len(data)
     assert c.files.content(f.id).content == data
@@ -392,6 +393,12 @@ def test_a_batch_end_to_end(server, reference):
     assert b.in_progress_at and b.finalizing_at and b.completed_at
     out = _outputs(c, b)
     assert out == {f"r{i}": reference[PROMPTS[i % len(PROMPTS)]] for i in range(6)}
+    usage = sum(
+        json.loads(raw)["response"]["body"]["usage"]["completion_tokens"]
+        for raw in c.files.content(b.output_file_id).text.splitlines()
+    )  # batch requests are best-effort, and counted in the metrics
+    after = sample(server.metrics(), "qllm:generation_tokens_total", priority_class="be")
+    assert after - be_tokens == usage
     err = json.loads(c.files.content(b.error_file_id).text)
     assert err["custom_id"] == "bad" and err["response"]["status_code"] == 400
     assert b.id in [x.id for x in c.batches.list().data]
@@ -555,3 +562,13 @@ def _full_ls_queue_is_429(srv: Server) -> None:
         assert r is None or r.status_code == 200
     _wait(lambda: sample(srv.metrics(), "qllm:kv_pages_used") == 0)
     assert srv.client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices
+
+
+def test_streamed_text_holds_back_what_may_still_change():
+    from qllm_jax.server import _stream_text
+
+    assert _stream_text("abc", False, ()) == "abc"
+    assert _stream_text("ab\ufffd", False, ()) == "ab"  # half a UTF-8 character
+    assert _stream_text("hello wo", False, ("world",)) == "hello "  # may become the stop
+    assert _stream_text("hello w", False, ("xyz", "wx")) == "hello "
+    assert _stream_text("hello wo", True, ("world",)) == "hello wo"  # finished: all of it
