@@ -44,11 +44,12 @@ ENGINE = dict(
     max_num_batched_tokens=32,
     prefill_chunk=16,
 )
-FLAGS = [
+ENGINE_FLAGS = [
     "--dtype", "float32", "--policy", "qllm", "--granularity", "layer",
     "--kv-pages", str(KV_PAGES), "--max-batch-size", "8", "--max-num-batched-tokens", "32",
-    "--prefill-chunk", "16", "--no-warmup", "--log-level", "warning",
+    "--prefill-chunk", "16",
 ]  # fmt: skip
+FLAGS = [*ENGINE_FLAGS, "--no-warmup", "--log-level", "warning"]
 MODEL = "builtin-mixtral-v2"
 PROMPTS = ["Once upon a time", "The capital of France", "def main():", "Hello!", "1, 2, 3,"]
 STARTUP_S = 120
@@ -562,6 +563,18 @@ def _full_ls_queue_is_429(srv: Server) -> None:
         assert r is None or r.status_code == 200
     _wait(lambda: sample(srv.metrics(), "qllm:kv_pages_used") == 0)
     assert srv.client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices
+
+
+def test_generate_from_the_shell(cache, reference):
+    prompt = PROMPTS[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "qllm_jax.cli", "generate", prompt, "--max-tokens", "6",
+         "--compilation-cache-dir", cache, *ENGINE_FLAGS],
+        capture_output=True, text=True, timeout=120, env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == reference[prompt] + "\n"
+    assert "finish_reason=" in out.stderr
 
 
 def test_streamed_text_holds_back_what_may_still_change():
