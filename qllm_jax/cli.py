@@ -41,6 +41,7 @@ _ENGINE_FLAGS = {
     "prefill_chunk": "prefill_chunk",
     "expert_group_size": "expert_group_size",
     "compilation_cache_dir": "compilation_cache_dir",
+    "grow_pages": "grow_pages",
 }
 
 
@@ -63,6 +64,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int)
     g.add_argument("--expert-group-size", type=int)
     g.add_argument("--compilation-cache-dir", help="'none' turns the persistent cache off")
+    g.add_argument(
+        "--grow-pages",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="KV pages as sequences grow, evicting idle less urgent requests when short "
+        "(default: on for serve, off otherwise: pages for prompt + max_tokens at admission)",
+    )
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,6 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
             print("qllm-jax: give MODEL_DIR or --model, not both", file=sys.stderr)
             return 2
         flags["model"] = args.model_dir
+    flags.setdefault("grow_pages", True)  # clients often omit max_tokens
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     # The engine thread and the event loop share the GIL: a shorter switch interval than
     # CPython's 5 ms keeps the event loop from waiting that long behind the engine's host code.

@@ -80,8 +80,8 @@ class Engine:
     ``scheduler_options`` are ``SchedulerConfig`` fields (``policy``, ``granularity``,
     ``max_batch_size``, ``max_num_batched_tokens``, ``prefill_chunk``, ``aging_s``,
     ``max_park_s``, ``absorb_be``, ``preempt_prefill``, ``mix_classes``, ``rejoin_parked``,
-    ``split_mixed``, ``prefill_first``) plus ``preset`` (a named set of them; explicit options
-    win); their defaults are ``SchedulerConfig``'s.
+    ``split_mixed``, ``prefill_first``, ``grow_pages``) plus ``preset`` (a named set of them;
+    explicit options win); their defaults are ``SchedulerConfig``'s.
     """
 
     def __init__(

@@ -107,6 +107,11 @@ class SchedulerConfig:
     # with BE prompts; else LS decodes topped up with BE decodes; else BE decodes; else BE
     # prompts (with mix_prefill_decode=False and mix_classes=True, as its preset sets)
     paper_order: bool = False
+    # KV pages as sequences grow: admission gives a request the pages its tokens need now, and
+    # each new chunk takes the pages it writes; when none are free, idle less urgent requests
+    # are evicted (they recompute their KV when readmitted). False: a request reserves pages
+    # for prompt + max_tokens at admission (clients that omit max_tokens reserve the context).
+    grow_pages: bool = False
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -228,7 +233,16 @@ class Scheduler:
     # -- requests -------------------------------------------------------------------------------
 
     def pages_needed(self, req: Request) -> int:
+        """Pages a request takes at admission: its whole reservation, or with ``grow_pages``
+        those its tokens so far need."""
+        if self.config.grow_pages:
+            return math.ceil(min(req.num_tokens, req.max_len) / self.config.page_size)
         return math.ceil(req.max_len / self.config.page_size)
+
+    def _admission_room(self) -> int:
+        """Pages kept free at admission with ``grow_pages``, so admitted requests can grow a
+        while before anyone is evicted (vLLM's watermark: 1 % of the cache)."""
+        return max(1, (self.config.num_pages - 1) // 100) if self.config.grow_pages else 0
 
     def check(self, req: Request) -> None:
         """Raise ``ValueError`` if ``req`` can never be served here (nothing is changed)."""
@@ -395,6 +409,7 @@ class Scheduler:
                     "absorbed_passes",
                     "partial_absorbs",
                     "evictions",
+                    "growth_evictions",
                     "failed",
                     "resets",
                     "passes_ls",
@@ -782,7 +797,10 @@ class Scheduler:
             ),
         )
         chunks, i = [], 0
+        chosen: set[int] = set()
         for req in ordered:
+            if req.status is not Status.RUNNING:
+                continue  # evicted for a row chosen before it
             key = self._row_order(req, now) if held else None
             while i < len(held) and held[i][0] < key:
                 if held[i][1] > budget or seats == 0:
@@ -792,9 +810,41 @@ class Scheduler:
                 break
             remaining = req.num_tokens - req.num_computed
             n = min(remaining, budget, self.config.chunk_size if remaining > 1 else 1)
+            if not self._grow(req, req.num_computed + n, now, chosen):
+                continue  # no pages for it now: it waits for a pass to free some
             chunks.append(self._chunk(req, n))
+            chosen.add(req.seq_id)
             budget, seats = budget - n, seats - 1
         return chunks
+
+    def _grow(self, req: Request, end: int, now: float, keep: set[int]) -> bool:
+        """With ``grow_pages``: give ``req`` the pages for its tokens up to ``end``, evicting
+        idle requests less urgent than it (least urgent first; not those in ``keep``, rows
+        already chosen) if none are free. False if it cannot have them now."""
+        need = math.ceil(end / self.config.page_size) - len(req.pages)
+        if need <= 0:
+            return True
+        if not self.allocator.can_allocate(need):
+            if self.config.policy == "fcfs":
+                rank = lambda r: (r.arrival_time, r.seq_id)  # noqa: E731
+            else:
+                rank = lambda r: self.key(r, now)  # noqa: E731
+            mine = rank(req)
+            victims = sorted(
+                (r for r in self._free() if r.seq_id not in keep and rank(r) > mine),
+                key=rank,
+                reverse=True,
+            )
+            for victim in victims:
+                if self.allocator.can_allocate(need):
+                    break
+                self._evict(victim)
+                self.counters["evictions"] += 1
+                self.counters["growth_evictions"] += 1
+            if not self.allocator.can_allocate(need):
+                return False
+        req.pages = req.pages + self.allocator.allocate(need)
+        return True
 
     @staticmethod
     def _chunk(req: Request, n: int) -> Chunk:
@@ -820,11 +870,12 @@ class Scheduler:
         for req in order:
             if self.config.policy == "fcfs" and len(self.admitted) >= self.config.max_batch_size:
                 break
-            need = self.pages_needed(req)
+            need = self.pages_needed(req) + self._admission_room()
             if not self.allocator.can_allocate(need) and self.config.policy != "fcfs":
                 self._evict_for(req, need, now)
             if not self.allocator.can_allocate(need):
                 break  # later requests wait behind this one
+            need = self.pages_needed(req)
             self.waiting.remove(req)
             req.pages = self.allocator.allocate(need)
             req.status = Status.RUNNING
