@@ -229,6 +229,7 @@ class Scheduler:
         # the active pass, when its next plan needs no decision: nothing more urgent waits and
         # nothing changed since (add, abort, a finished pass, a failure invalidate it)
         self._quiet: int | None = None
+        self._starved: list[Request] = []  # rows the last decision skipped for lack of pages
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -241,8 +242,11 @@ class Scheduler:
 
     def _admission_room(self) -> int:
         """Pages kept free at admission with ``grow_pages``, so admitted requests can grow a
-        while before anyone is evicted (vLLM's watermark: 1 % of the cache)."""
-        return max(1, (self.config.num_pages - 1) // 100) if self.config.grow_pages else 0
+        while before anyone is evicted (vLLM's watermark: 1 % of the cache); none when no
+        request is admitted, so that any request that fits the cache alone gets in."""
+        if not self.config.grow_pages or not self.admitted:
+            return 0
+        return max(1, (self.config.num_pages - 1) // 100)
 
     def check(self, req: Request) -> None:
         """Raise ``ValueError`` if ``req`` can never be served here (nothing is changed)."""
@@ -345,11 +349,14 @@ class Scheduler:
                 self._quiet = None
         else:
             self._quiet = None
-            self._admit(now)
-            if self.config.policy == "qllm":
-                plan = self._schedule_preemptive(now)
-            else:
-                plan = self._schedule_iteration(now)
+            plan = self._decide(now)
+            if plan is None and self._starved:
+                # every row that could go first had no pages and could evict no one: the least
+                # urgent of them steps back (it recomputes later), so that the others can run
+                self._evict(max(self._starved, key=self._growth_rank(now)))
+                self.counters["evictions"] += 1
+                self.counters["growth_evictions"] += 1
+                plan = self._decide(now)
         if plan is not None:
             self._count_work(plan)
         if plan is None and self._ended:
@@ -358,6 +365,13 @@ class Scheduler:
             plan = dataclasses.replace(plan, finished_seq_ids=tuple(self._ended))
             self._ended.clear()
         return plan
+
+    def _decide(self, now: float) -> Plan | None:
+        self._starved = []
+        self._admit(now)
+        if self.config.policy == "qllm":
+            return self._schedule_preemptive(now)
+        return self._schedule_iteration(now)
 
     def update(self, plan: Plan, result: StepResult) -> list[Request]:
         """Record what the executor did with ``plan``. Returns the requests that advanced or
@@ -811,11 +825,18 @@ class Scheduler:
             remaining = req.num_tokens - req.num_computed
             n = min(remaining, budget, self.config.chunk_size if remaining > 1 else 1)
             if not self._grow(req, req.num_computed + n, now, chosen):
+                self._starved.append(req)
                 continue  # no pages for it now: it waits for a pass to free some
             chunks.append(self._chunk(req, n))
             chosen.add(req.seq_id)
             budget, seats = budget - n, seats - 1
         return chunks
+
+    def _growth_rank(self, now: float) -> Callable[[Request], tuple]:
+        """Urgency for page growth: arrival order for fcfs, the priority key otherwise."""
+        if self.config.policy == "fcfs":
+            return lambda r: (r.arrival_time, r.seq_id)
+        return lambda r: self.key(r, now)
 
     def _grow(self, req: Request, end: int, now: float, keep: set[int]) -> bool:
         """With ``grow_pages``: give ``req`` the pages for its tokens up to ``end``, evicting
@@ -825,10 +846,7 @@ class Scheduler:
         if need <= 0:
             return True
         if not self.allocator.can_allocate(need):
-            if self.config.policy == "fcfs":
-                rank = lambda r: (r.arrival_time, r.seq_id)  # noqa: E731
-            else:
-                rank = lambda r: self.key(r, now)  # noqa: E731
+            rank = self._growth_rank(now)
             mine = rank(req)
             victims = sorted(
                 (r for r in self._free() if r.seq_id not in keep and rank(r) > mine),
