@@ -7,7 +7,8 @@ default tier, best-effort ones on ``flex``) is run four ways:
 2. ``http``: against a ``qllm-jax serve`` process, streamed over HTTP (TTFT is measured by the
    client: request sent to first token received);
 3. ``http+batch``: the same, with a best-effort batch (``/v1/batches``) running meanwhile;
-4. ``burst``: ``--burst`` concurrent requests at once, for the requests/s the server sustains.
+4. ``burst``: ``--burst`` concurrent requests at once, for the requests/s the server sustains
+   and the concurrency reached (requests holding KV pages at once, from ``/metrics``).
 
 Reported: LS TTFT p50/p90 of each arm, the ratio http / engine of the LS TTFT p90 (target
 <= 1.15), http+batch / http, completed requests/s. Each arm is preceded by a short warm-up
@@ -147,13 +148,35 @@ async def run_http(url: str, items: list[dict]) -> dict:
 
 
 async def run_burst(url: str, items: list[dict]) -> dict:
-    """Every request at once: completed requests per second."""
+    """Every request at once: completed requests per second, and the most requests running
+    at once (admitted, holding KV pages) that ``/metrics`` showed meanwhile."""
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    most = 0
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def watch():
+            nonlocal most
+            while True:
+                text = (await client.get(url + "/metrics")).text
+                running = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("qllm:num_requests_running{")
+                )
+                most = max(most, int(running))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
         t0 = time.monotonic()
         await asyncio.gather(*(_one(client, url, it, t0) for it in items))
         wall = time.monotonic() - t0
-    return {"requests": len(items), "wall_s": wall, "requests_per_s": len(items) / wall}
+        watcher.cancel()
+    return {
+        "requests": len(items),
+        "wall_s": wall,
+        "requests_per_s": len(items) / wall,
+        "max_running": most,
+    }
 
 
 def start_batch(url: str, args, vocab: int) -> str:
@@ -288,7 +311,7 @@ def main(argv=None) -> dict:
             burst = asyncio.run(run_burst(url, burst_items))
             print(
                 f"burst: {burst['requests']} requests in {burst['wall_s']:.1f} s = "
-                f"{burst['requests_per_s']:.1f} req/s"
+                f"{burst['requests_per_s']:.1f} req/s, at most {burst['max_running']} running"
             )
         finally:
             proc.terminate()
