@@ -7,6 +7,8 @@ later; every request finishes with the tokens it gets without memory pressure (a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import qllm_jax
@@ -99,3 +101,39 @@ def test_reserving_pages_admits_two_of_them(model, cache):
         eng.add_request(p.prompt_token_ids, p.sampling, prio, request_id=f"r{i}")
     eng.step()
     assert len(eng.scheduler.admitted) == 2
+
+
+def test_a_job_checkpointed_under_page_pressure_resumes_to_the_same_lines(model, cache, tmp_path):
+    """Checkpoints hold a growing request's pages so far; resume gives them fresh ones."""
+    from qllm_jax import jobs
+
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": f"Tale {i}"}], "temperature": 0}}
+        for i in range(4)
+    ]  # fmt: skip
+
+    def runner() -> jobs.JobRunner:
+        eng = qllm_jax.Engine(
+            model, kv_pages=TIGHT, grow_pages=True, compilation_cache_dir=cache, **ENGINE
+        )
+        return jobs.JobRunner(eng, checkpoint_every=None)
+
+    def lines_of(job_dir) -> dict:
+        out = {}
+        for raw in (job_dir / "output.jsonl").read_text().splitlines():
+            line = json.loads(raw)
+            out[line["custom_id"]] = line["response"]["body"]["choices"][0]["message"]
+        return out
+
+    ref = runner()
+    assert ref.run(ref.create(lines, tmp_path / "ref", job_id="j"))
+    first = runner()
+    job = first.create(lines, tmp_path / "job", job_id="j")
+    while job.num_done < 1:
+        first.engine.step()
+    assert first.engine.stats()["growth_evictions"] > 0
+    first.suspend(job)
+    second = runner()
+    assert second.run(second.resume(tmp_path / "job"))
+    assert lines_of(tmp_path / "job") == lines_of(tmp_path / "ref")
