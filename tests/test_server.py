@@ -596,3 +596,18 @@ def test_streamed_text_holds_back_what_may_still_change():
     assert _stream_text("hello wo", False, ("world",)) == "hello "  # may become the stop
     assert _stream_text("hello w", False, ("xyz", "wx")) == "hello "
     assert _stream_text("hello wo", True, ("world",)) == "hello wo"  # finished: all of it
+
+
+def test_serve_and_generate_help():
+    for command, flags in (
+        ("serve", ["--host", "--port", "--state-dir", "--max-waiting-ls", "--grow-pages",
+                   "--policy", "--kv-pages"]),
+        ("generate", ["--max-tokens", "--temperature", "--stop", "--policy"]),
+    ):  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "qllm_jax.cli", command, "--help"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        for flag in flags:
+            assert flag in out.stdout, (command, flag)
