@@ -12,6 +12,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python experiments/reproduce_paper.py --backend real --quick
+	$(BIN)/python experiments/reproduce_paper.py --backend sim --profile mixtral-a100-paper --lengths paper --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -31,6 +31,10 @@ from qllm_jax.scheduler.metrics import (
     windowed_rate,
 )
 
+# Every arm orders requests by arrival inside a priority class, as the QLLM paper's code and
+# vLLM's priority policy do (the engine's default is "sjf" with aging: the `qllm-sjf` arm, one
+# change against `qllm-expert`)
+ARM_BASE: dict = dict(queue_order="fcfs", age_after_s=None)
 ARMS: dict[str, dict] = {
     "fcfs": dict(policy="fcfs", no_token_budget=True, prefill_chunk=None),
     "fcfs-512": dict(policy="fcfs"),
@@ -38,6 +42,7 @@ ARMS: dict[str, dict] = {
     "qllm-nopreempt": dict(policy="qllm", granularity="layer", preempt=False),
     "qllm-layer": dict(policy="qllm", granularity="layer"),
     "qllm-expert": dict(policy="qllm", granularity="expert"),
+    "qllm-sjf": dict(policy="qllm", granularity="expert", queue_order="sjf", age_after_s=5.0),
     "qllm-mix": dict(policy="qllm", granularity="expert", mix_classes=True),
     "qllm-aging": dict(
         policy="qllm", granularity="expert", aging_s=10.0, max_park_s=5.0, be_share=None
@@ -54,7 +59,8 @@ def arm_options(arm: str, base: dict, prompt_max: int, options: dict | None = No
     """Scheduler options of ``arm`` over the run's ``base`` options (batch size, token budget,
     prefill chunk), with ``options`` on top (a variant of the arm that changes one knob).
     ``no_token_budget``: a pass may take ``max_batch_size`` whole prompts."""
-    knobs = dict(base) | {k: v for k, v in ARMS[arm].items() if k != "no_token_budget"}
+    knobs = dict(ARM_BASE) | dict(base)
+    knobs |= {k: v for k, v in ARMS[arm].items() if k != "no_token_budget"}
     knobs |= options or {}
     if ARMS[arm].get("no_token_budget"):
         knobs["max_num_batched_tokens"] = knobs["max_batch_size"] * prompt_max

@@ -58,6 +58,7 @@ class RequestOutput:
     metrics: RequestMetrics
     priority: int = 0
     error: str | None = None  # what went wrong, with finish_reason "error"
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (vLLM's)
 
 
 def enable_compilation_cache(cache_dir: str | os.PathLike | None) -> None:
@@ -80,8 +81,9 @@ class Engine:
     ``scheduler_options`` are ``SchedulerConfig`` fields (``policy``, ``granularity``,
     ``max_batch_size``, ``max_num_batched_tokens``, ``prefill_chunk``, ``aging_s``,
     ``max_park_s``, ``absorb_be``, ``preempt_prefill``, ``mix_classes``, ``rejoin_parked``,
-    ``split_mixed``, ``prefill_first``, ``grow_pages``) plus ``preset`` (a named set of them;
-    explicit options win); their defaults are ``SchedulerConfig``'s.
+    ``split_mixed``, ``prefill_first``, ``enable_prefix_caching``, ``queue_order``,
+    ``age_after_s``, ``grow_pages``) plus ``preset`` (a named set of them; explicit options
+    win); their defaults are ``SchedulerConfig``'s.
     """
 
     def __init__(
@@ -273,6 +275,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._ended)
 
+    def match_length(self, prompt: Prompt) -> int:
+        """Leading tokens of ``prompt`` whose K/V this engine's prefix cache holds now (what a
+        request with it would not recompute); changes nothing. For dispatchers."""
+        return self.scheduler.match_length(self.encode(prompt))
+
     # -- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -371,11 +378,13 @@ class Engine:
             ),
             priority=req.priority,
             error=req.error,
+            num_cached_tokens=req.num_cached_tokens,
         )
 
     def stats(self) -> dict:
-        """The scheduler's counters (KV pages, queues, preemptions, ...) plus the executor's:
-        steps and segments run, carries held, KV resets, executables and compilations."""
+        """The scheduler's counters (KV pages, queues, preemptions, prefix cache hit rate and
+        cached pages, ...) plus the executor's: steps and segments run, carries held, KV
+        resets, executables and compilations."""
         ex = self.executor
         since = self._compiles_at_warmup
         return self.scheduler.stats() | {

@@ -267,7 +267,7 @@ class Executor:
 
     def head_tokens(self, carry: Carry, rec: CarryRecord, want_logits: bool = False) -> jax.Array:
         """The head segment: sampled tokens [S] (or logits [S, V]) of a pass at the last cursor."""
-        s = self._sample_inputs(rec)
+        s = self._sample_inputs(rec, self._head_bucket(rec))
         if want_logits:
             return self.kernels.head_logits(self._head_params, carry.h, carry.acc, s.rows, self.cfg)
         return self.kernels.head(self._head_params, carry.h, carry.acc, s, self.cfg)
@@ -282,7 +282,7 @@ class Executor:
             tuple(self.kv.v),
             token_ids(rec),
             meta,
-            self._sample_inputs(rec),
+            self._sample_inputs(rec, self._sample_bucket(rec.num_rows)),
             cfg=self.cfg,
             page_size=self.page_size,
             dtype=self.dtype,
@@ -310,9 +310,9 @@ class Executor:
             self._empty[rows] = self.kernels.empty_state(n=rows, cfg=self.cfg, dtype=self.dtype)
         return self._empty[rows]
 
-    def _sample_inputs(self, rec: CarryRecord) -> SampleInputs:
+    def _sample_inputs(self, rec: CarryRecord, sb: int) -> SampleInputs:
+        """The sampling knobs of ``rec``'s sampled rows, padded to ``sb`` rows."""
         samples = rec.sample_rows()
-        sb = self._sample_bucket(rec.num_rows)
         rows, temp = np.zeros(sb, np.int32), np.zeros(sb, np.float32)
         top_k, top_p = np.zeros(sb, np.int32), np.ones(sb, np.float32)
         seeds, steps = np.zeros(sb, np.uint64), np.zeros(sb, np.int32)
@@ -327,6 +327,17 @@ class Executor:
         size. Tied to the rows so the fused step does not compile once more per sample count
         (a prefill pass of few prompts projects a few padding rows through the LM head)."""
         return min(bucket(rows), bucket(self.max_batch_size, SAMPLE_BUCKET_MIN))
+
+    def _head_bucket(self, rec: CarryRecord) -> int:
+        """Sampled rows the head segment pads to: their own bucket (a prefill pass of one
+        prompt projects 8 rows through the LM head, not its whole row bucket), at most the
+        fused step's. Its own executable, so this costs a few more head compilations only."""
+        return min(
+            bucket(len(rec.sample_rows()), SAMPLE_BUCKET_MIN), self._sample_bucket(rec.num_rows)
+        )
+
+    def _head_buckets(self, rows: int) -> list[int]:
+        return buckets(self._sample_bucket(rows), SAMPLE_BUCKET_MIN)
 
     def _moved(self, move: Move) -> Carry:
         """A carry holding ``move.record``'s rows, gathered from the carries they are in."""
@@ -461,7 +472,7 @@ class Executor:
             out += [Signature("embed", n), Signature("empty_state", n), Signature("experts", n)]
             out += [Signature("shared", n)] if "shared" in kinds else []
             out += [Signature("scatter", n, src_rows=m) for m in rows]
-            out += [Signature("head", n, samples=self._sample_bucket(n))]
+            out += [Signature("head", n, samples=sb) for sb in self._head_buckets(n)]
             for p in pages:
                 out += [Signature("attention", n, p, window=w) for w in windows]
                 out += [Signature("fused", n, p, self._sample_bucket(n))]

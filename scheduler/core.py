@@ -19,9 +19,13 @@ Policies, all over the same segments:
   or ``absorb_be``). A mixed pass is split when an LS request waits: its LS rows continue,
   its BE rows park. Aging and a maximum park time bound how long BE work can be held back.
 
-Priority keys are ``(effective priority, arrival time, seq_id)``; lower sorts first. KV pages are
-reserved at admission for the whole prompt plus ``max_tokens``, so an admitted request never runs
-out of pages; when pages are short, new work waits.
+Priority keys are ``(effective priority, arrival time, seq_id)``; lower sorts first. Inside a
+priority class, requests fill passes (and get admitted) in ``queue_order``: ``fcfs`` (arrival),
+``sjf`` (least prefill work left first) or ``hrrn`` (highest response ratio first), with
+in-class aging (``age_after_s``); no ordering or aging rule of ``queue_order`` crosses classes.
+KV pages are reserved at admission for the whole prompt plus ``max_tokens`` (pages mapped from
+the prefix cache counted once), so an admitted request never runs out of pages; when pages are
+short, new work waits.
 
 Requests are forgotten once their end has been reported (``update`` returns them, ``abort``
 returns the aborted one), so a long-running scheduler holds only live requests.
@@ -37,14 +41,16 @@ from collections.abc import Callable, Iterable
 from typing import Literal
 
 from . import snapshot
-from .pages import PageAllocator
+from .pages import PageAllocator, extend_hashes, reusable_pages
 from .plan import Chunk, Plan, SampleSpec, Segment, StepResult
 from .request import Request, Status
 from .sampling_params import is_int
 
 Policy = Literal["fcfs", "priority", "qllm"]
 Granularity = Literal["layer", "expert"]
+QueueOrder = Literal["fcfs", "sjf", "hrrn"]
 POLICIES: tuple[str, ...] = ("fcfs", "priority", "qllm")
+QUEUE_ORDERS: tuple[str, ...] = ("fcfs", "sjf", "hrrn")
 
 PRESETS: dict[str, dict] = {
     # The reference code's behaviour: its pass order (prefill and decode never in one pass, LS
@@ -62,6 +68,8 @@ PRESETS: dict[str, dict] = {
         mix_classes=True,
         mix_prefill_decode=False,
         be_share=None,
+        queue_order="fcfs",
+        age_after_s=None,
     ),
 }
 
@@ -112,6 +120,14 @@ class SchedulerConfig:
     # are evicted (they recompute their KV when readmitted). False: a request reserves pages
     # for prompt + max_tokens at admission (clients that omit max_tokens reserve the context).
     grow_pages: bool = False
+    # Automatic prefix caching (vLLM's name): full computed KV pages are shared by content
+    enable_prefix_caching: bool = True
+    # Order inside a priority class (policies priority and qllm; fcfs is arrival order by
+    # definition): "fcfs" by arrival, "sjf" least prefill work left first (uncached tokens),
+    # "hrrn" highest (wait + work) / work first. A request waiting age_after_s or longer goes
+    # ahead of unaged ones of its class, in arrival order (None: never)
+    queue_order: QueueOrder = "sjf"
+    age_after_s: float | None = 5.0
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -139,7 +155,13 @@ class SchedulerConfig:
             not is_int(self.prefill_chunk) or self.prefill_chunk < 1
         ):
             raise ValueError(f"prefill_chunk must be an int >= 1 or None, got {self.prefill_chunk}")
-        for name in ("aging_s", "max_park_s", "be_share"):
+        if self.queue_order not in QUEUE_ORDERS:
+            raise ValueError(f"queue_order must be one of {QUEUE_ORDERS}, got {self.queue_order!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
+            )
+        for name in ("aging_s", "max_park_s", "be_share", "age_after_s"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be > 0 or None (off), got {value!r}")
@@ -209,7 +231,11 @@ class Scheduler:
         self.segments = segments
         self.head = len(segments) - 1  # cursor of the head segment
         self.clock = clock
-        self.allocator = PageAllocator(config.num_pages)
+        self.allocator = PageAllocator(
+            config.num_pages, config.page_size, config.enable_prefix_caching
+        )
+        self.rows_done = 0  # rows computed in finished passes: hrrn's measure of waiting
+        self._remapped = 0  # allocator.version when prefixes were last remapped
         self.requests: dict[str, Request] = {}  # live requests by id
         self.seqs: dict[int, Request] = {}  # live requests by sequence id
         self.waiting: list[Request] = []  # not admitted: no pages yet
@@ -270,6 +296,7 @@ class Scheduler:
         self.check(req)
         req.max_len = self._max_len(req)
         req.last_progress = req.arrival_time
+        req.arrival_work = self.rows_done
         self._quiet = None
         self.requests[req.request_id] = req
         self.seqs[req.seq_id] = req
@@ -328,8 +355,37 @@ class Scheduler:
         """Order in which requests fill a new pass: by key, or with ``prefill_first`` prompts
         of a class ahead of that class's decodes (the reference code's order: a new LS prompt
         never queues behind running LS decodes)."""
-        prio, arrival, seq = self.key(req, now)
-        return (prio, not req.in_prefill if self.config.prefill_first else 0, arrival, seq)
+        prio = self.effective_priority(req, now)
+        first = not req.in_prefill if self.config.prefill_first else 0
+        return (prio, first, *self._queue_key(req, now))
+
+    def _queue_key(self, req: Request, now: float) -> tuple:
+        """Order inside a priority class, lower first (``queue_order``). ``sjf``: by the tokens
+        a request must still feed before its next sample (uncached prompt tokens; 1 for a
+        decode, so running requests keep their seats); ``hrrn``: by the response ratio
+        (wait + work) / work, wait counted in rows the engine computed since the request
+        arrived, so both terms are tokens and no clock or cost estimate is needed (on a busy
+        engine that is proportional to time), ties to the smaller work. Both age: a request
+        that has waited ``age_after_s`` goes ahead of every unaged one, in arrival order, so
+        a stream of short requests cannot starve a long one."""
+        order = self.config.queue_order
+        if order == "fcfs":
+            return (req.arrival_time, req.seq_id)
+        age = self.config.age_after_s
+        if age is not None and now - req.arrival_time >= age:
+            return (0, req.arrival_time, req.seq_id)
+        work = self._work_left(req)
+        if order == "sjf":
+            return (1, work, req.arrival_time, req.seq_id)
+        ratio = (self.rows_done - req.arrival_work + work) / work
+        return (1, -ratio, work, req.arrival_time, req.seq_id)
+
+    def _work_left(self, req: Request) -> int:
+        """Tokens ``req`` must still feed before it samples again (at least 1): for a waiting
+        request, those the prefix cache does not hold now."""
+        if req.status == Status.WAITING:
+            return max(1, req.num_tokens - len(self._cached_prefix(req)) * self.config.page_size)
+        return max(1, req.num_tokens - req.num_computed)
 
     def effective_priority(self, req: Request, now: float) -> int:
         """Priority after aging: BE work gains one level per ``aging_s`` waited, down to 0."""
@@ -369,6 +425,7 @@ class Scheduler:
     def _decide(self, now: float) -> Plan | None:
         self._starved = []
         self._admit(now)
+        self._remap_prefixes()
         if self.config.policy == "qllm":
             return self._schedule_preemptive(now)
         return self._schedule_iteration(now)
@@ -393,6 +450,8 @@ class Scheduler:
                 req.num_computed = chunk.end
                 req.status = Status.RUNNING
                 self._progress(req, now)
+                self.rows_done += chunk.num_tokens
+                self._cache_pages(req)
                 if chunk.samples:
                     self._append(req, result.tokens[chunk.seq_id], now)
                 out.append(req)
@@ -433,6 +492,7 @@ class Scheduler:
                     "be_turns",
                 )
             },
+            **self._prefix_stats(),
             "preempt_wait_s_p50": pct(0.5),
             "preempt_wait_s_p99": pct(0.99),
             "preempt_wait_s_max": waits[-1] if waits else None,
@@ -882,22 +942,114 @@ class Scheduler:
         if self.config.policy == "fcfs":
             order = sorted(self.waiting, key=lambda r: (r.arrival_time, r.seq_id))
         else:
-            order = sorted(self.waiting, key=lambda r: self.key(r, now))
+            order = sorted(
+                self.waiting,
+                key=lambda r: (self.effective_priority(r, now), *self._queue_key(r, now)),
+            )
             if self._be_due(now):
                 order = self._starving_first(order, now)
         for req in order:
             if self.config.policy == "fcfs" and len(self.admitted) >= self.config.max_batch_size:
                 break
-            need = self.pages_needed(req) + self._admission_room()
-            if not self.allocator.can_allocate(need) and self.config.policy != "fcfs":
-                self._evict_for(req, need, now)
-            if not self.allocator.can_allocate(need):
+            if not self._reserve(req, now):
                 break  # later requests wait behind this one
-            need = self.pages_needed(req)
             self.waiting.remove(req)
-            req.pages = self.allocator.allocate(need)
             req.status = Status.RUNNING
             self.admitted.append(req)
+
+    def _reserve(self, req: Request, now: float) -> bool:
+        """Give ``req`` its KV pages: its cached prefix (shared, counted once) plus fresh pages
+        for the rest of ``pages_needed``; the preemptive and priority policies may evict idle,
+        less urgent requests for room. False, holding nothing, if they do not fit."""
+        cached = self._cached_prefix(req)
+        self.allocator.acquire(cached)  # held first: making room must not reuse them
+        need = self.pages_needed(req) - len(cached)
+        room = need + self._admission_room()
+        if not self.allocator.can_allocate(room) and self.config.policy != "fcfs":
+            self._evict_for(req, room, now)
+        if not self.allocator.can_allocate(room):
+            self.allocator.free(cached)
+            return False
+        req.pages = cached + self.allocator.allocate(need)
+        req.prefix_pages = req.cached_pages = 0
+        self.counters["prefix_query_tokens"] += req.num_tokens
+        self._map_prefix(req, len(cached))
+        return True
+
+    # -- prefix caching (the pages live in ``self.allocator``) -----------------------------------
+
+    def match_length(self, token_ids: list[int]) -> int:
+        """Leading tokens of a prompt the prefix cache holds now (what a request with it would
+        not recompute). Plain Python and side-effect free: for a dispatcher choosing a
+        replica."""
+        return self.allocator.match_length(token_ids)
+
+    def _page_hashes(self, req: Request, n: int) -> list[int]:
+        """``req``'s page hash chain, grown to ``n`` pages (``n`` full pages of its tokens)."""
+        if len(req.page_hashes) < n:
+            extend_hashes(req.page_hashes, req.all_token_ids, self.config.page_size, n)
+        return req.page_hashes
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached pages ``req`` may map now: the longest cached run of its full pages
+        before its last token (changes nothing)."""
+        if not self.config.enable_prefix_caching:
+            return []
+        n = reusable_pages(req.num_tokens, self.config.page_size)
+        return self.allocator.lookup(self._page_hashes(req, n)[:n])
+
+    def _map_prefix(self, req: Request, n: int) -> None:
+        """``req``'s first ``n`` pages are now cached ones: their tokens count as computed."""
+        ps = self.config.page_size
+        self.counters["prefix_hit_tokens"] += (n - req.prefix_pages) * ps
+        req.prefix_pages = req.cached_pages = n
+        req.num_computed = n * ps
+        if not req.output_token_ids:
+            req.num_cached_tokens = req.num_computed
+
+    def _remap_prefixes(self) -> None:
+        """Admission reserves pages early, often before another request sharing the prompt
+        has computed it; until a request first runs, map whatever more of its prefix has been
+        cached since (its own pages there were never written: they return to the free list).
+        Only after the cache gained content: the check costs a lookup per waiting request."""
+        if not self.config.enable_prefix_caching or self.allocator.version == self._remapped:
+            return
+        self._remapped = self.allocator.version
+        ps = self.config.page_size
+        for req in self.admitted:
+            if req.num_computed != req.prefix_pages * ps or req.seq_id in self.in_pass:
+                continue  # started: its pages hold its own K/V now
+            cached = self._cached_prefix(req)
+            if len(cached) <= req.prefix_pages:
+                continue
+            fresh = cached[req.prefix_pages :]
+            own = req.pages[req.prefix_pages : len(cached)]
+            self.allocator.acquire(fresh)
+            self.allocator.free(own)
+            req.pages[req.prefix_pages : len(cached)] = fresh
+            self._map_prefix(req, len(cached))
+
+    def _cache_pages(self, req: Request) -> None:
+        """Offer ``req``'s pages that a finished pass has just filled with computed K/V to the
+        prefix cache (a page whose content is already cached elsewhere stays private)."""
+        full = req.num_computed // self.config.page_size
+        if not self.config.enable_prefix_caching or full <= req.cached_pages:
+            return
+        hashes = self._page_hashes(req, full)
+        for i in range(req.cached_pages, full):
+            self.allocator.register(req.pages[i], hashes[i])
+        req.cached_pages = full
+
+    def _prefix_stats(self) -> dict:
+        q, h = self.counters["prefix_query_tokens"], self.counters["prefix_hit_tokens"]
+        return {
+            "kv_pages_cached": self.allocator.num_cached,
+            "kv_pages_evictable": self.allocator.num_evictable,
+            "prefix_cache_queries": q,  # tokens of admitted requests looked up
+            "prefix_cache_hits": h,  # of those, tokens mapped from the cache
+            "prefix_cache_hit_rate": h / q if q else 0.0,
+            "prefix_cache_evictions": self.allocator.cache_evictions,
+        }
 
     def _evict_for(self, req: Request, need: int, now: float) -> None:
         """Free the pages of idle admitted requests less urgent than ``req`` (worst first).
@@ -916,11 +1068,17 @@ class Scheduler:
 
     def _evict(self, req: Request) -> None:
         """Back to the queue without pages; its KV is recomputed when it is readmitted."""
+        self._requeue(req)
+        req.num_preemptions += 1
+
+    def _requeue(self, req: Request) -> None:
+        """Back to the waiting queue holding no pages; the computed ones it held stay cached
+        (unless room is needed), so readmission maps them again instead of recomputing."""
         self.admitted.remove(req)
         self.allocator.free(req.pages)
         req.pages, req.num_computed = [], 0
+        req.prefix_pages = req.cached_pages = 0
         req.status = Status.WAITING
-        req.num_preemptions += 1
         self.waiting.append(req)
 
     def _append(self, req: Request, token: int, now: float) -> None:
@@ -961,10 +1119,17 @@ class Scheduler:
 
     def _recompute_all(self) -> None:
         """The executor lost its KV cache and every carry: every pass is gone, and admitted
-        requests keep their pages but recompute their KV from their tokens."""
+        requests recompute their KV from their tokens (in the pages they hold; with prefix
+        caching, from the queue: see below)."""
         self.passes.clear()
         self.in_pass.clear()
         self.active = None
+        if self.config.enable_prefix_caching:
+            # pages may be shared: recomputing in place would write into them. Every request
+            # starts over from the queue, and the cache forgets the contents it lost.
+            for req in list(self.admitted):
+                self._requeue(req)
+            self.allocator.clear_cache()
         for req in self.admitted:
             req.num_computed = 0
             req.status = Status.RUNNING

@@ -43,6 +43,13 @@ class Request:
     num_preemptions: int = 0
     parked_time: float = 0.0
     last_progress: float = 0.0  # when it last had rows computed (its arrival, at first)
+    # prefix caching (scheduler/pages.py): the hash chain of the request's full pages of known
+    # tokens (computed once, extended as tokens are appended)
+    page_hashes: list[int] = dataclasses.field(default_factory=list)
+    prefix_pages: int = 0  # leading pages of ``pages`` mapped from the cache (read-only here)
+    cached_pages: int = 0  # leading pages whose content is in (or came from) the cache
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the cache (vLLM's field)
+    arrival_work: int = 0  # the scheduler's computed-rows counter at arrival (hrrn's clock)
 
     @property
     def num_tokens(self) -> int:

@@ -5,11 +5,13 @@ Mixtral-8x7B on an A100, which a laptop cannot run. ``FakeExecutor.execute(plan)
 executor's interface and keeps the same host-side record of its carries (``Ledger``), so both
 reject a bad plan with the same ``PlanError`` (an unknown carry, a cursor mismatch, a row in two
 passes, rows that differ from the plan's); a carry here is just that record, and time advances by
-``CostModel.plan_time``. It also models the KV cache as slot -> (sequence, position) written by
-each chunk, and rejects a chunk whose earlier K/V are no longer in its pages (it checks the first
-slot of every page of its context and its last position): a real device would silently compute
-garbage instead. ``Simulator`` is the engine's loop (schedule → execute → update) on the virtual
-clock. Plain Python; never imports jax.
+``CostModel.plan_time``. It also models the KV cache by content: each slot holds (a hash of the
+sequence's tokens up to and including that position, the position), which is what real K/V
+depend on, so pages shared by prefix caching check out for every sequence that reads them. It
+rejects a chunk whose earlier K/V are not in its pages (it checks the first slot of every page
+of its context and its last position): a real device would silently compute garbage
+instead. ``Simulator`` is the engine's loop (schedule → execute → update) on the virtual clock.
+Plain Python; never imports jax.
 
     clock = VirtualClock()
     sched = Scheduler(SchedulerConfig(...), segment_layout(32, 8, 1, False), clock=clock)
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .core import Scheduler
@@ -33,6 +36,7 @@ from .request import Request
 from .sampling_params import SamplingParams
 
 FAKE_TOKEN = 3  # every sampled token; not an EOS id of any test config (ignore_eos anyway)
+ROOT = 0  # the content hash "before" position 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,17 +226,16 @@ MIXTRAL_A100_EFFICIENT = CostModel(
 # prefill chunk after a long prefix pays rows * prefix.
 BUILTIN_CPU = CostModel(
     name="builtin-cpu",
-    attn_base=7.089e-05,
-    attn_per_row=1.684e-06,
-    attn_per_row_ctx=5.968e-08,
-    attn_per_row_sq=1.91e-08,
-    expert_base=0.0002305,
-    expert_per_row=1.632e-05,
-    head_base=0.001091,
-    head_per_row=6.047e-05,
-    segment_overhead=4.622e-05,
-    embed_base=0.0001253,
-    host_overhead=2.657e-05,
+    attn_base=0.0001664,
+    attn_per_row_ctx=3.666e-08,
+    attn_per_row_sq=5.716e-08,
+    expert_base=0.0003286,
+    expert_per_row=3.138e-05,
+    head_base=0.001952,
+    head_per_row=0.000107,
+    segment_overhead=2.865e-05,
+    embed_base=0.000136,
+    host_overhead=3.64e-05,
 )
 
 PROFILES: dict[str, CostModel] = {
@@ -275,15 +278,23 @@ def make_request(
     max_tokens: int,
     priority: int = 0,
     arrival_time: float = 0.0,
+    prompt_token_ids: list[int] | None = None,
+    seed: int = 0,
 ) -> Request:
-    """A request with ``prompt_len`` prompt tokens that generates exactly ``max_tokens``."""
+    """A request with ``prompt_len`` prompt tokens that generates exactly ``max_tokens``. Its
+    prompt starts with a token of its own (``100 + seq_id``), so requests share no prefix
+    (and no cached page) unless ``prompt_token_ids`` is given."""
+    if prompt_token_ids is None:
+        prompt_token_ids = [100 + seq_id] + [5] * (prompt_len - 1)
+    elif len(prompt_token_ids) != prompt_len:
+        raise ValueError(f"{len(prompt_token_ids)} prompt token ids, prompt_len={prompt_len}")
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return Request(
         request_id=request_id,
         seq_id=seq_id,
-        prompt_token_ids=[5] * prompt_len,
+        prompt_token_ids=list(prompt_token_ids),
         sampling=sampling,
-        seed=0,
+        seed=seed,
         priority=priority,
         arrival_time=arrival_time,
     )
@@ -311,17 +322,42 @@ class SimResult:
     stats: dict[str, float]  # the scheduler's stats plus plans, busy time, end time
 
 
+def content_hash(parent: int, token: int) -> int:
+    """The fake K/V of a position: a hash of its sequence's tokens up to it (chained)."""
+    return hash((parent, token))
+
+
 class FakeExecutor:
     """The executor's contract without a device: ``execute(plan) -> StepResult``, the same
-    ``Ledger`` and plan checks, a modelled KV cache, and every sampled token ``FAKE_TOKEN``."""
+    ``Ledger`` and plan checks, a modelled KV cache, and every sampled token ``FAKE_TOKEN``
+    (with ``vary_tokens``, a function of the sequence's tokens, seed and step instead, so
+    sequences with a shared prefix still diverge, as seeded sampling does).
 
-    def __init__(self, segments: list[Segment], page_size: int, cost: CostModel) -> None:
+    ``tokens_of(seq_id)`` gives a sequence's true tokens (prompt and output so far), against
+    which the K/V read by each chunk are checked; without it, or for a sequence it does not
+    know, the truth is what the executor itself was fed for that sequence, and a prefix it was
+    never fed (mapped from a cache) is taken from the slots it reads, checked for positions
+    only."""
+
+    def __init__(
+        self,
+        segments: list[Segment],
+        page_size: int,
+        cost: CostModel,
+        tokens_of: Callable[[int], Sequence[int] | None] | None = None,
+        vary_tokens: bool = False,
+    ) -> None:
         self.segments, self.page_size, self.cost = segments, page_size, cost
         self.num_experts = count_experts(segments)
         self.ledger = Ledger(len(segments) - 1, page_size)
-        self.kv: dict[int, tuple[int, int]] = {}  # KV slot -> (seq_id, position) written there
+        self.tokens_of, self.vary_tokens = tokens_of, vary_tokens
+        # KV slot -> (content hash of the tokens up to that position, position)
+        self.kv: dict[int, tuple[int, int]] = {}
         self.computed: Counter[int] = Counter()  # rows run per sequence, in finished passes
         self._shape: tuple = (None, None)
+        self._fed: dict[int, list[int]] = {}  # tokens fed per sequence (truth without tokens_of)
+        self._chain: dict[int, list[int]] = {}  # content hashes per sequence, by position
+        self._last: dict[int, int] = {}  # content hash at each chunk's end, by sequence
 
     def plan_time(self, plan: Plan) -> float:
         if plan.chunks is not self._shape[0]:  # the plans of a pass share one chunks tuple
@@ -331,41 +367,86 @@ class FakeExecutor:
     def execute(self, plan: Plan) -> StepResult:
         """Check and record ``plan`` (``PlanError`` if it is invalid, nothing changed)."""
         self.ledger.check(plan)
-        for c in plan.chunks if plan.new else ():
-            self._check_kv(c)
+        new = plan.chunks if plan.new else ()
+        hashes = [self._check_kv(c) for c in new]
         done = self.ledger.apply(plan, checked=True).finished
-        for c in plan.chunks if plan.new else ():
-            self._write_kv(c)
+        for seq in plan.finished_seq_ids:
+            for memo in (self._fed, self._chain, self._last):
+                memo.pop(seq, None)
+        for c, h in zip(new, hashes, strict=True):
+            self._write_kv(c, h)
         if done is None:
             return StepResult()
         for c in done.chunks:
             self.computed[c.seq_id] += c.num_tokens
-        return StepResult(tokens={c.seq_id: FAKE_TOKEN for c in done.chunks if c.samples})
+        return StepResult(tokens={c.seq_id: self._token(c) for c in done.chunks if c.samples})
+
+    def _token(self, c: Chunk) -> int:
+        if not self.vary_tokens:
+            return FAKE_TOKEN
+        return 10 + hash((self._last[c.seq_id], c.sample.seed, c.sample.step)) % 1000
 
     def _slot(self, chunk: Chunk, pos: int) -> int:
         return chunk.pages[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def _check_kv(self, chunk: Chunk) -> None:
-        ps = self.page_size
-        for pos in [*range(0, chunk.start, ps), *([chunk.start - 1] if chunk.start else [])]:
-            if self.kv.get(self._slot(chunk, pos)) != (chunk.seq_id, pos):
-                raise PlanError(f"sequence {chunk.seq_id}: K/V of position {pos} is gone")
+    def expected_kv(self, seq_id: int, end: int) -> list[int] | None:
+        """The content hashes of (at least) positions ``0 .. end-1`` of a sequence, from its
+        true tokens (None when the truth is not known that far). Memoised: not a copy."""
+        truth = self.tokens_of(seq_id) if self.tokens_of is not None else None
+        if truth is None:
+            truth = self._fed.get(seq_id, [])
+        if len(truth) < end:
+            return None
+        chain = self._chain.setdefault(seq_id, [])
+        while len(chain) < end:
+            chain.append(content_hash(chain[-1] if chain else ROOT, truth[len(chain)]))
+        return chain
 
-    def _write_kv(self, chunk: Chunk) -> None:
-        for pos in range(chunk.start, chunk.end):
-            self.kv[self._slot(chunk, pos)] = (chunk.seq_id, pos)
+    def _check_kv(self, chunk: Chunk) -> list[int]:
+        """Check the K/V ``chunk`` reads; returns the content hashes of its own positions."""
+        ps, start, kv, pages = self.page_size, chunk.start, self.kv, chunk.pages
+        want = self.expected_kv(chunk.seq_id, start)
+        for pos in (*range(0, start, ps), start - 1) if start else ():
+            got = kv.get(pages[pos // ps] * ps + pos % ps)
+            if got is None or got[1] != pos or (want is not None and got[0] != want[pos]):
+                raise PlanError(f"sequence {chunk.seq_id}: K/V of position {pos} is gone")
+        parent = ROOT if not start else self.kv[self._slot(chunk, start - 1)][0]
+        out = []
+        for token in chunk.token_ids:
+            parent = content_hash(parent, token)
+            out.append(parent)
+        return out
+
+    def _write_kv(self, chunk: Chunk, hashes: list[int]) -> None:
+        fed = self._fed.setdefault(chunk.seq_id, [])
+        if len(fed) >= chunk.start:
+            fed[chunk.start :] = chunk.token_ids
+        chain = self._chain.get(chunk.seq_id)
+        if chain is not None and len(chain) > chunk.start:
+            del chain[chunk.start :]  # recomputed: from the truth again
+        for pos, h in zip(range(chunk.start, chunk.end), hashes, strict=True):
+            self.kv[self._slot(chunk, pos)] = (h, pos)
+        self._last[chunk.seq_id] = hashes[-1]
 
 
 class Simulator:
     """Runs a ``Scheduler`` against a ``FakeExecutor`` on a virtual clock (module docstring)."""
 
-    def __init__(self, scheduler: Scheduler, cost: CostModel, clock: VirtualClock) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        cost: CostModel,
+        clock: VirtualClock,
+        vary_tokens: bool = False,
+    ) -> None:
         if scheduler.clock is not clock:
             raise ValueError("construct the Scheduler with clock=<this simulator's clock>")
         self.scheduler, self.cost, self.clock = scheduler, cost, clock
         self.segments = scheduler.segments
-        self.executor = FakeExecutor(self.segments, scheduler.config.page_size, cost)
         self.requests: dict[int, Request] = {}  # every request seen, by seq_id
+        self.executor = FakeExecutor(
+            self.segments, scheduler.config.page_size, cost, self._tokens_of, vary_tokens
+        )
         self.num_plans = 0
         self.busy_time = 0.0
         self.timeline: list[tuple[float, int, int]] = []  # (time, LS tokens, BE tokens) sampled
@@ -405,6 +486,10 @@ class Simulator:
         if result.tokens:
             be = sum(self.requests[s].priority > 0 for s in result.tokens)
             self.timeline.append((self.clock.now, len(result.tokens) - be, be))
+
+    def _tokens_of(self, seq_id: int) -> list[int] | None:
+        req = self.requests.get(seq_id)
+        return None if req is None else req.all_token_ids
 
     def abort(self, request_id: str) -> bool:
         """Abort like ``Engine.abort``: its rows leave their carry with the next plan."""

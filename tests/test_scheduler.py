@@ -259,20 +259,26 @@ def test_paper_preset_never_preempts_a_prefill_pass():
 # -- KV pages ------------------------------------------------------------------------------------
 
 
-def test_priority_evicts_an_idle_be_request_when_pages_are_short():
+@pytest.mark.parametrize("caching, recomputed", [(False, 9), (True, 1)])
+def test_priority_evicts_an_idle_be_request_when_pages_are_short(caching, recomputed):
     # 5 usable pages of 4 tokens. BE: 8 + 8 tokens -> 4 pages. LS (t=5): 8 + 4 -> 3 pages.
     # BE prefills 0 -> 17; at t=17 the LS needs 3 pages, 1 is free: the idle BE request is
     # evicted (its output so far is kept). LS: 17 -> 34 (first token), decodes to 85. BE is
     # readmitted at 85 and recomputes its 9 tokens (8 prompt + 1 output), sampling at 102; six
-    # more decodes end at 102 + 6 * 17 = 204.
+    # more decodes end at 102 + 6 * 17 = 204. With prefix caching its two computed prompt pages
+    # stay cached (the LS request took the free page and BE's two empty ones): readmitted, it
+    # maps them and recomputes only its output token, on the same timeline.
     events = [req("be", 0, 8, 8, BE), req("ls", 1, 8, 4, LS, at=5.0)]
-    records, stats, _ = simulate(events, policy="priority", num_pages=6)
+    records, stats, _ = simulate(
+        events, policy="priority", num_pages=6, enable_prefix_caching=caching
+    )
     assert stats["evictions"] == 1
     assert [records["ls"].first_token, records["ls"].finish] == [34.0, 85.0]
     be = records["be"]
     assert [be.first_token, be.finish, be.output_len] == [17.0, 204.0, 8]
     assert be.num_preemptions == 1
-    assert be.computed_tokens == 8 + 9 + 6  # prompt, recomputation, decodes
+    assert be.computed_tokens == 8 + recomputed + 6  # prompt, recomputation, decodes
+    assert stats["prefix_cache_hits"] == (8 if caching else 0)
 
 
 def test_fcfs_never_evicts():
@@ -388,11 +394,13 @@ def test_simulator_needs_the_virtual_clock_and_rejects_bad_plans():
 
 
 class CheckedSimulator(Simulator):
-    """Also checks per-plan limits, and counts recomputation caused by evictions."""
+    """Also checks per-plan limits, and counts the tokens a request must run again (or need
+    not run at all): ``schedule()`` changes a request's computed tokens only by evicting it
+    (back to 0) and by mapping cached pages (at admission, or until it first runs)."""
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.recomputed: Counter[str] = Counter()
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.recomputed: Counter[str] = Counter()  # net tokens lost to evictions, less mapped
         self.seen: dict[str, int] = {}
 
     def step(self, plan: Plan) -> None:
@@ -401,10 +409,13 @@ class CheckedSimulator(Simulator):
             assert 0 < plan.num_rows <= cfg.max_num_batched_tokens
         assert len(plan.chunks) <= cfg.max_batch_size
         assert len(plan.chunks) == len({c.seq_id for c in plan.chunks})
-        for r in self.scheduler.requests.values():  # an eviction in schedule() reset it to 0
-            if r.num_computed < self.seen.get(r.request_id, 0):
-                assert r.num_computed == 0 and r.pages == []
-                self.recomputed[r.request_id] += self.seen[r.request_id]
+        for r in self.scheduler.requests.values():
+            before = self.seen.get(r.request_id, 0)
+            if r.num_computed != before:
+                # evicted (then maybe readmitted), or mapped cached pages: nothing else
+                assert r.num_computed == r.prefix_pages * cfg.page_size, r
+                assert r.num_computed == 0 or r.pages
+                self.recomputed[r.request_id] += before - r.num_computed
         super().step(plan)  # the fake executor checks chunk starts, carries, disjoint passes
         self.seen = {r.request_id: r.num_computed for r in self.scheduler.requests.values()}
 
