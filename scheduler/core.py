@@ -967,6 +967,7 @@ class Scheduler:
         room = need + self._admission_room()
         if not self.allocator.can_allocate(room) and self.config.policy != "fcfs":
             self._evict_for(req, room, now)
+            room = need + self._admission_room()  # (none if it evicted every admitted one)
         if not self.allocator.can_allocate(room):
             self.allocator.free(cached)
             return False
