@@ -1,0 +1,736 @@
+"""Multi-level scheduling in the N-engine simulator: request, engine and expert levels, alone and
+together, against a vLLM-like baseline and the production routers.
+
+Reimplements the experiment of "Multi-Layer Scheduling for MoE-Based LLM Reasoning" (arXiv
+2602.21626; what is known of it: ../shared/multilevel-paper.md) on
+``qllm_jax.scheduler.multisim``: N data-parallel replicas (each this project's ``Scheduler``
+over the fake executor) that are also the N ranks of one expert-parallel group, stepping in
+lockstep, behind a dispatch policy (``qllm_jax.scheduler.dispatch``). Nothing here is measured
+on a GPU: the costs are a cost model of Qwen3-30B-A3B on A100s (``QWEN3_A100``), and the
+all-to-all bandwidth and the migration time are parameters (swept in ``--sensitivity``).
+
+Arms (``ARMS``): ``baseline`` (FCFS inside each engine, round-robin dispatch, static expert
+placement: stock vLLM DP+EP as the paper ran it); each level alone: ``request`` (SJF by prefill
+tokens with aging after 5 s), ``engine`` (the paper's dispatcher), ``expert`` (EPLB placement);
+``multilevel`` (all three); ``multilevel-ls`` (all three, with LS/BE classes, in-pass preemption
+between layers and our class-aware dispatcher); the production routers over the baseline's
+engines: ``vllm``, ``pow2``, ``cache-aware``, ``llmd``.
+
+Workloads (``WORKLOADS``, all seeded; every unknown a constant below): five BurstGPT-like
+length shapes with bursty (Gamma) arrivals, and ShareGPT-like multi-turn sessions with user ids
+and shared system prompts. A configuration is (workload, N, load, all-to-all bandwidth); the load
+is 70 / 85 / 100 % of that (workload, N, bandwidth)'s capacity, measured as the baseline's
+throughput on the same requests all arriving at once. Each configuration runs ``--seeds``
+seeds; per arm, the mean over seeds of mean TTFT, p99 TTFT, mean TPOT and throughput, with a
+95 % bootstrap interval over seeds.
+
+    python experiments/multilevel.py                  # the grid: 144 configs x 5 seeds
+    python experiments/multilevel.py --quick          # tiny: a smoke run (seconds)
+    python experiments/multilevel.py --sensitivity    # the unknowns, one at a time
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h  # noqa: E402
+
+from qllm_jax.scheduler import SchedulerConfig, segment_layout  # noqa: E402
+from qllm_jax.scheduler.dispatch import DEFAULT_STALENESS_S, make_policy  # noqa: E402
+from qllm_jax.scheduler.experts import ExpertParallel  # noqa: E402
+from qllm_jax.scheduler.metrics import bootstrap_ci, mean, percentile  # noqa: E402
+from qllm_jax.scheduler.multisim import MultiSimulator  # noqa: E402
+from qllm_jax.scheduler.simulator import CostModel, make_request  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+# -- the model and its costs -------------------------------------------------------------------
+#
+# Qwen3-30B-A3B (the paper's model): 48 layers, 128 experts, top-8, hidden 2048, 32 query / 4 KV
+# heads of 128, vocab 151936. Per layer: attention 18.9M params, experts 128 x 3 x 2048 x 768 =
+# 604M params (a token uses 8/128). A100: bf16, ~1.8 TB/s achieved, ~156 TFLOP/s (50 % of peak).
+# Per layer: attention weights 37.8 MB -> ~25 us; 2 x 18.9M FLOP = 0.24 us per row; K and V 2 KB
+# per context token -> 1.1 ns. Experts: all 1.21 GB read when hit -> 0.67 ms on one device;
+# 2 x 37.7M FLOP = 0.48 us per row. Head: 622 MB -> 0.35 ms, 4 us per sampled row.
+# The simulator's "layer" is a block of LAYERS_PER_BLOCK real layers (8 blocks): preemption
+# happens between blocks, and the scheduler makes 8x fewer decisions than at 48 layers, which is
+# what makes the grid fit in ~30 minutes on 2 cores. Expert costs and all-to-alls are still
+# priced per real layer (experts.ExpertState).
+NUM_LAYERS, NUM_EXPERTS, TOP_K, HIDDEN = 48, 128, 8, 2048
+LAYERS_PER_BLOCK = 6
+G = LAYERS_PER_BLOCK
+QWEN3_A100 = CostModel(
+    name="qwen3-30b-a3b-a100-block6",
+    attn_base=G * 25e-6,
+    attn_per_row=G * 0.24e-6,
+    attn_per_ctx=G * 1.1e-9,
+    expert_base=G * 0.67e-3,
+    expert_per_row=G * 0.48e-6,
+    head_base=0.35e-3,
+    head_per_row=4e-6,
+    segment_overhead=5e-6,
+    embed_base=10e-6,
+    host_overhead=10e-6,
+)
+ENGINE = dict(
+    max_batch_size=32,
+    max_num_batched_tokens=2048,
+    prefill_chunk=512,  # chunked prefill, as vLLM's
+    page_size=16,
+)
+# KV room per replica: our choice, small enough that KV use varies (what the paper's
+# dispatcher reads) and that admission (which reserves prompt + max_tokens) can block: 16k
+# tokens (1024 pages of 16). An A100 would hold far more; with that much room nothing queues
+# at these loads and only prefix hits separate the arms.
+KV_TOKENS = 16384
+MAX_MODEL_LEN = 4096
+
+# -- the unknowns, each set here (``--sensitivity`` varies them) ---------------------------------
+EP_DEFAULTS = dict(
+    skew=0.5,  # routing Zipf exponent: hottest of 128 experts ~6x the mean load
+    drift_s=20.0,  # hot experts move every 20 s ...
+    drift_fraction=0.25,  # ... among a quarter of each layer's experts
+    a2a_gbps=100.0,  # all-to-all bandwidth per rank (not measured: swept 25-400)
+    a2a_latency_s=20e-6,
+    redundant_per_rank=1,  # EPLB's redundant slots per rank
+    rebalance_steps=3000,  # vLLM's EPLB step interval (paper A: every 3000 steps too)
+    window_steps=1000,
+    migration_s=0.72,  # per full re-placement (paper B's 0.72 s; swept 0.1-3)
+)
+AGE_AFTER_S = 5.0  # paper A's aging threshold
+LS_FRACTION = 0.2  # share of LS requests (ShareGPT: LS sessions)
+
+ARMS: dict[str, dict] = {
+    "baseline": dict(order="fcfs", dispatch="round_robin", eplb=False),
+    "request": dict(order="sjf", dispatch="round_robin", eplb=False),
+    "engine": dict(order="fcfs", dispatch="dplb", eplb=False),
+    "expert": dict(order="fcfs", dispatch="round_robin", eplb=True),
+    "multilevel": dict(order="sjf", dispatch="dplb", eplb=True),
+    # qllm with LS passes topped up with BE rows (mix_classes): with one class per pass, each
+    # class's passes pay the experts' weight reads separately, which halves throughput here
+    "multilevel-ls": dict(order="sjf", dispatch="ours", eplb=True, classes=True),
+    # the classes without in-pass preemption: iteration-level priority (LS rows first)
+    "multilevel-prio": dict(
+        order="sjf", dispatch="ours", eplb=True, classes=True, policy="priority"
+    ),  # fmt: skip
+    "vllm": dict(order="fcfs", dispatch="vllm_balancer", eplb=False),
+    "pow2": dict(order="fcfs", dispatch="power_of_two", eplb=False),
+    "cache-aware": dict(order="fcfs", dispatch="cache_aware", eplb=False),
+    "llmd": dict(order="fcfs", dispatch="llmd", eplb=False),
+}
+ROUTERS = ("vllm", "pow2", "cache-aware", "llmd")
+
+# -- workloads ----------------------------------------------------------------------------------
+#
+# BurstGPT (Wang et al., arXiv 2401.17644): Zipf-distributed request lengths, Gamma-distributed
+# (bursty) arrivals; responses weakly tied to requests. Paper A reshapes BurstGPT's token counts
+# into five distributions it names but does not define; ours, for prompt and (independently)
+# output length, as a variable u in [0, 1] mapped log-uniformly onto [lo, hi]:
+#   random      BurstGPT as is: P(n) ~ n^-ZIPF_S on [lo, hi] (mostly short, a long tail)
+#   central     u ~ Beta(5, 5): lengths bunched around the geometric middle
+#   descending  u ~ Beta(1, 3): density falling with length (short-heavy, a thinner tail)
+#   two-end     u ~ Beta(0.3, 0.3): short and long, few in between
+#   average     u ~ Uniform(0, 1): every length scale equally likely
+PROMPT_RANGE, OUTPUT_RANGE = (32, 2048), (8, 512)
+ZIPF_S = 1.1
+BURST_GAMMA_SHAPE = 0.25  # inter-arrival Gamma shape: coefficient of variation 2 (ours)
+BURST_USERS = 64  # users, Zipf(1)-popular; each has its own 32-token prefix (persona)
+USER_PREFIX = 32
+SHAPES = {
+    "random": None,
+    "central": (5.0, 5.0),
+    "descending": (1.0, 3.0),
+    "two-end": (0.3, 0.3),
+    "average": (1.0, 1.0),
+}
+# ShareGPT-like sessions: a session is one user; SYSTEM_PROMPTS shared system prompts of
+# SYSTEM_LEN tokens (Zipf(1)-popular); 1-5 turns; each turn's prompt is the whole history plus a
+# new user message (lognormal, mean 64) and asks for a lognormal (mean 160) answer; turns THINK
+# mean seconds apart (exponential) in unit time, sessions starting as a Poisson process.
+SYSTEM_PROMPTS, SYSTEM_LEN = 8, 512
+TURNS, USER_MEAN, ANSWER_MEAN, THINK_MEAN = (1, 5), 64.0, 160.0, 8.0
+WORKLOADS = [*(f"burst-{s}" for s in SHAPES), "sharegpt"]
+LOADS = (0.70, 0.85, 1.00)
+CAPACITY_QUANTILE = 0.8  # capacity: throughput until 80 % of a burst has finished
+REPLICAS = (2, 4, 8, 16)
+# all-to-all bandwidth per rank is a grid dimension too (GB/s): PCIe-class and NVLink-class
+# (an A100 pair over NVLink has far more; the 400 GB/s point is in --sensitivity)
+A2A_GRID = (25.0, 100.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    request_id: str
+    arrival: float  # in unit time (rate 1 request/s); scaled by 1/rate
+    prompt: tuple[int, ...]
+    output_len: int
+    priority: int  # 0 LS, 1 BE
+    user: str
+
+
+def _zipf_int(rng: random.Random, lo: int, hi: int, s: float) -> int:
+    # inverse CDF of the continuous power law on [lo, hi + 1), floored
+    a = 1.0 - s
+    u = rng.random()
+    x = (lo**a + u * ((hi + 1) ** a - lo**a)) ** (1 / a)
+    return min(hi, int(x))
+
+
+def shaped_length(rng: random.Random, shape: str, lo: int, hi: int) -> int:
+    if SHAPES[shape] is None:
+        return _zipf_int(rng, lo, hi, ZIPF_S)
+    u = rng.betavariate(*SHAPES[shape])
+    return max(lo, min(hi, round(lo * (hi / lo) ** u)))
+
+
+def _lognormal_int(rng: random.Random, m: float, lo: int, hi: int, sigma: float = 0.8) -> int:
+    return max(lo, min(hi, int(rng.lognormvariate(math.log(m) - sigma**2 / 2, sigma))))
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(10, 60_000) for _ in range(n)]
+
+
+def burst_workload(shape: str, n: int, seed: int) -> list[Item]:
+    rng = random.Random(f"burst-{shape}-{seed}")
+    personas = [_tokens(rng, USER_PREFIX) for _ in range(BURST_USERS)]
+    weights = [1 / (u + 1) for u in range(BURST_USERS)]
+    ls = set(rng.sample(range(n), round(n * LS_FRACTION)))
+    t, items = 0.0, []
+    for i in range(n):
+        t += rng.gammavariate(BURST_GAMMA_SHAPE, 1 / BURST_GAMMA_SHAPE)  # mean 1
+        u = rng.choices(range(BURST_USERS), weights)[0]
+        p = shaped_length(rng, shape, *PROMPT_RANGE)
+        o = shaped_length(rng, shape, *OUTPUT_RANGE)
+        prompt = (personas[u] + _tokens(rng, max(1, p - USER_PREFIX)))[:p]
+        items.append(Item(f"r{i}", t, tuple(prompt), o, 0 if i in ls else 1, f"u{u}"))
+    return items
+
+
+def sharegpt_workload(n: int, seed: int) -> list[Item]:
+    """Sessions until ``n`` requests; a turn's prompt holds the previous turn's prompt and
+    answer (the simulator's sampled tokens are all ``FAKE_TOKEN``: the answer is that many)."""
+    from qllm_jax.scheduler.simulator import FAKE_TOKEN
+
+    rng = random.Random(f"sharegpt-{seed}")
+    systems = [_tokens(rng, SYSTEM_LEN) for _ in range(SYSTEM_PROMPTS)]
+    weights = [1 / (k + 1) for k in range(SYSTEM_PROMPTS)]
+    items, start, s = [], 0.0, 0
+    while len(items) < n:
+        start += rng.expovariate(1 / 3.0)  # sessions begin 3 unit-seconds apart on average
+        history = list(rng.choices(systems, weights)[0])
+        prio = 0 if rng.random() < LS_FRACTION else 1
+        t = start
+        for turn in range(rng.randint(*TURNS)):
+            msg = _tokens(rng, _lognormal_int(rng, USER_MEAN, 4, 512))
+            prompt = history + msg
+            out = _lognormal_int(rng, ANSWER_MEAN, 8, 512)
+            if len(prompt) + out > MAX_MODEL_LEN or len(items) >= n:
+                break
+            items.append(Item(f"s{s}t{turn}", t, tuple(prompt), out, prio, f"s{s}"))
+            history = prompt + [FAKE_TOKEN] * out
+            t += rng.expovariate(1 / THINK_MEAN)
+        s += 1
+    items.sort(key=lambda it: it.arrival)
+    # renormalise to mean unit gap, so "rate" means requests per second
+    scale = (len(items) - 1) / (items[-1].arrival - items[0].arrival) if len(items) > 1 else 1
+    return [
+        dataclasses.replace(it, arrival=(it.arrival - items[0].arrival) * scale) for it in items
+    ]
+
+
+def make_items(workload: str, n: int, seed: int) -> list[Item]:
+    if workload == "sharegpt":
+        return sharegpt_workload(n, seed)
+    return burst_workload(workload.removeprefix("burst-"), n, seed)
+
+
+# -- one run ------------------------------------------------------------------------------------
+
+
+def run_arm(
+    arm: str,
+    items: list[Item],
+    rate: float | None,
+    n_replicas: int,
+    seed: int,
+    ep_overrides: dict | None = None,
+    arm_overrides: dict | None = None,
+) -> dict:
+    """One arm on one workload at ``rate`` requests/s (None: all at once). The numbers of
+    the issue's JSON shape plus what explains them."""
+    spec = ARMS[arm] | (arm_overrides or {})
+    classes = spec.get("classes", False)
+    sched = dict(ENGINE)
+    if classes and spec.get("policy", "qllm") == "qllm":
+        sched |= dict(policy="qllm", granularity="layer", mix_classes=True)
+    else:
+        sched |= dict(policy="priority")
+    if spec["order"] == "sjf":
+        sched |= dict(queue_order="sjf", age_after_s=spec.get("age_after_s", AGE_AFTER_S))
+    else:
+        sched |= dict(queue_order="fcfs", age_after_s=None)
+    config = SchedulerConfig(
+        num_pages=KV_TOKENS // ENGINE["page_size"] + 1, max_model_len=MAX_MODEL_LEN, **sched
+    )
+    segments = segment_layout(NUM_LAYERS // G, NUM_EXPERTS, NUM_EXPERTS, False)
+    ep = ExpertParallel(
+        num_layers=NUM_LAYERS,
+        num_experts=NUM_EXPERTS,
+        top_k=TOP_K,
+        hidden=HIDDEN,
+        ranks=n_replicas,
+        eplb=spec["eplb"],
+        seed=seed,
+        **(EP_DEFAULTS | (ep_overrides or {})),
+    )
+    policy = make_policy(spec["dispatch"], seed=seed, **spec.get("dispatch_options", {}))
+    staleness = spec.get("staleness_s", DEFAULT_STALENESS_S[spec["dispatch"]])
+    sim = MultiSimulator(
+        n_replicas, config, segments, QWEN3_A100, policy, staleness, ep, check_kv=False
+    )
+    events = []
+    for k, it in enumerate(items):
+        t = it.arrival / rate if rate else 0.0
+        prio = it.priority if classes else 0
+        req = make_request(it.request_id, k, len(it.prompt), it.output_len, prio, t,
+                           list(it.prompt))  # fmt: skip
+        events.append((t, req, it.user))
+    res = sim.run(events)
+    recs = list(res.records.values())
+    ttft = [r.ttft for r in recs]
+    tpot = [r.tpot for r in recs if r.tpot is not None]
+    ls_ids = {it.request_id for it in items if it.priority == 0}
+    ls_ttft = [r.ttft for r in recs if r.request_id in ls_ids]
+    span = max(r.finish for r in recs) - min(r.arrival for r in recs)
+    # capacity (a burst, rate None): finished / time, up to CAPACITY_QUANTILE of the requests
+    # finished, so the drain of the last few long requests does not count as lost capacity
+    finishes = sorted(r.finish for r in recs)
+    k = max(1, math.ceil(CAPACITY_QUANTILE * len(finishes)))
+    capacity = k / (finishes[k - 1] - min(r.arrival for r in recs))
+    return {
+        "ttft_mean_s": mean(ttft),
+        "ttft_p99_s": percentile(ttft, 99),
+        "tpot_mean_s": mean(tpot),
+        "throughput_rps": len(recs) / span,
+        "ls_ttft_mean_s": mean(ls_ttft),
+        "prefix_hit_rate": res.stats["prefix_cache_hit_rate"],
+        "dispatch_imbalance": res.stats["dispatch_imbalance"],
+        "expert_rank_balance": res.stats["expert_rank_balance"],
+        "migrations": res.stats["migrations"],
+        "migration_stall_s": res.stats["migration_stall_s"],
+        "makespan_s": span,
+        "capacity_rps": capacity,
+    }
+
+
+METRICS = (
+    "ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "throughput_rps", "ls_ttft_mean_s",
+    "prefix_hit_rate", "dispatch_imbalance", "expert_rank_balance",
+)  # fmt: skip
+
+
+def _job(args: tuple) -> tuple:
+    key, arm, workload, n_req, rate, n, seed, ep_o, arm_o = args
+    items = make_items(workload, n_req, seed)
+    return key, arm, seed, run_arm(arm, items, rate, n, seed, ep_o, arm_o)
+
+
+def requests_for(n_replicas: int, quick: bool) -> int:
+    """Requests per run: REQUESTS_PER_REPLICA each, within [MIN, MAX] (fits the time budget)."""
+    if quick:
+        return 6 * n_replicas
+    return max(REQUESTS_MIN, min(REQUESTS_MAX, REQUESTS_PER_REPLICA * n_replicas))
+
+
+REQUESTS_PER_REPLICA, REQUESTS_MIN, REQUESTS_MAX = 24, 64, 256
+
+
+def _pool_map(jobs: list[tuple], workers: int, label: str) -> list[tuple]:
+    t0, out = time.monotonic(), []
+    if workers <= 1:
+        it = map(_job, jobs)
+    else:
+        pool = ProcessPoolExecutor(workers)
+        it = pool.map(_job, jobs, chunksize=1)
+    for k, r in enumerate(it, 1):
+        out.append(r)
+        if k % max(1, len(jobs) // 20) == 0 or k == len(jobs):
+            print(f"  {label}: {k}/{len(jobs)} runs, {time.monotonic() - t0:.0f} s", flush=True)
+    if workers > 1:
+        pool.shutdown()
+    return out
+
+
+def measure_capacity(workloads, replicas, quick, seed, workers, a2a=(None,)) -> dict:
+    """Requests/s the baseline sustains per (workload, N, all-to-all bandwidth): the seed's
+    requests arriving at once; finished / time until CAPACITY_QUANTILE of them finished."""
+    jobs = [
+        ((w, n, bw), "baseline", w, requests_for(n, quick), None, n, seed,
+         None if bw is None else {"a2a_gbps": bw}, None)
+        for w in workloads
+        for n in replicas
+        for bw in a2a
+    ]  # fmt: skip
+    out = {}
+    for (w, n, bw), _, _, r in _pool_map(jobs, workers, "capacity"):
+        out[_cap_key(w, n, bw)] = r["capacity_rps"]
+    return out
+
+
+def _cap_key(w: str, n: int, bw: float | None) -> str:
+    return f"{w}/N{n}" + ("" if bw is None else f"/a2a{bw:g}")
+
+
+def aggregate(per_seed: list[dict], boot_seed: int = 0) -> dict:
+    """Per arm: each metric's mean over seeds and its 95 % bootstrap interval over seeds."""
+    out = {}
+    for m in METRICS:
+        vals = [r[m] for r in per_seed if r[m] is not None and not math.isnan(r[m])]
+        out[m] = mean(vals) if vals else math.nan
+        out[f"{m}_ci95"] = list(bootstrap_ci(vals, mean, seed=boot_seed))
+    out["seeds"] = len(per_seed)
+    return out
+
+
+def reductions(configs: list[dict], arm: str, ref: str = "baseline") -> dict:
+    """Per-configuration reductions of ``arm`` against ``ref`` (1 - arm/ref, and throughput's
+    ratio - 1), their medians and a 95 % bootstrap interval of each median over configs."""
+    out = {}
+    for m, sign in (("ttft_mean_s", 1), ("tpot_mean_s", 1), ("ttft_p99_s", 1),
+                    ("throughput_rps", -1)):  # fmt: skip
+        xs = []
+        for c in configs:
+            a, b = c["arms"].get(arm, {}).get(m), c["arms"].get(ref, {}).get(m)
+            if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+                continue
+            xs.append(1 - a / b if sign > 0 else a / b - 1)
+        key = m.removesuffix("_s").removesuffix("_rps")
+        out[f"{key}_median"] = statistics.median(xs) if xs else math.nan
+        out[f"{key}_median_ci95"] = list(bootstrap_ci(xs, statistics.median, seed=1))
+        out[f"{key}_all"] = xs
+    return out
+
+
+def run_grid(args, workloads, replicas, loads, arms, seeds, a2a) -> dict:
+    cap = measure_capacity(workloads, replicas, args.quick, args.seed, args.jobs, a2a)
+    jobs, info = [], {}
+    for w in workloads:
+        for n in replicas:
+            for bw in a2a:
+                for load in loads:
+                    name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}"
+                    rate = load * cap[_cap_key(w, n, bw)]
+                    info[name] = dict(workload=w, replicas=n, load=load, a2a_gbps=bw,
+                                      rate_rps=rate)  # fmt: skip
+                    for arm in arms:
+                        for s in seeds:
+                            jobs.append((name, arm, w, requests_for(n, args.quick), rate, n, s,
+                                         {"a2a_gbps": bw}, None))  # fmt: skip
+    results: dict = {}
+    for name, arm, _seed, r in _pool_map(jobs, args.jobs, "grid"):
+        results.setdefault(name, {}).setdefault(arm, []).append(r)
+    configs = [
+        {"name": name, **info[name],
+         "arms": {arm: aggregate(by_arm[arm]) for arm in arms if arm in by_arm}}
+        for name, by_arm in results.items()
+    ]  # fmt: skip
+    configs.sort(key=lambda c: list(info).index(c["name"]))
+    return {"capacity_rps": cap, "configs": configs}
+
+
+SENSITIVITY: dict[str, list] = {
+    # what varies -> its values (a dict: several knobs at once); each point re-runs SENS_ARMS
+    # on SENS_CONFIG with everything else at its default
+    "a2a_gbps": [25.0, 100.0, 400.0],
+    # EPLB re-places every 3000 steps by default, more than a run here lasts: the migration
+    # cost only shows with a shorter period
+    "migration_s": [{"migration_s": v, "rebalance_steps": 100} for v in (0.1, 0.72, 3.0)],
+    "rebalance_steps": [100, 300, 3000],
+    "skew": [0.25, 0.5, 0.8],
+    "drift_s": [5.0, 20.0, 1e9],
+    "redundant_per_rank": [0, 1],
+    "staleness_s": [0.0, 0.1, 1.0],
+    "age_after_s": [1.0, 5.0],
+    "load_imbalance": [1000, 3000, 10000],
+}
+SENS_ARMS = ("baseline", "engine", "expert", "multilevel", "llmd")
+SENS_CONFIG = dict(workload="burst-random", replicas=4, load=0.85)
+
+
+def _overrides(knob: str, v) -> tuple[dict, dict]:
+    """(expert-parallel overrides, arm overrides) of one sensitivity point."""
+    point = v if isinstance(v, dict) else {knob: v}
+    ep_o = {k: x for k, x in point.items() if k in EP_DEFAULTS}
+    arm_o = {k: x for k, x in point.items() if k not in EP_DEFAULTS}
+    if "load_imbalance" in arm_o:
+        arm_o = {"dispatch_options": {"load_imbalance": arm_o.pop("load_imbalance")}} | arm_o
+    return ep_o, arm_o
+
+
+def _label(v) -> str:
+    return ",".join(f"{k}={x:g}" for k, x in v.items()) if isinstance(v, dict) else f"{v:g}"
+
+
+def run_sensitivity(args, seeds) -> dict:
+    w, n, load = SENS_CONFIG["workload"], SENS_CONFIG["replicas"], SENS_CONFIG["load"]
+    cap = measure_capacity([w], [n], args.quick, args.seed, args.jobs)[_cap_key(w, n, None)]
+    jobs = []
+    for knob, values in SENSITIVITY.items():
+        for v in values:
+            ep_o, arm_o = _overrides(knob, v)
+            for arm in SENS_ARMS:
+                o = dict(arm_o)  # staleness_s, age_after_s: every arm (inert where unused)
+                if "dispatch_options" in o and ARMS[arm]["dispatch"] != "dplb":
+                    o.pop("dispatch_options")
+                for s in seeds:
+                    jobs.append(((knob, _label(v)), arm, w, requests_for(n, args.quick),
+                                 load * cap, n, s, ep_o or None, o or None))  # fmt: skip
+    res: dict = {}
+    for (knob, v), arm, _, r in _pool_map(jobs, args.jobs, "sensitivity"):
+        res.setdefault(knob, {}).setdefault(v, {}).setdefault(arm, []).append(r)
+    out = {}
+    for knob, by_v in res.items():
+        out[knob] = {}
+        for v, by_arm in by_v.items():
+            arms = {arm: aggregate(rs) for arm, rs in by_arm.items()}
+            base = arms["baseline"]
+            out[knob][v] = {
+                "arms": arms,
+                "ttft_reduction": {
+                    a: 1 - x["ttft_mean_s"] / base["ttft_mean_s"] for a, x in arms.items()
+                },  # fmt: skip
+                "tpot_reduction": {
+                    a: 1 - x["tpot_mean_s"] / base["tpot_mean_s"] for a, x in arms.items()
+                },  # fmt: skip
+            }
+    return {"config": SENS_CONFIG | {"rate_rps": load * cap}, "points": out}
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def summary_table(summary: dict) -> list[list[str]]:
+    rows = [["arm vs baseline", "mean TTFT -% [95% CI]", "mean TPOT -%", "p99 TTFT -%",
+             "throughput +%", "configs better TTFT"]]  # fmt: skip
+    pct = lambda x: "-" if math.isnan(x) else f"{x * 100:.1f}"  # noqa: E731
+
+    def ci(d, k):
+        lo, hi = d[f"{k}_median_ci95"]
+        return f"{pct(d[f'{k}_median'])} [{pct(lo)}, {pct(hi)}]"
+
+    for arm, d in summary.items():
+        better = sum(x > 0 for x in d["ttft_mean_all"])
+        n = len(d["ttft_mean_all"])
+        rows.append([arm, ci(d, "ttft_mean"), ci(d, "tpot_mean"), pct(d["ttft_p99_median"]),
+                     pct(d["throughput_median"]), f"{better}/{n}"])  # fmt: skip
+    return rows
+
+
+def markdown_report(res: dict, sens: dict | None = None) -> str:
+    """The README's tables from a result file (and a sensitivity file)."""
+    pct = lambda x: "-" if x is None or math.isnan(x) else f"{x * 100:+.1f}"  # noqa: E731
+    lines = ["| arm | mean TTFT vs baseline, median config [95% CI] | mean TPOT | p99 TTFT "
+             "| throughput | configs with lower mean TTFT | mean rank by mean TTFT |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    configs = res["configs"]
+    arms = list(configs[0]["arms"])
+    ranks = {a: [] for a in arms}
+    for c in configs:
+        order = sorted(arms, key=lambda a: c["arms"][a]["ttft_mean_s"])
+        for i, a in enumerate(order):
+            ranks[a].append(i + 1)
+    for arm in arms:
+        if arm == "baseline":
+            lines.append(f"| baseline | 0 | 0 | 0 | 0 | - | {mean(ranks[arm]):.1f} |")
+            continue
+        d = res["summary"][arm]
+        lo, hi = d["ttft_mean_median_ci95"]
+        tlo, thi = d["tpot_mean_median_ci95"]
+        lower = sum(x > 0 for x in d["ttft_mean_all"])
+        lines.append(
+            f"| {arm} | {pct(-d['ttft_mean_median'])} % [{pct(-hi)}, {pct(-lo)}] "
+            f"| {pct(-d['tpot_mean_median'])} % [{pct(-thi)}, {pct(-tlo)}] "
+            f"| {pct(-d['ttft_p99_median'])} % | {pct(d['throughput_median'])} % "
+            f"| {lower}/{len(d['ttft_mean_all'])} | {mean(ranks[arm]):.1f} |"
+        )
+    out = "\n".join(lines)
+    # multilevel's median TTFT / TPOT change by N, by workload and by bandwidth
+    for key in ("replicas", "workload", "a2a_gbps", "load"):
+        groups: dict = {}
+        for c in configs:
+            groups.setdefault(c[key], []).append(c)
+        row = []
+        for g, cs in groups.items():
+            r = reductions(cs, "multilevel")
+            row.append(f"{key}={g}: TTFT {pct(-r['ttft_mean_median'])} %, "
+                       f"TPOT {pct(-r['tpot_mean_median'])} %")  # fmt: skip
+        out += "\n\nmultilevel by " + key + ": " + "; ".join(row)
+    if sens:
+        out += "\n\n| unknown | value | " + " | ".join(
+            f"{a}: TTFT / TPOT %" for a in SENS_ARMS if a != "baseline") + " |\n"  # fmt: skip
+        out += "|---|---|" + "---|" * (len(SENS_ARMS) - 1)
+        for knob, pts in sens["sensitivity"]["points"].items():
+            for v, p in pts.items():
+                cells = [f"{pct(-p['ttft_reduction'][a])} / {pct(-p['tpot_reduction'][a])}"
+                         for a in SENS_ARMS if a != "baseline"]  # fmt: skip
+                out += f"\n| {knob} | {v} | " + " | ".join(cells) + " |"
+    return out
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in res["summary"]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "ttft_mean_all", "mean TTFT"),
+                           (axes[1], "tpot_mean_all", "mean TPOT")):  # fmt: skip
+        data = [[x * 100 for x in res["summary"][a][key]] for a in arms]
+        ax.boxplot(data, showfliers=True)
+        ax.set_xticks(range(1, len(arms) + 1), arms, rotation=45, ha="right")
+        ax.axhline(0, color="grey", lw=0.8)
+        target = 17.8 if key.startswith("ttft") else 13.3
+        ax.axhline(target, color="red", ls="--", lw=0.8, label=f"target {target} %")
+        ax.set_ylabel(f"reduction of {title} vs baseline, % (per configuration)")
+        ax.set_title(f"{title}: {len(data[0])} configurations (each the mean over seeds)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny: 2 workloads, N 2, 1 load")
+    ap.add_argument("--seed", type=int, default=0, help="the first seed")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per config (5; quick 1)")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--workloads", nargs="+", default=None, choices=WORKLOADS)
+    ap.add_argument("--replicas", type=int, nargs="+", default=None)
+    ap.add_argument("--loads", type=float, nargs="+", default=None)
+    ap.add_argument("--a2a", type=float, nargs="+", default=None, help="all-to-all GB/s")
+    ap.add_argument("--sensitivity", action="store_true", help="sweep the unknowns instead")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the README tables of a result file (and a sensitivity file)",
+    )
+    args = ap.parse_args(argv)
+    if args.report:
+        files = [json.loads(p.read_text()) for p in args.report]
+        print(markdown_report(files[0], files[1] if len(files) > 1 else None))
+        return {}
+    if "baseline" not in args.arms:
+        ap.error("the baseline arm is needed (every number is relative to it)")
+    n_seeds = args.seeds or (1 if args.quick else 5)
+    seeds = list(range(args.seed, args.seed + n_seeds))
+    t0 = time.monotonic()
+    meta = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "jobs": args.jobs,
+        "seeds": seeds,
+        "quick": args.quick,
+        "model": dict(
+            layers=NUM_LAYERS,
+            experts=NUM_EXPERTS,
+            top_k=TOP_K,
+            hidden=HIDDEN,
+            layers_per_block=LAYERS_PER_BLOCK,
+        ),  # fmt: skip
+        "cost_model": QWEN3_A100.to_dict(),
+        "engine": ENGINE | {"kv_tokens": KV_TOKENS, "max_model_len": MAX_MODEL_LEN},
+        "ep_defaults": EP_DEFAULTS,
+        "age_after_s": AGE_AFTER_S,
+        "ls_fraction": LS_FRACTION,
+        "staleness_s": DEFAULT_STALENESS_S,
+        "workload": dict(
+            prompt_range=PROMPT_RANGE,
+            output_range=OUTPUT_RANGE,
+            zipf_s=ZIPF_S,
+            burst_gamma_shape=BURST_GAMMA_SHAPE,
+            burst_users=BURST_USERS,
+            user_prefix=USER_PREFIX,
+            shapes={k: v for k, v in SHAPES.items()},
+            system_prompts=SYSTEM_PROMPTS,
+            system_len=SYSTEM_LEN,
+            turns=TURNS,
+            user_mean=USER_MEAN,
+            answer_mean=ANSWER_MEAN,
+            think_mean=THINK_MEAN,
+        ),  # fmt: skip
+        "requests": dict(per_replica=REQUESTS_PER_REPLICA, min=REQUESTS_MIN, max=REQUESTS_MAX),
+        "note": "simulated (cost model of Qwen3-30B-A3B on A100s, lockstep DP+EP); the "
+        "all-to-all bandwidth and the migration time are parameters, not measurements",
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    if args.sensitivity:
+        res = {"meta": meta, "sensitivity": run_sensitivity(args, seeds)}
+        res["meta"]["wall_s"] = time.monotonic() - t0
+        for knob, pts in res["sensitivity"]["points"].items():
+            for v, p in pts.items():
+                r = p["ttft_reduction"]
+                print(f"{knob}={v}: TTFT reduction " + ", ".join(
+                    f"{a} {x * 100:.1f} %" for a, x in r.items() if a != "baseline"))  # fmt: skip
+        path = args.results_dir / ("multilevel-sensitivity" + ("-quick" if args.quick else "")
+                                   + ".json")  # fmt: skip
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {path} ({res['meta']['wall_s']:.0f} s)")
+        return res
+    workloads = args.workloads or (["burst-random", "sharegpt"] if args.quick else WORKLOADS)
+    replicas = args.replicas or ([2] if args.quick else list(REPLICAS))
+    loads = args.loads or ([0.85] if args.quick else list(LOADS))
+    a2a = args.a2a or ([EP_DEFAULTS["a2a_gbps"]] if args.quick else list(A2A_GRID))
+    grid = run_grid(args, workloads, replicas, loads, args.arms, seeds, a2a)
+    summary = {a: reductions(grid["configs"], a) for a in args.arms if a != "baseline"}
+    res = {"meta": meta, **grid, "summary": summary}
+    best_router = {}
+    for c in grid["configs"]:
+        rs = {a: c["arms"][a]["ttft_mean_s"] for a in ROUTERS if a in c["arms"]}
+        if rs:
+            best = min(rs, key=rs.get)
+            best_router[best] = best_router.get(best, 0) + 1
+    res["best_router_by_ttft"] = best_router
+    res["meta"]["wall_s"] = time.monotonic() - t0
+    res["meta"]["configs"] = len(grid["configs"])
+    print(h.format_table(summary_table(summary)))
+    ml = summary.get("multilevel")
+    if ml:
+        print(
+            f"\ntargets (median config, multilevel vs baseline): mean TTFT "
+            f"{ml['ttft_mean_median'] * 100:.1f} % lower (target >= 17.8), mean TPOT "
+            f"{ml['tpot_mean_median'] * 100:.1f} % lower (>= 13.3), throughput "
+            f"{ml['throughput_median'] * 100:+.1f} % (within 3)"
+        )
+    name = "multilevel-sim" + ("-quick" if args.quick else "")
+    path = args.results_dir / f"{name}.json"
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, args.results_dir / f"{name}.png")
+    print(f"wrote {path} and .png: {len(grid['configs'])} configs x {len(seeds)} seeds, "
+          f"{res['meta']['wall_s']:.0f} s")  # fmt: skip
+    return res
+
+
+if __name__ == "__main__":
+    main()
