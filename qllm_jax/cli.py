@@ -1,5 +1,7 @@
 """The ``qllm-jax`` command.
 
+    qllm-jax serve [MODEL_DIR] --host 127.0.0.1 --port 8000 --state-dir DIR [engine flags]
+    qllm-jax generate "prompt" [--max-tokens N --temperature T ...] [engine flags]
     qllm-jax job run INPUT.jsonl --job-dir DIR [engine flags]   # validate, run, checkpoint
     qllm-jax job resume DIR [--recompute] [engine flags]        # after a kill or a restart
     qllm-jax job status DIR [--json]
@@ -39,6 +41,7 @@ _ENGINE_FLAGS = {
     "prefill_chunk": "prefill_chunk",
     "expert_group_size": "expert_group_size",
     "compilation_cache_dir": "compilation_cache_dir",
+    "grow_pages": "grow_pages",
 }
 
 
@@ -61,6 +64,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int)
     g.add_argument("--expert-group-size", type=int)
     g.add_argument("--compilation-cache-dir", help="'none' turns the persistent cache off")
+    g.add_argument(
+        "--grow-pages",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="KV pages as sequences grow, evicting idle less urgent requests when short "
+        "(default: on for serve, off otherwise: pages for prompt + max_tokens at admission)",
+    )
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +113,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qllm-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    serve.add_argument("model_dir", nargs="?", help="HF checkpoint dir (default: built-in)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--state-dir", default="qllm-state", help="uploaded files and batches (durable jobs)"
+    )
+    serve.add_argument("--served-model-name", help="the model's id in the API (default: dir name)")
+    serve.add_argument(
+        "--max-waiting-ls",
+        type=int,
+        default=256,
+        help="latency-sensitive requests waiting for admission before a 429",
+    )
+    serve.add_argument("--max-upload-bytes", type=int, default=200 << 20)
+    serve.add_argument(
+        "--checkpoint-every", type=float, default=60.0, help="seconds between batch checkpoints"
+    )
+    serve.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile every executable before serving",
+    )
+    serve.add_argument("--log-level", default="info")
+    add_engine_args(serve)
+    serve.set_defaults(func=_serve)
+
+    gen = sub.add_parser("generate", help="one completion from the shell")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sample-seed", type=int, help="sampling seed")
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
     job = sub.add_parser("job", help="durable best-effort jobs (OpenAI Batch API files)")
     jobs = job.add_subparsers(dest="job_command")
 
@@ -144,6 +193,89 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None)
     bar.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from qllm_jax import server
+
+    flags = engine_flags(args)
+    if args.model_dir is not None:
+        if "model" in flags:
+            print("qllm-jax: give MODEL_DIR or --model, not both", file=sys.stderr)
+            return 2
+        flags["model"] = args.model_dir
+    flags.setdefault("grow_pages", True)  # clients often omit max_tokens
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    # The engine thread and the event loop share the GIL: a shorter switch interval than
+    # CPython's 5 ms keeps the event loop from waiting that long behind the engine's host code.
+    sys.setswitchinterval(0.0005)
+    try:
+        engine = build_engine(flags)
+        state = server.build_state(
+            engine,
+            args.state_dir,
+            args.served_model_name,
+            max_waiting_ls=args.max_waiting_ls,
+            max_upload_bytes=args.max_upload_bytes,
+            checkpoint_every=args.checkpoint_every,
+        )
+    except (ValueError, OSError) as e:
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 1
+    if args.warmup:
+        t0 = time.monotonic()
+        n = engine.warmup()
+        print(
+            f"qllm-jax: warmed up {n} executables in {time.monotonic() - t0:.1f} s", file=sys.stderr
+        )
+    resumed = server.resume_batches(state)
+    if resumed:
+        print(f"qllm-jax: resumed batches {', '.join(resumed)}", file=sys.stderr)
+    cfg = engine.config
+    print(
+        f"qllm-jax: serving {state.model_name} ({engine.model.path}, {engine.model.dtype}) "
+        f"policy={cfg.policy} granularity={cfg.granularity} mode={engine.mode} "
+        f"kv_pages={cfg.num_pages - 1}x{cfg.page_size} max_model_len={cfg.max_model_len} "
+        f"state_dir={args.state_dir} at http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    app = server.create_app(state)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import qllm_jax
+
+    try:
+        engine = build_engine(engine_flags(args))
+        sampling = qllm_jax.SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.sample_seed,
+            stop=args.stop or (),
+        )
+        rid = engine.add_request(args.prompt, sampling)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 1
+    out = None
+    while engine.has_unfinished():
+        for update in engine.step():
+            if update.request_id == rid:
+                out = update
+    print(out.text if out.text is not None else out.token_ids)
+    print(
+        f"qllm-jax: {len(out.token_ids)} tokens, finish_reason={out.finish_reason}", file=sys.stderr
+    )
+    return 0
 
 
 def _job_run(args: argparse.Namespace) -> int:

@@ -82,8 +82,8 @@ class Engine:
     ``max_batch_size``, ``max_num_batched_tokens``, ``prefill_chunk``, ``aging_s``,
     ``max_park_s``, ``absorb_be``, ``preempt_prefill``, ``mix_classes``, ``rejoin_parked``,
     ``split_mixed``, ``prefill_first``, ``enable_prefix_caching``, ``queue_order``,
-    ``age_after_s``) plus ``preset`` (a named set of them; explicit options win); their
-    defaults are ``SchedulerConfig``'s.
+    ``age_after_s``, ``grow_pages``) plus ``preset`` (a named set of them; explicit options
+    win); their defaults are ``SchedulerConfig``'s.
     """
 
     def __init__(

@@ -502,7 +502,8 @@ class JobRunner:
     ``checkpoint_every``: seconds between checkpoints of a job (None: only on ``suspend`` and
     ``checkpoint``); ``keep``: checkpoints kept per job; ``max_in_flight``: requests of all jobs
     in the engine at once (default: the engine's ``max_batch_size``), split evenly among them;
-    ``cancel_poll_s``: how often a job looks for a cancel marker left by another process.
+    ``cancel_poll_s``: how often a job looks for a cancel marker left by another process;
+    ``observer``: called with every output of a job's requests (the server's metrics).
     """
 
     def __init__(
@@ -512,6 +513,7 @@ class JobRunner:
         keep: int = 3,
         max_in_flight: int | None = None,
         cancel_poll_s: float = 0.25,
+        observer: Callable[[RequestOutput], None] | None = None,
     ) -> None:
         if checkpoint_every is not None and not checkpoint_every > 0:
             raise ValueError(f"checkpoint_every must be > 0 or None, got {checkpoint_every!r}")
@@ -520,6 +522,7 @@ class JobRunner:
         self.keep = keep
         self.max_in_flight = max_in_flight or engine.config.max_batch_size
         self.cancel_poll_s = cancel_poll_s
+        self.observer = observer
         self.jobs: dict[str, Job] = {}
         self._turn = itertools.count()
         path = engine.model.path
@@ -800,6 +803,8 @@ class JobRunner:
 
     def _on_output(self, out: RequestOutput) -> None:
         """A job request advanced; when it has finished, its line is written."""
+        if self.observer is not None:
+            self.observer(out)
         if not out.finished:
             return
         job_id, _, index = out.request_id.rpartition("/")

@@ -1,16 +1,22 @@
 """OpenAI request and response shapes for completions and chat completions.
 
-Shared by durable jobs (OpenAI Batch API lines) and, later, the HTTP server: a request body
-becomes a prompt (token ids) and ``SamplingParams``, or a ``BadRequest`` naming the field
-(what OpenAI answers with a 400); a finished ``RequestOutput`` becomes the endpoint's response
-body, ``usage`` included. Ids are given by the caller, so a job can make them deterministic.
+Shared by durable jobs (OpenAI Batch API lines) and the HTTP server (``qllm_jax.server``): a
+request body becomes a prompt (token ids), ``SamplingParams`` and a priority, or a
+``BadRequest`` naming the field (what OpenAI answers with a 400); a finished ``RequestOutput``
+becomes the endpoint's response body, ``usage`` included, and a streamed one its server-sent
+chunks. Ids are given by the caller, so a job can make them deterministic.
 
 Supported body fields: ``model``, ``prompt`` (a string or token ids; one prompt per request) or
 ``messages`` (the tokenizer's chat template), ``max_tokens`` (``max_completion_tokens`` for
 chat; OpenAI's defaults when absent: 16 for completions, the room left in the context for
 chat), ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, plus vLLM's ``ignore_eos``
-and ``stop_token_ids``. ``n``, ``stream``, ``logprobs``, ``echo``, penalties and the like are
-accepted only at their no-op values; any other field is refused, named.
+and ``stop_token_ids``; ``stream`` and ``stream_options.include_usage`` where the caller
+streams (the server; never a batch line); ``service_tier`` (``"auto"``, ``"default"``,
+``"priority"``: latency-sensitive; ``"flex"``: best-effort) and vLLM's integer ``priority``
+(lower is more urgent; it overrides the tier); ``user`` is accepted and ignored. ``n``,
+``logprobs``, ``echo``, penalties, tools and the like are accepted only at their no-op values;
+any other field is refused, named. A prompt plus an explicit ``max_tokens`` beyond the model's
+context is refused with the limit in the message, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ CHAT = "/v1/chat/completions"
 ENDPOINTS = (COMPLETIONS, CHAT)
 
 _SAMPLING = {"temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stop_token_ids"}
-_IGNORED = {"user", "service_tier", "metadata", "store", "priority"}  # no effect on the output
+_IGNORED = {"user", "metadata", "store"}  # no effect on the output
+_PRIORITY_FIELDS = {"service_tier", "priority", "stream", "stream_options"}
+# OpenAI's service tiers -> the engine's priority (0: latency-sensitive, 1: best-effort)
+SERVICE_TIERS = {"auto": 0, "default": 0, "priority": 0, "flex": 1}
 # Fields accepted only at their no-op value (OpenAI's defaults)
 _NOOP: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
-    "stream": (False,),
-    "stream_options": (None,),
     "echo": (False,),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
@@ -49,8 +56,10 @@ _NOOP: dict[str, tuple[Any, ...]] = {
     "response_format": (None, {"type": "text"}),
 }
 _FIELDS = {
-    COMPLETIONS: {"model", "prompt", "max_tokens"} | _SAMPLING,
-    CHAT: {"model", "messages", "max_tokens", "max_completion_tokens"} | _SAMPLING,
+    COMPLETIONS: {"model", "prompt", "max_tokens"} | _SAMPLING | _PRIORITY_FIELDS,
+    CHAT: {"model", "messages", "max_tokens", "max_completion_tokens"}
+    | _SAMPLING
+    | _PRIORITY_FIELDS,
 }
 _COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -68,20 +77,30 @@ class BadRequest(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A validated request: its prompt as token ids and how to sample it."""
+    """A validated request: its prompt as token ids, how to sample it, how urgent it is and
+    whether its answer streams. ``service_tier`` is what the response echoes."""
 
     endpoint: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     model: str | None
+    priority: int = 0
+    service_tier: str = "default"
+    stream: bool = False
+    include_usage: bool = False
 
 
 def prepare(
-    engine: Engine, endpoint: str, body: Mapping[str, Any], default_seed: int | None = None
+    engine: Engine,
+    endpoint: str,
+    body: Mapping[str, Any],
+    default_seed: int | None = None,
+    allow_stream: bool = False,
 ) -> Prepared:
     """Validate ``body`` for ``endpoint`` on ``engine`` (``BadRequest`` if it is bad).
     ``default_seed``: the seed of a sampled request that gives none (a job derives one from
-    its ids, so a resumed job samples the same tokens)."""
+    its ids, so a resumed job samples the same tokens). ``allow_stream``: the caller can
+    stream the answer (the server); otherwise ``stream=true`` is refused (a batch line)."""
     if endpoint not in ENDPOINTS:
         raise BadRequest(f"unsupported endpoint {endpoint!r}; supported: {list(ENDPOINTS)}", "url")
     if not isinstance(body, Mapping):
@@ -93,11 +112,13 @@ def prepare(
     chat = endpoint == CHAT
     ids = _chat_prompt(engine, body) if chat else _completion_prompt(engine, body)
     sampling = _sampling(engine, endpoint, body, len(ids), default_seed)
+    priority, tier = _priority(body)
+    stream, include_usage = _stream(body, allow_stream)
     try:
-        engine.make_request(ids, sampling, priority=1)  # every limit the engine checks
+        engine.make_request(ids, sampling, priority=priority)  # every limit the engine checks
     except (ValueError, TypeError) as e:
         raise BadRequest(str(e), "messages" if chat else "prompt") from e
-    return Prepared(endpoint, ids, sampling, model)
+    return Prepared(endpoint, ids, sampling, model, priority, tier, stream, include_usage)
 
 
 def response_body(
@@ -110,11 +131,6 @@ def response_body(
 ) -> dict[str, Any]:
     """The endpoint's response to a finished request (finish reason ``stop`` or ``length``)."""
     text = out.text or ""
-    usage = {
-        "prompt_tokens": len(out.prompt_token_ids),
-        "completion_tokens": len(out.token_ids),
-        "total_tokens": len(out.prompt_token_ids) + len(out.token_ids),
-    }
     reason = out.finish_reason
     if prepared.endpoint == COMPLETIONS:
         obj, prefix = "text_completion", "cmpl-"
@@ -129,9 +145,71 @@ def response_body(
         "created": created,
         "model": prepared.model or model_name,
         "choices": [choice],
-        "usage": usage,
+        "usage": usage(out),
         "system_fingerprint": system_fingerprint,
+        "service_tier": prepared.service_tier,
     }
+
+
+def usage(out: RequestOutput) -> dict[str, int]:
+    return {
+        "prompt_tokens": len(out.prompt_token_ids),
+        "completion_tokens": len(out.token_ids),
+        "total_tokens": len(out.prompt_token_ids) + len(out.token_ids),
+    }
+
+
+def stream_chunk(
+    prepared: Prepared,
+    response_id: str,
+    created: int,
+    model_name: str,
+    text: str | None,
+    finish_reason: str | None = None,
+    first: bool = False,
+    system_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """One server-sent chunk as OpenAI streams it: ``text`` new since the last chunk (None: a
+    usage-only chunk with no choices); the first chat chunk carries the assistant role, the
+    last one ``finish_reason``. With ``include_usage`` every chunk has ``usage: null`` and
+    the usage-only chunk at the end has the counts (``usage_chunk``)."""
+    if prepared.endpoint == COMPLETIONS:
+        obj, prefix = "text_completion", "cmpl-"
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        obj, prefix = "chat.completion.chunk", "chatcmpl-"
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text or first:
+            delta["content"] = text or ""
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    chunk = {
+        "id": prefix + response_id,
+        "object": obj,
+        "created": created,
+        "model": prepared.model or model_name,
+        "choices": [] if text is None and finish_reason is None and not first else [choice],
+        "system_fingerprint": system_fingerprint,
+        "service_tier": prepared.service_tier,
+    }
+    if prepared.include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(
+    prepared: Prepared,
+    out: RequestOutput,
+    response_id: str,
+    created: int,
+    model_name: str,
+    system_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    chunk = stream_chunk(
+        prepared, response_id, created, model_name, None, system_fingerprint=system_fingerprint
+    )
+    chunk["usage"] = usage(out)
+    return chunk
 
 
 def error_body(
@@ -155,6 +233,43 @@ def _check_fields(endpoint: str, body: Mapping[str, Any]) -> None:
                 raise BadRequest(f"{key}={value!r} is not supported", key, "unsupported_value")
             continue
         raise BadRequest(f"unrecognized request argument: {key}", key, "unknown_parameter")
+
+
+def _priority(body: Mapping[str, Any]) -> tuple[int, str]:
+    """The engine priority of a request and the tier its response echoes: ``service_tier``
+    maps to a class, vLLM's integer ``priority`` (lower is more urgent) overrides it."""
+    tier = body.get("service_tier")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise BadRequest(
+            f"service_tier must be one of {sorted(SERVICE_TIERS)}, got {tier!r}", "service_tier"
+        )
+    priority = SERVICE_TIERS[tier or "auto"]
+    given = body.get("priority")
+    if given is not None:
+        if not is_int(given) or not -(2**31) <= given < 2**31:
+            raise BadRequest(f"priority must be a 32-bit int, got {given!r}", "priority")
+        priority = int(given)
+    if priority > 0:
+        return priority, "flex"
+    return priority, "priority" if tier == "priority" else "default"
+
+
+def _stream(body: Mapping[str, Any], allow_stream: bool) -> tuple[bool, bool]:
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream not in (None, False, True):
+        raise BadRequest(f"stream must be a boolean, got {stream!r}", "stream")
+    if stream and not allow_stream:
+        raise BadRequest("stream=True is not supported here", "stream", "unsupported_value")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise BadRequest("stream_options is only allowed with stream=true", "stream_options")
+    if not isinstance(options, Mapping) or set(options) - {"include_usage"}:
+        raise BadRequest("stream_options supports only include_usage", "stream_options")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise BadRequest("stream_options.include_usage must be a boolean", "stream_options")
+    return True, include
 
 
 def _completion_prompt(engine: Engine, body: Mapping[str, Any]) -> list[int]:
@@ -224,6 +339,8 @@ def _sampling(
         default = _room(engine, prompt_len)
     else:
         given, param, default = body.get("max_tokens"), "max_tokens", _COMPLETIONS_MAX_TOKENS
+    if given is not None:
+        _check_context(engine, prompt_len, given, param)
     kw: dict[str, Any] = {"max_tokens": default if given is None else given}
     for key in _SAMPLING:
         if body.get(key) is not None:
@@ -238,6 +355,20 @@ def _sampling(
         names = (param, *sorted(_SAMPLING, key=len, reverse=True))  # stop_token_ids, then stop
         field = next((k for k in names if message.startswith(k)), None)
         raise BadRequest(message, field or param) from e
+
+
+def _check_context(engine: Engine, prompt_len: int, max_tokens: Any, param: str) -> None:
+    """OpenAI's context-length error: the prompt plus ``max_tokens`` must fit the model."""
+    limit = engine.config.max_model_len
+    if not is_int(max_tokens) or prompt_len + max_tokens <= limit:
+        return  # (SamplingParams names a bad max_tokens)
+    raise BadRequest(
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+        f"completion). Please reduce the length of the prompt or the completion.",
+        param if prompt_len < limit else "prompt",
+        "context_length_exceeded",
+    )
 
 
 def _room(engine: Engine, prompt_len: int) -> int:

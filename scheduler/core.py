@@ -115,6 +115,11 @@ class SchedulerConfig:
     # with BE prompts; else LS decodes topped up with BE decodes; else BE decodes; else BE
     # prompts (with mix_prefill_decode=False and mix_classes=True, as its preset sets)
     paper_order: bool = False
+    # KV pages as sequences grow: admission gives a request the pages its tokens need now, and
+    # each new chunk takes the pages it writes; when none are free, idle less urgent requests
+    # are evicted (they recompute their KV when readmitted). False: a request reserves pages
+    # for prompt + max_tokens at admission (clients that omit max_tokens reserve the context).
+    grow_pages: bool = False
     # Automatic prefix caching (vLLM's name): full computed KV pages are shared by content
     enable_prefix_caching: bool = True
     # Order inside a priority class (policies priority and qllm; fcfs is arrival order by
@@ -250,11 +255,24 @@ class Scheduler:
         # the active pass, when its next plan needs no decision: nothing more urgent waits and
         # nothing changed since (add, abort, a finished pass, a failure invalidate it)
         self._quiet: int | None = None
+        self._starved: list[Request] = []  # rows the last decision skipped for lack of pages
 
     # -- requests -------------------------------------------------------------------------------
 
     def pages_needed(self, req: Request) -> int:
+        """Pages a request takes at admission: its whole reservation, or with ``grow_pages``
+        those its tokens so far need."""
+        if self.config.grow_pages:
+            return math.ceil(min(req.num_tokens, req.max_len) / self.config.page_size)
         return math.ceil(req.max_len / self.config.page_size)
+
+    def _admission_room(self) -> int:
+        """Pages kept free at admission with ``grow_pages``, so admitted requests can grow a
+        while before anyone is evicted (vLLM's watermark: 1 % of the cache); none when no
+        request is admitted, so that any request that fits the cache alone gets in."""
+        if not self.config.grow_pages or not self.admitted:
+            return 0
+        return max(1, (self.config.num_pages - 1) // 100)
 
     def check(self, req: Request) -> None:
         """Raise ``ValueError`` if ``req`` can never be served here (nothing is changed)."""
@@ -387,12 +405,14 @@ class Scheduler:
                 self._quiet = None
         else:
             self._quiet = None
-            self._admit(now)
-            self._remap_prefixes()
-            if self.config.policy == "qllm":
-                plan = self._schedule_preemptive(now)
-            else:
-                plan = self._schedule_iteration(now)
+            plan = self._decide(now)
+            if plan is None and self._starved:
+                # every row that could go first had no pages and could evict no one: the least
+                # urgent of them steps back (it recomputes later), so that the others can run
+                self._evict(max(self._starved, key=self._growth_rank(now)))
+                self.counters["evictions"] += 1
+                self.counters["growth_evictions"] += 1
+                plan = self._decide(now)
         if plan is not None:
             self._count_work(plan)
         if plan is None and self._ended:
@@ -401,6 +421,14 @@ class Scheduler:
             plan = dataclasses.replace(plan, finished_seq_ids=tuple(self._ended))
             self._ended.clear()
         return plan
+
+    def _decide(self, now: float) -> Plan | None:
+        self._starved = []
+        self._admit(now)
+        self._remap_prefixes()
+        if self.config.policy == "qllm":
+            return self._schedule_preemptive(now)
+        return self._schedule_iteration(now)
 
     def update(self, plan: Plan, result: StepResult) -> list[Request]:
         """Record what the executor did with ``plan``. Returns the requests that advanced or
@@ -454,6 +482,7 @@ class Scheduler:
                     "absorbed_passes",
                     "partial_absorbs",
                     "evictions",
+                    "growth_evictions",
                     "failed",
                     "resets",
                     "passes_ls",
@@ -842,7 +871,10 @@ class Scheduler:
             ),
         )
         chunks, i = [], 0
+        chosen: set[int] = set()
         for req in ordered:
+            if req.status is not Status.RUNNING:
+                continue  # evicted for a row chosen before it
             key = self._row_order(req, now) if held else None
             while i < len(held) and held[i][0] < key:
                 if held[i][1] > budget or seats == 0:
@@ -852,9 +884,45 @@ class Scheduler:
                 break
             remaining = req.num_tokens - req.num_computed
             n = min(remaining, budget, self.config.chunk_size if remaining > 1 else 1)
+            if not self._grow(req, req.num_computed + n, now, chosen):
+                self._starved.append(req)
+                continue  # no pages for it now: it waits for a pass to free some
             chunks.append(self._chunk(req, n))
+            chosen.add(req.seq_id)
             budget, seats = budget - n, seats - 1
         return chunks
+
+    def _growth_rank(self, now: float) -> Callable[[Request], tuple]:
+        """Urgency for page growth: arrival order for fcfs, the priority key otherwise."""
+        if self.config.policy == "fcfs":
+            return lambda r: (r.arrival_time, r.seq_id)
+        return lambda r: self.key(r, now)
+
+    def _grow(self, req: Request, end: int, now: float, keep: set[int]) -> bool:
+        """With ``grow_pages``: give ``req`` the pages for its tokens up to ``end``, evicting
+        idle requests less urgent than it (least urgent first; not those in ``keep``, rows
+        already chosen) if none are free. False if it cannot have them now."""
+        need = math.ceil(end / self.config.page_size) - len(req.pages)
+        if need <= 0:
+            return True
+        if not self.allocator.can_allocate(need):
+            rank = self._growth_rank(now)
+            mine = rank(req)
+            victims = sorted(
+                (r for r in self._free() if r.seq_id not in keep and rank(r) > mine),
+                key=rank,
+                reverse=True,
+            )
+            for victim in victims:
+                if self.allocator.can_allocate(need):
+                    break
+                self._evict(victim)
+                self.counters["evictions"] += 1
+                self.counters["growth_evictions"] += 1
+            if not self.allocator.can_allocate(need):
+                return False
+        req.pages = req.pages + self.allocator.allocate(need)
+        return True
 
     @staticmethod
     def _chunk(req: Request, n: int) -> Chunk:
@@ -896,9 +964,11 @@ class Scheduler:
         cached = self._cached_prefix(req)
         self.allocator.acquire(cached)  # held first: making room must not reuse them
         need = self.pages_needed(req) - len(cached)
-        if not self.allocator.can_allocate(need) and self.config.policy != "fcfs":
-            self._evict_for(req, need, now)
-        if not self.allocator.can_allocate(need):
+        room = need + self._admission_room()
+        if not self.allocator.can_allocate(room) and self.config.policy != "fcfs":
+            self._evict_for(req, room, now)
+            room = need + self._admission_room()  # (none if it evicted every admitted one)
+        if not self.allocator.can_allocate(room):
             self.allocator.free(cached)
             return False
         req.pages = cached + self.allocator.allocate(need)

@@ -433,6 +433,7 @@ def scenarios(draw):
         max_park_s=draw(st.none() | st.sampled_from([2.0, 20.0])),
         absorb_be=draw(st.booleans()),
         preempt_prefill=draw(st.booleans()),
+        grow_pages=draw(st.booleans()),
         max_model_len=64,
     )
     config["max_num_batched_tokens"] = draw(st.integers(config["max_batch_size"], 16))
@@ -492,6 +493,7 @@ def test_every_row_runs_exactly_once_and_nothing_leaks(scenario):
         "splits",
         "absorbed_passes",
         "evictions",
+        "growth_evictions",
     ):
         if result.stats.get(what):
             event(what)  # coverage: pytest --hypothesis-show-statistics

@@ -1,0 +1,352 @@
+"""What the HTTP server costs: LS latency over HTTP against the engine driven directly.
+
+One open-loop workload (Poisson arrivals from a fixed seed: latency-sensitive requests on the
+default tier, best-effort ones on ``flex``) is run four ways:
+
+1. ``engine``: through ``Engine`` in this process (add at the arrival time, step);
+2. ``http``: against a ``qllm-jax serve`` process, streamed over HTTP (TTFT is measured by the
+   client: request sent to first token received);
+3. ``http+batch``: the same, with a best-effort batch (``/v1/batches``) running meanwhile;
+4. ``burst``: ``--burst`` concurrent requests at once, for the requests/s the server sustains
+   and the concurrency reached (requests holding KV pages at once, from ``/metrics``).
+
+Reported: LS TTFT p50/p90 of each arm, the ratio http / engine of the LS TTFT p90 (target
+<= 1.15), http+batch / http, completed requests/s. Each arm is preceded by a short warm-up
+run of the same workload so no window compiles (the server also warms up at start).
+
+    python experiments/serve_bench.py --quick      # a short smoke run (~1 min on 2 CPU cores)
+    python experiments/serve_bench.py              # 30 s per arm
+
+Writes ``experiments/results/serve-bench-<device>.json`` unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import jax
+
+import qllm_jax
+from qllm_jax.scheduler.metrics import percentile
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL_NAME = "bench"
+
+
+def engine_flags(args) -> dict:
+    return dict(
+        dtype=args.dtype,
+        policy=args.policy,
+        granularity=args.granularity,
+        kv_pages=args.kv_pages,
+        max_batch_size=args.max_batch_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_chunk=args.prefill_chunk,
+    )
+
+
+def workload(args, duration: float, seed: int, vocab: int) -> list[dict]:
+    """Arrivals (seconds from the start) of LS and BE requests, merged in time order."""
+    rng = random.Random(seed)
+    items = []
+    for cls, rate, prompt, out in (
+        ("ls", args.ls_rate, args.ls_prompt, args.ls_output),
+        ("be", args.be_rate, args.be_prompt, args.be_output),
+    ):
+        t = rng.expovariate(rate)
+        while t < duration:
+            ids = [rng.randrange(3, vocab) for _ in range(prompt)]
+            items.append({"t": t, "cls": cls, "prompt": ids, "max_tokens": out})
+            t += rng.expovariate(rate)
+    return sorted(items, key=lambda x: x["t"])
+
+
+def run_engine(eng: qllm_jax.Engine, items: list[dict]) -> dict:
+    """The workload through the engine directly; TTFT from the engine's own clock."""
+    ttft: dict[str, float] = {}
+    cls: dict[str, str] = {}
+    done = 0
+    i = 0
+    t0 = time.monotonic()
+    while i < len(items) or eng.has_unfinished():
+        now = time.monotonic() - t0
+        while i < len(items) and items[i]["t"] <= now:
+            it = items[i]
+            sp = qllm_jax.SamplingParams(
+                max_tokens=it["max_tokens"], temperature=0, ignore_eos=True
+            )
+            prio = 0 if it["cls"] == "ls" else 1
+            rid = eng.add_request(it["prompt"], sp, prio, t0 + it["t"], f"r{i}")
+            cls[rid] = it["cls"]
+            i += 1
+        if not eng.has_unfinished():
+            time.sleep(0.0005)
+            continue
+        for out in eng.step():
+            if out.token_ids and out.request_id not in ttft:
+                ttft[out.request_id] = out.metrics.first_token_time - out.metrics.arrival_time
+            done += out.finished
+    wall = time.monotonic() - t0
+    return {
+        "ls_ttft": [v for k, v in ttft.items() if cls[k] == "ls"],
+        "be_ttft": [v for k, v in ttft.items() if cls[k] == "be"],
+        "completed": done,
+        "wall_s": wall,
+    }
+
+
+async def _one(client: httpx.AsyncClient, url: str, it: dict, t_send: float) -> float:
+    body = {
+        "model": MODEL_NAME,
+        "prompt": it["prompt"],
+        "max_tokens": it["max_tokens"],
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "service_tier": "default" if it["cls"] == "ls" else "flex",
+    }
+    first = None
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data: ") and '"text": "' in line:
+                first = time.monotonic() - t_send
+    return first if first is not None else float("nan")
+
+
+async def run_http(url: str, items: list[dict]) -> dict:
+    """The workload over HTTP, open loop: each request is sent at its arrival time."""
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.monotonic()
+        tasks = []
+        for it in items:
+            delay = t0 + it["t"] - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append((it["cls"], asyncio.create_task(_one(client, url, it, time.monotonic()))))
+        results = [(c, await task) for c, task in tasks]
+        wall = time.monotonic() - t0
+    return {
+        "ls_ttft": [v for c, v in results if c == "ls"],
+        "be_ttft": [v for c, v in results if c == "be"],
+        "completed": len(results),
+        "wall_s": wall,
+    }
+
+
+async def run_burst(url: str, items: list[dict]) -> dict:
+    """Every request at once: completed requests per second, and the most requests running
+    at once (admitted, holding KV pages) that ``/metrics`` showed meanwhile."""
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    most = 0
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def watch():
+            nonlocal most
+            while True:
+                text = (await client.get(url + "/metrics")).text
+                running = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("qllm:num_requests_running{")
+                )
+                most = max(most, int(running))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        t0 = time.monotonic()
+        await asyncio.gather(*(_one(client, url, it, t0) for it in items))
+        wall = time.monotonic() - t0
+        watcher.cancel()
+    return {
+        "requests": len(items),
+        "wall_s": wall,
+        "requests_per_s": len(items) / wall,
+        "max_running": most,
+    }
+
+
+def start_batch(url: str, args, vocab: int) -> str:
+    rng = random.Random(99)
+    lines = []
+    for i in range(args.batch_requests):
+        body = {
+            "prompt": [rng.randrange(3, vocab) for _ in range(args.be_prompt)],
+            "max_tokens": args.be_output,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        lines.append(
+            {"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions", "body": body}
+        )
+    data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    f = httpx.post(
+        url + "/v1/files", files={"file": ("b.jsonl", data)}, data={"purpose": "batch"}
+    ).json()
+    b = httpx.post(
+        url + "/v1/batches",
+        json={"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"},
+    ).json()
+    return b["id"]
+
+
+def start_server(args, state_dir: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qllm_jax.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--state-dir",
+        state_dir,
+        "--served-model-name",
+        MODEL_NAME,
+        "--log-level",
+        "warning",
+    ]
+    if args.model:
+        cmd += ["--model", args.model]
+    for k, v in engine_flags(args).items():
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.2)
+
+
+def summary(res: dict) -> dict:
+    return {
+        "ls_ttft_p50_s": percentile(res["ls_ttft"], 50),
+        "ls_ttft_p90_s": percentile(res["ls_ttft"], 90),
+        "be_ttft_p50_s": percentile(res["be_ttft"], 50),
+        "ls_requests": len(res["ls_ttft"]),
+        "be_requests": len(res["be_ttft"]),
+        "requests_per_s": res["completed"] / res["wall_s"],
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="HF checkpoint dir (default: built-in)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--policy", default="qllm")
+    ap.add_argument("--granularity", default="layer")
+    ap.add_argument("--kv-pages", type=int, default=1024)
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=128)
+    ap.add_argument("--prefill-chunk", type=int, default=64)
+    ap.add_argument("--ls-rate", type=float, default=2.0)
+    ap.add_argument("--be-rate", type=float, default=2.0)
+    ap.add_argument("--ls-prompt", type=int, default=32)
+    ap.add_argument("--ls-output", type=int, default=8)
+    ap.add_argument("--be-prompt", type=int, default=64)
+    ap.add_argument("--be-output", type=int, default=32)
+    ap.add_argument("--batch-requests", type=int, default=400)
+    ap.add_argument("--burst", type=int, default=200, help="concurrent requests of the burst")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per arm")
+    ap.add_argument("--warm", type=float, default=4.0, help="seconds of the warm-up run")
+    ap.add_argument("--quick", action="store_true", help="a short smoke run")
+    ap.add_argument("--out", help="output JSON path")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.duration, args.warm, args.batch_requests, args.burst = 8.0, 3.0, 120, 64
+
+    spec = args.model or str(qllm_jax.builtin_model_dir())
+    model = qllm_jax.load(spec, dtype=args.dtype)
+    vocab = model.config.vocab_size
+    items = workload(args, args.duration, seed=0, vocab=vocab)
+    warm_items = workload(args, args.warm, seed=1, vocab=vocab)
+
+    print("engine: warming up ...")
+    eng = qllm_jax.Engine(model, **engine_flags(args))
+    eng.warmup()
+    run_engine(eng, warm_items)
+    arms = {"engine": run_engine(eng, items)}
+    del eng
+    print(f"engine: LS TTFT p90 {1e3 * percentile(arms['engine']['ls_ttft'], 90):.1f} ms")
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as state:
+        proc, url = start_server(args, state)
+        try:
+            asyncio.run(run_http(url, warm_items))
+            arms["http"] = asyncio.run(run_http(url, items))
+            print(f"http: LS TTFT p90 {1e3 * percentile(arms['http']['ls_ttft'], 90):.1f} ms")
+            batch_id = start_batch(url, args, vocab)
+            arms["http+batch"] = asyncio.run(run_http(url, items))
+            batch = httpx.get(url + f"/v1/batches/{batch_id}").json()
+            print(
+                f"http+batch: LS TTFT p90 "
+                f"{1e3 * percentile(arms['http+batch']['ls_ttft'], 90):.1f} ms; batch "
+                f"{batch['status']}, {batch['request_counts']}"
+            )
+            httpx.post(url + f"/v1/batches/{batch_id}/cancel")
+            burst_items = [dict(items[i % len(items)], cls="ls") for i in range(args.burst)]
+            burst = asyncio.run(run_burst(url, burst_items))
+            print(
+                f"burst: {burst['requests']} requests in {burst['wall_s']:.1f} s = "
+                f"{burst['requests_per_s']:.1f} req/s, at most {burst['max_running']} running"
+            )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+
+    sums = {arm: summary(res) for arm, res in arms.items()}
+    p90 = {arm: s["ls_ttft_p90_s"] for arm, s in sums.items()}
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "model": spec,
+        "args": vars(args),
+        "arms": sums,
+        "ls_ttft_p90_ratio_http_vs_engine": p90["http"] / p90["engine"],
+        "meets_target_1_15": p90["http"] / p90["engine"] <= 1.15,
+        "ls_ttft_p90_ratio_batch_vs_none": p90["http+batch"] / p90["http"],
+        "batch_progress_during_window": batch["request_counts"],
+        "burst": burst,
+        "raw": {arm: {k: res[k] for k in ("ls_ttft", "be_ttft")} for arm, res in arms.items()},
+    }
+    print(
+        f"LS TTFT p90: engine {1e3 * p90['engine']:.1f} ms, http {1e3 * p90['http']:.1f} ms "
+        f"(ratio {result['ls_ttft_p90_ratio_http_vs_engine']:.2f}, target <= 1.15), "
+        f"http with a batch {1e3 * p90['http+batch']:.1f} ms "
+        f"(x{result['ls_ttft_p90_ratio_batch_vs_none']:.2f}); burst "
+        f"{burst['requests_per_s']:.1f} req/s"
+    )
+    device = jax.devices()[0].platform
+    out = Path(args.out) if args.out else RESULTS / f"serve-bench-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
