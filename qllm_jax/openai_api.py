@@ -151,11 +151,14 @@ def response_body(
     }
 
 
-def usage(out: RequestOutput) -> dict[str, int]:
+def usage(out: RequestOutput) -> dict:
+    """Token counts, with OpenAI's ``prompt_tokens_details.cached_tokens``: prompt tokens
+    whose K/V came from the prefix cache."""
     return {
         "prompt_tokens": len(out.prompt_token_ids),
         "completion_tokens": len(out.token_ids),
         "total_tokens": len(out.prompt_token_ids) + len(out.token_ids),
+        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
     }
 
 

@@ -61,6 +61,7 @@ def request_state(sched: Scheduler, req: Request, now: float) -> dict[str, Any]:
         "kv_tokens": kv_tokens,
         "num_preemptions": req.num_preemptions,
         "parked_time": req.parked_time,
+        "num_cached_tokens": req.num_cached_tokens,
         "pass": in_pass,
     }
 
@@ -143,4 +144,5 @@ def _request(state: dict[str, Any], now: float, seq_id: int) -> Request:
         first_token_time=None if first is None else now - float(first),
         num_preemptions=int(state["num_preemptions"]),
         parked_time=float(state["parked_time"]),
+        num_cached_tokens=int(state.get("num_cached_tokens", 0)),  # older checkpoints have none
     )

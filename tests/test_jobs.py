@@ -65,7 +65,8 @@ def engine(model, **kw) -> qllm_jax.Engine:
 
 def results(job_dir: Path) -> dict[str, dict]:
     """Every line of a job's output and error files by custom_id (each exactly once), without
-    the ``created`` timestamps."""
+    the ``created`` timestamps and the cached-token count (how much of a prompt the prefix
+    cache held depends on timing, as timestamps do; checked to be a valid count)."""
     out: dict[str, dict] = {}
     for name in ("output.jsonl", "errors.jsonl"):
         path = job_dir / name
@@ -74,6 +75,9 @@ def results(job_dir: Path) -> dict[str, dict]:
             assert line["custom_id"] not in out, f"{line['custom_id']} written twice"
             body = (line.get("response") or {}).get("body") or {}
             body.pop("created", None)
+            if "usage" in body:
+                details = body["usage"].pop("prompt_tokens_details")
+                assert 0 <= details["cached_tokens"] < body["usage"]["prompt_tokens"]
             out[line["custom_id"]] = line
     return out
 

@@ -185,6 +185,14 @@ def test_models_health_and_greedy_answers_equal_the_engine(server, llm, referenc
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "length"
+    # the prefix cache shows in OpenAI's usage field: a prompt of several 16-token pages, sent
+    # again, maps its full pages before the last token
+    long = "The quick brown fox jumps over the lazy dog. " * 6
+    first = c.completions.create(model=MODEL, prompt=long, max_tokens=1, temperature=0).usage
+    again = c.completions.create(model=MODEL, prompt=long, max_tokens=1, temperature=0).usage
+    cached = again.prompt_tokens_details.cached_tokens
+    assert first.prompt_tokens == again.prompt_tokens > 48
+    assert cached % 16 == 0 and again.prompt_tokens - 16 <= cached < again.prompt_tokens
 
 
 def test_stop_strings_cut_the_text_streamed_or_not(server, reference):
