@@ -294,13 +294,18 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.check(req)
+        self.enter(req, req.arrival_time)
+        self.waiting.append(req)
+
+    def enter(self, req: Request, progress_at: float) -> None:
+        """Register a checked request (new, or restored from a snapshot: ``progress_at`` is
+        when it last progressed, for anti-starvation); the caller queues or admits it."""
         req.max_len = self._max_len(req)
-        req.last_progress = req.arrival_time
+        req.last_progress = progress_at
         req.arrival_work = self.rows_done
         self._quiet = None
         self.requests[req.request_id] = req
         self.seqs[req.seq_id] = req
-        self.waiting.append(req)
 
     def _max_len(self, req: Request) -> int:
         return min(len(req.prompt_token_ids) + req.sampling.max_tokens, self.config.max_model_len)
@@ -406,10 +411,12 @@ class Scheduler:
         else:
             self._quiet = None
             plan = self._decide(now)
-            if plan is None and self._starved:
+            # (a row skipped early may have been evicted since, for a more urgent one)
+            starved = [r for r in self._starved if r.status is Status.RUNNING]
+            if plan is None and starved:
                 # every row that could go first had no pages and could evict no one: the least
                 # urgent of them steps back (it recomputes later), so that the others can run
-                self._evict(max(self._starved, key=self._growth_rank(now)))
+                self._evict(max(starved, key=self._growth_rank(now)))
                 self.counters["evictions"] += 1
                 self.counters["growth_evictions"] += 1
                 plan = self._decide(now)

@@ -90,9 +90,7 @@ def restore(
     if len({r.request_id for r in reqs}) != len(reqs):
         raise ValueError("a request id appears twice among the restored requests")
     for req, state in zip(reqs, states, strict=True):
-        req.max_len = sched._max_len(req)
-        sched.requests[req.request_id] = req
-        sched.seqs[req.seq_id] = req
+        sched.enter(req, now)  # (its wait before the snapshot does not count as starving)
         need = sched.pages_needed(req)
         fits = 0 < kv_pages(state, sched.config.page_size) <= need  # a shorter max_model_len
         if keep_kv and fits and sched.allocator.can_allocate(need):
@@ -120,6 +118,7 @@ def restore_pass(sched: Scheduler, rows: list[tuple[Request, int]], cursor: int,
     chunks = [sched._chunk(req, n) for req, n in rows]
     ps = sched._new_pass(chunks)
     ps.cursor, ps.parked_since = cursor, now
+    sched._quiet = None  # a parked pass to decide about
     for req, _ in rows:
         req.status = Status.PARKED
     return ps.pass_id

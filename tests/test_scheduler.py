@@ -728,3 +728,22 @@ def test_fast_path_plans_are_the_full_path_plans(scenario):
         sim.run(events, max_plans=100_000)
         results.append(plans)
     assert results[0] == results[1]
+
+
+def test_a_restored_request_is_registered_like_a_new_one():
+    """``snapshot.restore`` goes through ``Scheduler.enter``: a BE request saved at 1 s of age
+    and restored at t=1000 has not starved since t=0 (no BE turn is due), and its hrrn clock
+    starts at the scheduler's current work."""
+    from scheduler import snapshot
+
+    clock = VirtualClock()
+    config = SchedulerConfig(page_size=4, num_pages=64, max_model_len=64, queue_order="hrrn")
+    sched = Scheduler(config, segment_layout(2, 4, 4, shared_expert=False), clock=clock)
+    clock.now = 999.0
+    old = make_request("be", 0, 8, 4, priority=BE, arrival_time=998.0)
+    state = snapshot.request_state(sched, old, clock.now)
+    clock.now, sched.rows_done = 1000.0, 123
+    (req,) = snapshot.restore(sched, [state], clock.now, lambda: 7, keep_kv=False)
+    assert req.last_progress == 1000.0 and req.arrival_work == 123
+    assert req.arrival_time == 999.0 and sched.seqs[7] is req and req in sched.waiting
+    assert not sched._be_due(clock.now)
