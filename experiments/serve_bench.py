@@ -12,7 +12,9 @@ default tier, best-effort ones on ``flex``) is run four ways:
 
 Reported: LS TTFT p50/p90 of each arm, the ratio http / engine of the LS TTFT p90 (target
 <= 1.15), http+batch / http, completed requests/s. Each arm is preceded by a short warm-up
-run of the same workload so no window compiles (the server also warms up at start).
+run of the same workload so no window compiles (the server also warms up at start); the
+compilations inside each measured window are recorded (this process's for ``engine``, the
+server's ``qllm:compilations_total`` for the others), and the run is valid only if all are 0.
 
     python experiments/serve_bench.py --quick      # a short smoke run (~1 min on 2 CPU cores)
     python experiments/serve_bench.py              # 30 s per arm
@@ -39,6 +41,7 @@ import httpx
 import jax
 
 import qllm_jax
+from qllm_jax import compile_log
 from qllm_jax.scheduler.metrics import percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,6 +57,7 @@ def engine_flags(args) -> dict:
         max_batch_size=args.max_batch_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         prefill_chunk=args.prefill_chunk,
+        grow_pages=True,  # as `qllm-jax serve` runs by default: both arms, one configuration
     )
 
 
@@ -158,12 +162,7 @@ async def run_burst(url: str, items: list[dict]) -> dict:
             nonlocal most
             while True:
                 text = (await client.get(url + "/metrics")).text
-                running = sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in text.splitlines()
-                    if line.startswith("qllm:num_requests_running{")
-                )
-                most = max(most, int(running))
+                most = max(most, int(metric(text, "qllm:num_requests_running")))
                 await asyncio.sleep(0.05)
 
         watcher = asyncio.create_task(watch())
@@ -177,6 +176,27 @@ async def run_burst(url: str, items: list[dict]) -> dict:
         "requests_per_s": len(items) / wall,
         "max_running": most,
     }
+
+
+def metric(text: str, name: str) -> float:
+    """The sum over labels of one metric in a Prometheus text page."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " "))
+    )
+
+
+def server_compiles(url: str) -> float:
+    return metric(httpx.get(url + "/metrics").text, "qllm:compilations_total")
+
+
+def http_arm(url: str, items: list[dict], compiles: dict, arm: str) -> dict:
+    """``run_http``, recording the server's compilations inside the window."""
+    before = server_compiles(url)
+    out = asyncio.run(run_http(url, items))
+    compiles[arm] = server_compiles(url) - before
+    return out
 
 
 def start_batch(url: str, args, vocab: int) -> str:
@@ -224,7 +244,11 @@ def start_server(args, state_dir: str) -> tuple[subprocess.Popen, str]:
     if args.model:
         cmd += ["--model", args.model]
     for k, v in engine_flags(args).items():
-        cmd += ["--" + k.replace("_", "-"), str(v)]
+        flag = k.replace("_", "-")
+        if isinstance(v, bool):
+            cmd.append(f"--{flag}" if v else f"--no-{flag}")
+        else:
+            cmd += ["--" + flag, str(v)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -288,7 +312,9 @@ def main(argv=None) -> dict:
     eng = qllm_jax.Engine(model, **engine_flags(args))
     eng.warmup()
     run_engine(eng, warm_items)
-    arms = {"engine": run_engine(eng, items)}
+    with compile_log.Window() as window:
+        arms = {"engine": run_engine(eng, items)}
+    compiles = {"engine": window.compiles}
     del eng
     print(f"engine: LS TTFT p90 {1e3 * percentile(arms['engine']['ls_ttft'], 90):.1f} ms")
 
@@ -296,10 +322,10 @@ def main(argv=None) -> dict:
         proc, url = start_server(args, state)
         try:
             asyncio.run(run_http(url, warm_items))
-            arms["http"] = asyncio.run(run_http(url, items))
+            arms["http"] = http_arm(url, items, compiles, "http")
             print(f"http: LS TTFT p90 {1e3 * percentile(arms['http']['ls_ttft'], 90):.1f} ms")
             batch_id = start_batch(url, args, vocab)
-            arms["http+batch"] = asyncio.run(run_http(url, items))
+            arms["http+batch"] = http_arm(url, items, compiles, "http+batch")
             batch = httpx.get(url + f"/v1/batches/{batch_id}").json()
             print(
                 f"http+batch: LS TTFT p90 "
@@ -326,6 +352,8 @@ def main(argv=None) -> dict:
         "model": spec,
         "args": vars(args),
         "arms": sums,
+        "compiles_in_window": compiles,
+        "valid": not any(compiles.values()),
         "ls_ttft_p90_ratio_http_vs_engine": p90["http"] / p90["engine"],
         "meets_target_1_15": p90["http"] / p90["engine"] <= 1.15,
         "ls_ttft_p90_ratio_batch_vs_none": p90["http+batch"] / p90["http"],
@@ -340,6 +368,8 @@ def main(argv=None) -> dict:
         f"(x{result['ls_ttft_p90_ratio_batch_vs_none']:.2f}); burst "
         f"{burst['requests_per_s']:.1f} req/s"
     )
+    if not result["valid"]:
+        print(f"INVALID (compiled inside a measured window): {compiles}")
     device = jax.devices()[0].platform
     out = Path(args.out) if args.out else RESULTS / f"serve-bench-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qllm_jax import jobs, openai_api
+from qllm_jax import compile_log, jobs, openai_api
 from qllm_jax.engine import Engine, RequestOutput
 from qllm_jax.fingerprint import model_fingerprint
 from qllm_jax.scheduler.request import Status
@@ -205,6 +205,13 @@ class _SnapshotCollector:
             "qllm:engine_steps", "Engine steps (plans run).", labels=["model_name"]
         )
         c.add_metric([name], snap["steps"])
+        yield c
+        c = CounterMetricFamily(
+            "qllm:compilations",
+            "XLA executables created in the server process (after warm-up: none, normally).",
+            labels=["model_name"],
+        )
+        c.add_metric([name], snap["compiles"])
         yield c
 
 
@@ -471,6 +478,7 @@ class EngineLoop:
             },
             "rows": {LS: s.counters["rows_ls"], BE: s.counters["rows_be"]},
             "steps": self.engine.num_steps,
+            "compiles": compile_log.count(),
         }
 
     def _shutdown(self) -> None:

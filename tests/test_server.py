@@ -240,6 +240,7 @@ def test_service_tier_and_priority_reach_the_scheduler(server):
     m = server.metrics()
     assert sample(m, "qllm:request_success_total", priority_class="be") >= 2
     assert sample(m, "qllm:time_to_first_token_seconds_count", priority_class="be") >= 2
+    assert sample(m, "qllm:compilations_total") > 0  # (the warm-up's, at least)
 
 
 def _wait(cond, timeout: float = 10.0) -> None:
