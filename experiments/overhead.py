@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict:
         all(a["valid"] for a in arms.values())
         and not dispatch["compiles"]
         and not qllm_host["compiles"]
+        and all(pt["valid"] for pt in report.get("attention_sweep", {}).get("points", {}).values())
+        and not report.get("preemption_wait", {}).get("compiles")
     )
     device = jax.devices()[0]
     report = {

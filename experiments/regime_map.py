@@ -89,11 +89,15 @@ def real_runner(model):
 
 
 def holds(p: dict) -> dict:
-    """The target at one point, for each qllm arm."""
+    """The target at one point, for each qllm arm (never on a run that compiled inside its
+    window)."""
     out = {}
+    valid = p["priority"]["valid"] and p["ls-only"]["valid"]
     for arm in ("qllm-layer", "qllm-expert"):
         out[arm] = (
-            p[arm]["ls_p90_over_floor"] <= 1.25
+            valid
+            and p[arm]["valid"]
+            and p[arm]["ls_p90_over_floor"] <= 1.25
             and p["priority"]["ls_p90_over_floor"] >= 3
             and p[arm]["be_over_priority"] >= 0.95
         )

@@ -541,6 +541,12 @@ def run_sweep(args, run, real: bool, lengths: Lengths, seeds: int, label: str, d
     print(h.format_table(table))
     print()
     print(h.format_table(per_rate_table(per_seed[0])))
+    invalid = sorted(
+        {f"{arm} at {rate:g} req/s" for res in per_seed for rate, arms in res.items()
+         for arm, s in arms.items() if not s["valid"]}
+    )  # fmt: skip
+    if invalid:
+        print(f"\nINVALID (compiled inside the measured window): {', '.join(invalid)}")
     print(f"\nJSON: {json_path}\nplots: {png}")
     return report  # fmt: skip
 
