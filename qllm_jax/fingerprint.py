@@ -5,7 +5,8 @@ checkpoint names its model and resuming compares. Hashing 90 GB of weights would
 so the fingerprint hashes what identifies a checkpoint cheaply: its ``config.json``, every
 tensor's name, dtype and shape from the safetensors headers (a few KB read per file), each
 weight file's size, and the tokenizer files (small; they decide the text). A ``random:`` model
-is its preset name, config and seed.
+is its preset name, config and seed. Computed once per loaded model (checkpoints are taken
+on the engine thread, every few seconds).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,19 @@ from qllm_jax.models.safetensors_io import checkpoint_files
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
+_memo: dict[int, dict[str, Any]] = {}  # by id of a live Model (dropped when it is collected)
+
+
 def model_fingerprint(model: Model) -> dict[str, Any]:
     """``{"name", "config", "tensors", "tokenizer"}`` digests plus ``"digest"`` over them all."""
+    key = id(model)
+    if key not in _memo:
+        _memo[key] = _fingerprint(model)
+        weakref.finalize(model, _memo.pop, key, None)
+    return dict(_memo[key])
+
+
+def _fingerprint(model: Model) -> dict[str, Any]:
     if str(model.path).startswith("random:"):
         parts = {
             "name": str(model.path),
