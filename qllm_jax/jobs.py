@@ -425,6 +425,8 @@ class Job:
         self.done: set[str] = set()
         self.pending: collections.deque[int] = collections.deque()
         self.in_flight: dict[str, int] = {}  # engine request id -> index
+        # the prepared bodies of requests submitted by this process (restored ones have none)
+        self.prepared: dict[str, openai_api.Prepared] = {}
         self.store: ckpt.CheckpointStore | None = None
         self.last_checkpoint = time.monotonic()
         self.last_error: str | None = None  # of the last failed checkpoint write
@@ -796,6 +798,7 @@ class JobRunner:
         )
         self.engine.add(req, on_output=self._on_output)
         job.in_flight[rid] = index
+        job.prepared[rid] = prepared
 
     def _prepare(self, job: Job, line: InputLine) -> openai_api.Prepared:
         seed = _derived_seed(job.id, line.custom_id)
@@ -812,6 +815,7 @@ class JobRunner:
         if job is None or out.request_id not in job.in_flight:
             return
         del job.in_flight[out.request_id]
+        prepared = job.prepared.pop(out.request_id, None)
         line = job.lines[int(index)]
         if out.finish_reason == "abort":
             job.write("errors", _cancelled_line(job.id, line.custom_id))
@@ -819,7 +823,8 @@ class JobRunner:
             body = openai_api.error_body(out.error or "engine error", "server_error")
             job.write("errors", self._error_line(job, line.custom_id, 500, body))
         else:
-            prepared = self._prepare(job, line)
+            if prepared is None:  # restored from a checkpoint
+                prepared = self._prepare(job, line)
             body = openai_api.response_body(
                 prepared,
                 out,
@@ -859,6 +864,7 @@ class JobRunner:
         for rid in list(job.in_flight):
             self.engine.abort(rid)  # its abort output reaches no job
         job.in_flight.clear()
+        job.prepared.clear()
         job.pending.clear()
         try:
             if job.store is not None:
