@@ -25,24 +25,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# flag -> Engine keyword (flags left unset keep the Engine's defaults)
-_ENGINE_FLAGS = {
-    "dtype": "dtype",
-    "policy": "policy",
-    "granularity": "granularity",
-    "mode": "mode",
-    "preset": "preset",
-    "kv_pages": "kv_pages",
-    "kv_bytes": "kv_bytes",
-    "page_size": "page_size",
-    "max_model_len": "max_model_len",
-    "max_batch_size": "max_batch_size",
-    "max_num_batched_tokens": "max_num_batched_tokens",
-    "prefill_chunk": "prefill_chunk",
-    "expert_group_size": "expert_group_size",
-    "compilation_cache_dir": "compilation_cache_dir",
-    "grow_pages": "grow_pages",
-}
+# flags that are Engine keywords of the same name (flags left unset keep the Engine's defaults)
+_ENGINE_FLAGS = (
+    "dtype",
+    "policy",
+    "granularity",
+    "mode",
+    "preset",
+    "kv_pages",
+    "kv_bytes",
+    "page_size",
+    "max_model_len",
+    "max_batch_size",
+    "max_num_batched_tokens",
+    "prefill_chunk",
+    "expert_group_size",
+    "compilation_cache_dir",
+    "grow_pages",
+)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def build_engine(flags: dict[str, Any]):
     """An ``Engine`` from engine flags (``engine_flags``' form)."""
     import qllm_jax
 
-    kw = {_ENGINE_FLAGS[k]: v for k, v in flags.items() if k in _ENGINE_FLAGS}
+    kw = {k: v for k, v in flags.items() if k in _ENGINE_FLAGS}
     if kw.get("compilation_cache_dir") == "none":
         kw["compilation_cache_dir"] = None
     dtype = kw.pop("dtype", "auto")

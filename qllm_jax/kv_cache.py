@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qllm_jax.carry import bucket
 from qllm_jax.models import ModelConfig
 
 
@@ -69,9 +70,8 @@ PAGE_IO_BUCKET_MIN = 8  # pages per checkpoint read or write
 
 def _bucketed(pages: Sequence[int]) -> np.ndarray:
     """Page ids padded with the scratch page to a power-of-two count."""
-    n = len(pages)
-    ids = np.zeros(max(PAGE_IO_BUCKET_MIN, 1 << max(0, n - 1).bit_length()), np.int32)
-    ids[:n] = pages
+    ids = np.zeros(bucket(len(pages), PAGE_IO_BUCKET_MIN), np.int32)
+    ids[: len(pages)] = pages
     return ids
 
 
