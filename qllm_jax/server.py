@@ -373,7 +373,9 @@ class EngineLoop:
             self.error = e
             for tracked in self._tracked.values():
                 if tracked.stream is not None:
-                    tracked.stream.push(_failed(tracked, f"the engine loop died: {e!r}"))
+                    tracked.stream.push(
+                        _failed(self.engine, tracked, f"the engine loop died: {e!r}")
+                    )
             while self._commands:
                 _, fut = self._commands.popleft()
                 fut.set_exception(APIError(503, "the engine is not running", "server_error"))
@@ -497,21 +499,10 @@ class EngineLoop:
             self.engine.step()  # reports the aborts to their streams
 
 
-def _failed(tracked: _Tracked, message: str) -> RequestOutput:
-    from qllm_jax.engine import RequestMetrics
-
-    req = tracked.request
-    return RequestOutput(
-        request_id=req.request_id,
-        prompt_token_ids=list(req.prompt_token_ids),
-        token_ids=list(req.output_token_ids),
-        text=None,
-        finished=True,
-        finish_reason="error",
-        metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finish_time),
-        priority=req.priority,
-        error=message,
-    )
+def _failed(engine: Engine, tracked: _Tracked, message: str) -> RequestOutput:
+    """``tracked``'s output so far, ended with ``message`` (``finish_reason="error"``)."""
+    out = engine.output(tracked.request, text="")  # (no detokenising in a dying loop)
+    return dataclasses.replace(out, text=None, finished=True, finish_reason="error", error=message)
 
 
 # ----------------------------------------------------------------------------------------------
