@@ -697,6 +697,7 @@ def test_paper_order_never_mixes_prompts_and_decodes():
     sim.step = record
     sim.run(events)
     assert all(len(k) == 1 for k in kinds)  # prefill and decode never together
+    assert {True} in kinds and {False} in kinds  # (and both ran)
     assert_clean(sched, sim)
 
 
