@@ -416,9 +416,7 @@ class Scheduler:
             if plan is None and starved:
                 # every row that could go first had no pages and could evict no one: the least
                 # urgent of them steps back (it recomputes later), so that the others can run
-                self._evict(max(starved, key=self._growth_rank(now)))
-                self.counters["evictions"] += 1
-                self.counters["growth_evictions"] += 1
+                self._evict(max(starved, key=self._growth_rank(now)), growth=True)
                 plan = self._decide(now)
         if plan is not None:
             self._count_work(plan)
@@ -923,9 +921,7 @@ class Scheduler:
             for victim in victims:
                 if self.allocator.can_allocate(need):
                     break
-                self._evict(victim)
-                self.counters["evictions"] += 1
-                self.counters["growth_evictions"] += 1
+                self._evict(victim, growth=True)
             if not self.allocator.can_allocate(need):
                 return False
         req.pages = req.pages + self.allocator.allocate(need)
@@ -1072,12 +1068,14 @@ class Scheduler:
             if self.allocator.can_allocate(need):
                 return
             self._evict(victim)
-            self.counters["evictions"] += 1
 
-    def _evict(self, req: Request) -> None:
-        """Back to the queue without pages; its KV is recomputed when it is readmitted."""
+    def _evict(self, req: Request, growth: bool = False) -> None:
+        """Back to the queue without pages; its KV is recomputed when it is readmitted.
+        ``growth``: for pages a running sequence grows into (``grow_pages``)."""
         self._requeue(req)
         req.num_preemptions += 1
+        self.counters["evictions"] += 1
+        self.counters["growth_evictions"] += growth
 
     def _requeue(self, req: Request) -> None:
         """Back to the waiting queue holding no pages; the computed ones it held stay cached
