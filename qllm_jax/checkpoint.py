@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable
@@ -272,8 +273,6 @@ class CheckpointStore:
         try:
             pending.result()
         except Exception as e:
-            with self._lock:
-                self.clean_tmp()
             raise CheckpointWriteError(f"writing a checkpoint failed: {e}") from e
 
     def _write(self, step: int, snap: Snapshot, before: Callable[[], None] | None) -> None:
@@ -286,8 +285,16 @@ class CheckpointStore:
             items["state"] = self._ocp.args.StandardSave(arrays)
         with self._lock:
             self.clean_tmp()  # what an earlier failed or killed write left
-            self._manager.save(step, args=self._ocp.args.Composite(**items), force=True)
-            self._manager.wait_until_finished()
+            running = set(threading.enumerate())
+            try:
+                self._manager.save(step, args=self._ocp.args.Composite(**items), force=True)
+                self._manager.wait_until_finished()
+            except BaseException:
+                # orbax raises on the first item that fails while the other items' writer
+                # threads go on writing into the temporary directory; let them end first
+                _join_orbax_threads(set(threading.enumerate()) - running)
+                self.clean_tmp()
+                raise
 
     def load(self) -> tuple[int, Snapshot] | None:
         """The newest valid checkpoint (step, snapshot), or None if there is none at all.
@@ -341,6 +348,16 @@ class CheckpointStore:
         """Remove what a failed or interrupted write left (orbax's temporary directories)."""
         for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _join_orbax_threads(threads: set[threading.Thread], timeout_s: float = 120.0) -> None:
+    """Wait (at most ``timeout_s`` in all) for those of ``threads`` that orbax started; their
+    own errors are the failed write's, already being raised."""
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        if type(t).__module__.startswith("orbax"):
+            with contextlib.suppress(BaseException):  # orbax's join re-raises the thread's error
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _background_priority() -> None:
