@@ -42,6 +42,7 @@ _ENGINE_FLAGS = (
     "expert_group_size",
     "compilation_cache_dir",
     "grow_pages",
+    "swap_space",
 )
 
 
@@ -70,6 +71,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="KV pages as sequences grow, evicting idle less urgent requests when short "
         "(default: on for serve, off otherwise: pages for prompt + max_tokens at admission)",
+    )
+    g.add_argument(
+        "--swap-space",
+        type=float,
+        help="GiB of host memory for the KV pages of evicted requests, copied back instead of "
+        "recomputed when they are readmitted (default: 4 for serve, 0 otherwise)",
     )
 
 
@@ -209,6 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         flags["model"] = args.model_dir
     flags.setdefault("grow_pages", True)  # clients often omit max_tokens
+    flags.setdefault("swap_space", 4.0)  # evicted requests swap their KV (vLLM's default)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     # The engine thread and the event loop share the GIL: a shorter switch interval than
     # CPython's 5 ms keeps the event loop from waiting that long behind the engine's host code.

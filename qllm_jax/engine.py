@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from qllm_jax import compile_log
-from qllm_jax.executor import SEGMENT_KERNELS, Executor
-from qllm_jax.kv_cache import pages_for_budget
+from qllm_jax.executor import SEGMENT_KERNELS, SWAP_KERNELS, Executor
+from qllm_jax.kv_cache import page_bytes, pages_for_budget
 from qllm_jax.models import Model, load
 from qllm_jax.scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from qllm_jax.scheduler.plan import default_group_size
@@ -82,8 +82,10 @@ class Engine:
     ``max_batch_size``, ``max_num_batched_tokens``, ``prefill_chunk``, ``aging_s``,
     ``max_park_s``, ``absorb_be``, ``preempt_prefill``, ``mix_classes``, ``rejoin_parked``,
     ``split_mixed``, ``prefill_first``, ``enable_prefix_caching``, ``queue_order``,
-    ``age_after_s``, ``grow_pages``) plus ``preset`` (a named set of them; explicit options
-    win); their defaults are ``SchedulerConfig``'s.
+    ``age_after_s``, ``grow_pages``, ``swap_pages``) plus ``preset`` (a named set of them;
+    explicit options win); their defaults are ``SchedulerConfig``'s. ``swap_space``: GiB of
+    host memory for the KV pages of evicted requests (vLLM's name; sets ``swap_pages``): they
+    are copied back when the request is readmitted instead of recomputed.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Engine:
         kv_pages: int | None = None,
         kv_bytes: int | None = None,
         page_size: int = 16,
+        swap_space: float = 0,
         expert_group_size: int | None = None,
         lookahead: int = 2,
         seed: int = 0,
@@ -103,7 +106,7 @@ class Engine:
         clock=time.monotonic,
         **scheduler_options,
     ) -> None:
-        _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size)
+        _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size, swap_space)
         if mode not in (None, "fused", "segmented"):
             raise ValueError(f"mode must be 'fused' or 'segmented', got {mode!r}")
         if compilation_cache_dir == "default":
@@ -121,6 +124,11 @@ class Engine:
             if kv_bytes is None and jax.devices()[0].memory_stats() is None:
                 kv_bytes = _CPU_DEFAULT_KV_BYTES
             kv_pages = pages_for_budget(cfg, page_size, self.model.dtype, kv_bytes)
+        if swap_space:
+            if "swap_pages" in scheduler_options:
+                raise ValueError("give swap_space (GiB) or swap_pages, not both")
+            per_page = page_bytes(cfg, page_size, self.model.dtype)
+            scheduler_options["swap_pages"] = int(swap_space * 2**30) // per_page
         config = SchedulerConfig.from_options(
             page_size=page_size,
             num_pages=kv_pages,
@@ -143,6 +151,7 @@ class Engine:
             expert_group_size=expert_group_size,
             lookahead=lookahead,
             mode=self.mode,
+            swap_pages=config.swap_pages,
         )
         self.scheduler = Scheduler(config, self.executor.segments, clock=clock)
         self.clock = clock
@@ -350,8 +359,8 @@ class Engine:
         return n
 
     def _kernels(self) -> tuple[str, ...]:
-        """The kernels this engine's mode calls."""
-        return ("fused",) if self.mode == "fused" else SEGMENT_KERNELS
+        """The kernels this engine's mode calls (the swaps' only with host slots)."""
+        return (("fused",) if self.mode == "fused" else SEGMENT_KERNELS) + SWAP_KERNELS
 
     def _text(self, req: Request) -> str | None:
         if self.tokenizer is None:
@@ -405,7 +414,9 @@ def stop_string_cut(text: str, stops: Sequence[str]) -> int | None:
     return min(hits, default=None)
 
 
-def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size) -> None:
+def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size, swap_space) -> None:
+    if not (isinstance(swap_space, (int, float)) and math.isfinite(swap_space) and swap_space >= 0):
+        raise ValueError(f"swap_space must be a number of GiB >= 0, got {swap_space!r}")
     for name, value, least in (
         ("max_model_len", max_model_len, 1),
         ("kv_pages", kv_pages, 2),

@@ -41,7 +41,7 @@ from qllm_jax.carry import (
     scatter_rows,
     token_ids,
 )
-from qllm_jax.kv_cache import KVCache
+from qllm_jax.kv_cache import PAGE_IO_BUCKET_MIN, KVCache
 from qllm_jax.models import Model
 from qllm_jax.sampling import split_seeds
 from qllm_jax.scheduler.ledger import Applied, CarryRecord, Ledger, Move
@@ -78,6 +78,7 @@ class Kernels:
 
 # What a segmented pass calls (a fused pass calls only "fused").
 SEGMENT_KERNELS = ("embed", "empty_state", "attention", "experts", "shared", "head", "scatter")
+SWAP_KERNELS = ("swap_out", "swap_in")  # KV page copies to and from host slots (swap_pages > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,8 @@ class Executor:
     ``max_batch_size``, ``max_num_batched_tokens`` and ``max_model_len`` bound the shapes a
     plan can produce (the scheduler enforces them); they only serve to enumerate executables.
     ``mode``: a plan that runs a whole pass (``plan.fused``) runs as one jit (``"fused"``) or
-    segment by segment (``"segmented"``, what preemptive plans always do).
+    segment by segment (``"segmented"``, what preemptive plans always do). ``swap_pages``: the
+    host slots the scheduler may swap KV pages into (only to warm the page copies up).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class Executor:
         expert_group_size: int | None = None,
         lookahead: int = 2,
         mode: str = "fused",
+        swap_pages: int = 0,
     ) -> None:
         cfg = model.config
         if mode not in ("fused", "segmented"):
@@ -135,6 +138,9 @@ class Executor:
         self.max_model_len = max_model_len
         self.dtype = np.dtype(model.dtype)
         self.kv = KVCache.create(cfg, num_pages, page_size, self.dtype)
+        self.swap_pages = swap_pages
+        # swapped-out KV pages by host slot: k, v [L, page_size, Hkv, hd]
+        self.host_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.segments: list[Segment] = segment_layout(
             cfg.num_layers, cfg.num_experts, group, bool(cfg.shared_intermediate_size)
         )
@@ -156,10 +162,34 @@ class Executor:
         """Carry out ``plan``. An invalid plan raises ``PlanError`` before anything changes; an
         error while running it fails only what it touched (see the module docstring)."""
         applied = self.ledger.apply(plan)
+        for slot in applied.freed_slots:
+            del self.host_kv[slot]
+        try:
+            self._swap(plan)
+        except Exception as err:  # noqa: BLE001 -- the swapped sequences' K/V is unknown now
+            result = self._recover(plan, applied.finished, err)
+            lost = {sw.seq_id: result_message(err) for sw in (*plan.swap_out, *plan.swap_in)}
+            return dataclasses.replace(result, failed=result.failed | lost)
         try:
             return StepResult(self._carry_out(plan, applied))
         except Exception as err:  # noqa: BLE001 -- isolate the fault; see _recover
             return self._recover(plan, applied.finished, err)
+
+    def _swap(self, plan: Plan) -> None:
+        """Copy the plan's swapped-out pages to host slots, then swapped-in slots to pages:
+        one gather and one scatter for all of them (a waiting device-to-host copy: swaps
+        happen only when the scheduler evicts for lack of pages)."""
+        if plan.swap_out:
+            k, v = self.export_kv([p for sw in plan.swap_out for p in sw.pages])
+            slots = [slot for sw in plan.swap_out for slot in sw.slots]
+            for i, slot in enumerate(slots):
+                self.host_kv[slot] = (k[:, i].copy(), v[:, i].copy())
+        if plan.swap_in:
+            saved = [self.host_kv.pop(slot) for sw in plan.swap_in for slot in sw.slots]
+            k, v = (np.stack([kv[i] for kv in saved], axis=1) for i in (0, 1))
+            self.import_kv([p for sw in plan.swap_in for p in sw.pages], k, v)
+        for slot in plan.drop_slots:
+            del self.host_kv[slot]
 
     def _carry_out(self, plan: Plan, applied: Applied) -> dict[int, int]:
         for pid in applied.gone:
@@ -421,7 +451,7 @@ class Executor:
     def _recover(self, plan: Plan, finished: CarryRecord | None, err: Exception) -> StepResult:
         """Fail the rows ``plan`` touched and any carry the error poisoned; rebuild the KV cache
         if it was lost. Off the step path, so it may wait on the device."""
-        message = f"{type(err).__name__}: {err}"
+        message = result_message(err)
         self._inflight.clear()
         failed: dict[int, str] = {}
 
@@ -476,6 +506,10 @@ class Executor:
             for p in pages:
                 out += [Signature("attention", n, p, window=w) for w in windows]
                 out += [Signature("fused", n, p, self._sample_bucket(n))]
+        if self.swap_pages:  # one gather (out) and one scatter (in) per bucket of pages
+            most = min(self.num_pages - 1, self.swap_pages)
+            for n in buckets(most, PAGE_IO_BUCKET_MIN):
+                out += [Signature("swap_out", n), Signature("swap_in", n)]
         wanted = set(kernels) if kernels is not None else None
         return [s for s in out if wanted is None or s.kernel in wanted]
 
@@ -498,6 +532,11 @@ class Executor:
 
     def _warm(self, sig: Signature) -> None:
         k, n, cfg = self.kernels, sig.rows, self.cfg
+        if sig.kernel in ("swap_out", "swap_in"):  # n pages: the scratch page, unchanged
+            saved = self.kv.read_pages([0] * n)
+            if sig.kernel == "swap_in":
+                self.kv.write_pages([0] * n, *saved)
+            return
         state = self._padding(n)
         if sig.kernel == "embed":
             k.embed(self.model.params.embed, np.zeros(n, np.int32))
@@ -563,6 +602,11 @@ def _check_map_room(fused: int) -> None:
             "the warm-up (max_rows=, max_context=), use mode='segmented', or raise "
             "vm.max_map_count"
         )
+
+
+def result_message(err: Exception) -> str:
+    """How a failed request's error reads."""
+    return f"{type(err).__name__}: {err}"
 
 
 def _healthy(x) -> bool:

@@ -98,11 +98,16 @@ def _scatter_pages(k, v, ids, new_k, new_v, page_size: int):
     )
 
 
+def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:
+    """Bytes of one KV page over every layer (keys and values)."""
+    return 2 * cfg.num_layers * page_size * cfg.kv_size * np.dtype(dtype).itemsize
+
+
 def pages_for_budget(
     cfg: ModelConfig, page_size: int, dtype, kv_bytes: int | None, fraction: float = 0.9
 ) -> int:
     """Number of pages that fit ``kv_bytes``, or a fraction of the device's free memory."""
-    per_page = 2 * cfg.num_layers * page_size * cfg.kv_size * np.dtype(dtype).itemsize
+    per_page = page_bytes(cfg, page_size, dtype)
     if kv_bytes is None:
         stats = jax.devices()[0].memory_stats() or {}
         limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)

@@ -181,6 +181,7 @@ class _SnapshotCollector:
             ("kv_pages_total", "KV cache pages (scratch page excluded)."),
             ("kv_cache_usage_perc", "Fraction of KV cache pages in use."),
             ("batches_running", "Batches (durable jobs) being run."),
+            ("swap_pages_free", "Free host slots for the KV pages of evicted requests."),
         ):
             g = GaugeMetricFamily(f"qllm:{key}", doc, labels=["model_name"])
             g.add_metric([name], snap[key])
@@ -192,6 +193,21 @@ class _SnapshotCollector:
         )
         for gran in ("layer", "expert"):
             c.add_metric([name, gran], snap["preemptions"][gran])
+        yield c
+        c = CounterMetricFamily(
+            "qllm:num_evictions",
+            "Requests evicted from their KV pages for more urgent work (swapped or recomputed).",
+            labels=["model_name"],
+        )
+        c.add_metric([name], snap["evictions"])
+        yield c
+        c = CounterMetricFamily(
+            "qllm:kv_swapped_pages",
+            "KV pages copied to host memory (out) and back (in).",
+            labels=["model_name", "direction"],
+        )
+        for direction in ("out", "in"):
+            c.add_metric([name, direction], snap["swapped"][direction])
         yield c
         c = CounterMetricFamily(
             "qllm:scheduled_rows",
@@ -474,6 +490,12 @@ class EngineLoop:
             "kv_pages_total": total,
             "kv_cache_usage_perc": s.allocator.num_used / total if total else 0.0,
             "batches_running": sum(not j.finished for j in self.runner.jobs.values()),
+            "swap_pages_free": s.swap_pages_free,
+            "evictions": s.counters["evictions"],
+            "swapped": {
+                "out": s.counters["swapped_out_pages"],
+                "in": s.counters["swapped_in_pages"],
+            },
             "preemptions": {
                 "layer": s.counters["preemptions_layer"],
                 "expert": s.counters["preemptions_expert"],

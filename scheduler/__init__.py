@@ -6,7 +6,7 @@ Installed as ``qllm_jax.scheduler``.
 from .core import POLICIES, PRESETS, Scheduler, SchedulerConfig
 from .ledger import CarryRecord, Ledger
 from .pages import PageAllocator
-from .plan import Chunk, Plan, PlanError, SampleSpec, Segment, StepResult, segment_layout
+from .plan import Chunk, Plan, PlanError, SampleSpec, Segment, StepResult, Swap, segment_layout
 from .request import Request, Status
 from .sampling_params import SamplingParams
 
@@ -27,5 +27,6 @@ __all__ = [
     "Segment",
     "Status",
     "StepResult",
+    "Swap",
     "segment_layout",
 ]

@@ -42,7 +42,7 @@ from typing import Literal
 
 from . import snapshot
 from .pages import PageAllocator, extend_hashes, reusable_pages
-from .plan import Chunk, Plan, SampleSpec, Segment, StepResult
+from .plan import Chunk, Plan, SampleSpec, Segment, StepResult, Swap
 from .request import Request, Status
 from .sampling_params import is_int
 
@@ -120,6 +120,11 @@ class SchedulerConfig:
     # are evicted (they recompute their KV when readmitted). False: a request reserves pages
     # for prompt + max_tokens at admission (clients that omit max_tokens reserve the context).
     grow_pages: bool = False
+    # Host slots (KV pages' worth of host memory) for the KV of evicted requests: an evicted
+    # request's computed pages are copied out and back in when it is readmitted, instead of
+    # being recomputed (vLLM's swap space). 0: evicted requests recompute. A request whose pages
+    # do not fit the free slots recomputes too.
+    swap_pages: int = 0
     # Automatic prefix caching (vLLM's name): full computed KV pages are shared by content
     enable_prefix_caching: bool = True
     # Order inside a priority class (policies priority and qllm; fcfs is arrival order by
@@ -135,6 +140,8 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not is_int(self.swap_pages) or self.swap_pages < 0:
+            raise ValueError(f"swap_pages must be an int >= 0, got {self.swap_pages!r}")
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.num_pages < 2:
@@ -256,6 +263,11 @@ class Scheduler:
         # nothing changed since (add, abort, a finished pass, a failure invalidate it)
         self._quiet: int | None = None
         self._starved: list[Request] = []  # rows the last decision skipped for lack of pages
+        # host slots for swapped-out KV pages; the swaps the next plan carries; slots emptied
+        # by a plan's swap-in, free again once that plan ran
+        self._host_free: list[int] = list(range(config.swap_pages))
+        self._swaps: tuple[list[Swap], list[Swap], list[int]] = ([], [], [])  # out, in, drop
+        self._swapped_in_slots: list[int] = []
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -350,6 +362,11 @@ class Scheduler:
         """Park restored rows as one pass at ``cursor`` (see ``snapshot.restore_pass``)."""
         return snapshot.restore_pass(self, rows, cursor, self.clock())
 
+    @property
+    def swap_pages_free(self) -> int:
+        """Host slots free for swapped-out KV pages."""
+        return len(self._host_free)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.admitted)
 
@@ -389,7 +406,8 @@ class Scheduler:
         """Tokens ``req`` must still feed before it samples again (at least 1): for a waiting
         request, those the prefix cache does not hold now."""
         if req.status == Status.WAITING:
-            return max(1, req.num_tokens - len(self._cached_prefix(req)) * self.config.page_size)
+            held = max(len(self._cached_prefix(req)) * self.config.page_size, req.swapped_tokens)
+            return max(1, req.num_tokens - held)
         return max(1, req.num_tokens - req.num_computed)
 
     def effective_priority(self, req: Request, now: float) -> int:
@@ -420,11 +438,19 @@ class Scheduler:
                 plan = self._decide(now)
         if plan is not None:
             self._count_work(plan)
-        if plan is None and self._ended:
+        swaps = self._swaps
+        if plan is None and (self._ended or any(swaps)):
             plan = Plan(None)
-        if plan is not None and self._ended:
-            plan = dataclasses.replace(plan, finished_seq_ids=tuple(self._ended))
+        if plan is not None and (self._ended or any(swaps)):
+            plan = dataclasses.replace(
+                plan,
+                finished_seq_ids=tuple(self._ended),
+                swap_out=tuple(swaps[0]),
+                swap_in=tuple(swaps[1]),
+                drop_slots=tuple(swaps[2]),
+            )
             self._ended.clear()
+            self._swaps = ([], [], [])
         return plan
 
     def _decide(self, now: float) -> Plan | None:
@@ -438,6 +464,8 @@ class Scheduler:
     def update(self, plan: Plan, result: StepResult) -> list[Request]:
         """Record what the executor did with ``plan``. Returns the requests that advanced or
         ended (finished, or failed with ``finish_reason="error"``); ended ones are forgotten."""
+        self._host_free += self._swapped_in_slots
+        self._swapped_in_slots = []
         out = self._fail(result.failed)
         if result.reset:
             self._recompute_all()
@@ -478,6 +506,7 @@ class Scheduler:
             "running": len(self.admitted),
             "passes_live": len(self.passes),
             "parked_rows": self.parked_rows(),
+            "swap_pages_free": self.swap_pages_free,
             **{
                 name: self.counters[name]
                 for name in (
@@ -488,6 +517,9 @@ class Scheduler:
                     "partial_absorbs",
                     "evictions",
                     "growth_evictions",
+                    "swapped_out_pages",
+                    "swapped_in_pages",
+                    "swap_misses",
                     "failed",
                     "resets",
                     "passes_ls",
@@ -978,6 +1010,8 @@ class Scheduler:
         req.prefix_pages = req.cached_pages = 0
         self.counters["prefix_query_tokens"] += req.num_tokens
         self._map_prefix(req, len(cached))
+        if req.swap_slots:
+            self._swap_in(req)
         return True
 
     # -- prefix caching (the pages live in ``self.allocator``) -----------------------------------
@@ -1070,12 +1104,46 @@ class Scheduler:
             self._evict(victim)
 
     def _evict(self, req: Request, growth: bool = False) -> None:
-        """Back to the queue without pages; its KV is recomputed when it is readmitted.
-        ``growth``: for pages a running sequence grows into (``grow_pages``)."""
+        """Back to the queue without pages; its KV is swapped to host slots (``swap_pages``)
+        or recomputed when it is readmitted. ``growth``: for pages a running sequence grows
+        into (``grow_pages``)."""
+        self._swap_out(req)
         self._requeue(req)
         req.num_preemptions += 1
         self.counters["evictions"] += 1
         self.counters["growth_evictions"] += growth
+
+    def _swap_out(self, req: Request) -> None:
+        """Copy the pages holding ``req``'s computed K/V to free host slots, if they fit."""
+        n = min(len(req.pages), math.ceil(req.num_computed / self.config.page_size))
+        if n == 0 or n > len(self._host_free):
+            self.counters["swap_misses"] += n > 0 and self.config.swap_pages > 0
+            return
+        slots, self._host_free = self._host_free[:n], self._host_free[n:]
+        self._swaps[0].append(Swap(req.seq_id, tuple(req.pages[:n]), tuple(slots)))
+        req.swap_slots, req.swapped_tokens = slots, req.num_computed
+        self.counters["swapped_out_pages"] += n
+
+    def _swap_in(self, req: Request) -> None:
+        """At readmission: bring back the swapped pages the prefix cache did not just map
+        (its first ``prefix_pages``), so ``req`` resumes where it was evicted."""
+        slots, start = req.swap_slots, min(req.prefix_pages, len(req.swap_slots))
+        if req.swapped_tokens > req.num_computed:
+            pages = tuple(req.pages[start : len(slots)])
+            self._swaps[1].append(Swap(req.seq_id, pages, tuple(slots[start:])))
+            req.num_computed = req.swapped_tokens
+            self.counters["swapped_in_pages"] += len(pages)
+        else:
+            start = len(slots)
+        self._swaps[2].extend(slots[:start])
+        self._swapped_in_slots += slots  # every slot is free once this plan has run
+        req.swap_slots, req.swapped_tokens = [], 0
+
+    def _release_slots(self, req: Request) -> None:
+        """An ended request's host slots are free (the next plan lists it as finished, which
+        frees them in the executor before any swap of that plan)."""
+        self._host_free += req.swap_slots
+        req.swap_slots, req.swapped_tokens = [], 0
 
     def _requeue(self, req: Request) -> None:
         """Back to the waiting queue holding no pages; the computed ones it held stay cached
@@ -1149,6 +1217,8 @@ class Scheduler:
         if req.pages:
             self.allocator.free(req.pages)
             req.pages = []
+        if req.swap_slots:
+            self._release_slots(req)
         req.status, req.finish_reason, req.finish_time = status, reason, self.clock()
 
     def _forget(self, req: Request) -> None:

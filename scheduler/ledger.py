@@ -8,6 +8,10 @@ and returns the ``Move``s that rearrange device rows (drop, merge, split). The r
 each move into one jitted gather per source carry; the fake executor has nothing to move. So the
 row layout of every carry is known on the host, and nothing on the step path needs to read a
 device array back to find out which row is whose.
+
+The ledger also records which host slots hold swapped-out KV pages of which sequence, so a
+swap-in from an empty slot, a swap-out over a full one or a swap of a sequence that has rows in
+a carry is refused the same way by both executors.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class Applied:
     """What ``Ledger.apply`` changed, in the order the device must follow."""
 
     gone: tuple[int, ...]  # carries dropped because every row of theirs finished
+    freed_slots: tuple[int, ...]  # host slots of finished sequences (their swapped KV is dropped)
     moves: tuple[Move, ...]  # rows rearranged (drops of finished rows, merge, split)
     record: CarryRecord | None  # the plan's pass after the plan (None: it reached the head)
     finished: CarryRecord | None  # the pass as it reached the head (its rows sample)
@@ -80,13 +85,22 @@ class Ledger:
         self.page_size = page_size
         self.carries: dict[int, CarryRecord] = {}
         self.where: dict[int, int] = {}  # seq_id -> pass holding its rows
+        self.slots: dict[int, int] = {}  # host slot -> sequence whose swapped KV page it holds
 
     def __len__(self) -> int:
         return len(self.carries)
 
     def clear(self) -> None:
+        """Forget every carry (the device state is lost; host slots survive)."""
         self.carries.clear()
         self.where.clear()
+
+    def drop_slots(self, seq_ids: set[int]) -> tuple[int, ...]:
+        """Forget the host slots of ``seq_ids``; returns them."""
+        freed = tuple(slot for slot, s in self.slots.items() if s in seq_ids)
+        for slot in freed:
+            del self.slots[slot]
+        return freed
 
     def drop(self, pass_id: int) -> CarryRecord | None:
         """Forget a carry (after an error). Returns its record."""
@@ -112,6 +126,11 @@ class Ledger:
         update the record."""
         if not checked:
             self.check(plan)
+        freed = self.drop_slots(set(plan.finished_seq_ids)) if self.slots else ()
+        for swap in plan.swap_out:
+            self.slots.update(dict.fromkeys(swap.slots, swap.seq_id))
+        for slot in (*(s for sw in plan.swap_in for s in sw.slots), *plan.drop_slots):
+            del self.slots[slot]
         gone, moves = [], []
         for pid, keep in self._after_release(plan.finished_seq_ids).items():
             old = self.carries[pid]
@@ -122,7 +141,7 @@ class Ledger:
             moves.append(_move(pid, CarryRecord(old.cursor, keep), {pid: old}))
             self._set(pid, moves[-1].record)
         if not plan.runs:
-            return Applied(tuple(gone), tuple(moves), None, None)
+            return Applied(tuple(gone), freed, tuple(moves), None, None)
         if plan.new:
             self._set(plan.pass_id, CarryRecord(0, tuple(plan.chunks)))
         elif plan.absorb or plan.split_seq_ids:
@@ -146,9 +165,9 @@ class Ledger:
         rec = CarryRecord(plan.cursor + plan.num_segments, rec.chunks)
         if plan.finishes:
             self._set(plan.pass_id, None)
-            return Applied(tuple(gone), tuple(moves), None, rec)
+            return Applied(tuple(gone), freed, tuple(moves), None, rec)
         self.carries[plan.pass_id] = rec  # same rows at a new cursor: `where` is unchanged
-        return Applied(tuple(gone), tuple(moves), rec, None)
+        return Applied(tuple(gone), freed, tuple(moves), rec, None)
 
     def check(self, plan: Plan) -> None:
         """Raise ``PlanError`` naming the first thing wrong with ``plan``; change nothing."""
@@ -157,9 +176,11 @@ class Ledger:
         for pid, keep in released.items():
             rows[pid] = list(keep)
         live = {pid for pid, chunks in rows.items() if chunks}
+        if plan.swap_out or plan.swap_in or plan.drop_slots:
+            self._check_swaps(plan, rows)
         if not plan.runs:
             if plan.chunks or plan.absorb or plan.split_seq_ids or plan.new or plan.finishes:
-                raise PlanError("a plan that runs no pass may only list finished sequences")
+                raise PlanError("a plan that runs no pass may only release sequences and swap")
             return
         pid = plan.pass_id
         if plan.new:
@@ -206,6 +227,45 @@ class Ledger:
             raise PlanError(f"pass {pid}: a fused plan runs a new pass to its head")
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _check_swaps(self, plan: Plan, rows: dict[int, list[Chunk]]) -> None:
+        """Swapped sequences hold no rows; pages are real (not the scratch page 0), distinct
+        within a sequence and among swap-ins; a swap-out fills free slots, a swap-in empties
+        slots of its own sequence (filled earlier, or by this plan's swap-out: outs go first;
+        slots of finished sequences are free by then)."""
+        finished = set(plan.finished_seq_ids)
+        held = {c.seq_id for cs in rows.values() for c in cs}
+        taken = {slot for slot, s in self.slots.items() if s not in finished}
+        after_out = self.slots | {slot: sw.seq_id for sw in plan.swap_out for slot in sw.slots}
+        for direction, swaps in (("out", plan.swap_out), ("in", plan.swap_in)):
+            # (two sequences may swap out one shared prefix page; nothing writes a page twice)
+            pages = [p for sw in swaps for p in sw.pages] if direction == "in" else []
+            slots = [slot for sw in swaps for slot in sw.slots]
+            if len(set(pages)) != len(pages) or len(set(slots)) != len(slots):
+                raise PlanError(f"swap {direction}: a page or a host slot listed twice")
+            if any(len(set(sw.pages)) != len(sw.pages) for sw in swaps):
+                raise PlanError(f"swap {direction}: a sequence lists a page twice")
+            for sw in swaps:
+                if not sw.pages or len(sw.pages) != len(sw.slots) or 0 in sw.pages:
+                    raise PlanError(
+                        f"swap {direction} of sequence {sw.seq_id}: pages {sw.pages} and slots "
+                        f"{sw.slots} must be as many, at least one, and not the scratch page 0"
+                    )
+                if sw.seq_id in held or sw.seq_id in finished:
+                    raise PlanError(
+                        f"swap {direction} of sequence {sw.seq_id}: it has rows in a carry "
+                        "or has finished"
+                    )
+                if direction == "out" and taken & set(sw.slots):
+                    raise PlanError(f"swap out of sequence {sw.seq_id}: host slots in use")
+                if direction == "in" and any(after_out.get(s) != sw.seq_id for s in sw.slots):
+                    raise PlanError(
+                        f"swap in of sequence {sw.seq_id}: slots {sw.slots} do not hold its pages"
+                    )
+        swapped_in = {slot for sw in plan.swap_in for slot in sw.slots}
+        drop = set(plan.drop_slots)
+        if len(drop) != len(plan.drop_slots) or drop & swapped_in or not drop <= set(after_out):
+            raise PlanError(f"drop of host slots {plan.drop_slots}: empty, swapped in or twice")
 
     def _check_new_chunks(self, chunks: tuple[Chunk, ...], rows: dict[int, list[Chunk]]) -> None:
         if not chunks:

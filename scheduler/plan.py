@@ -103,20 +103,36 @@ class Chunk:
 
 
 @dataclasses.dataclass(frozen=True)
+class Swap:
+    """KV pages of one sequence copied between device pages and host slots (``pages[i]`` ↔
+    ``slots[i]``): out when the scheduler evicts an idle request to free its pages, in when it
+    readmits it, so it need not recompute that K/V."""
+
+    seq_id: int
+    pages: tuple[int, ...]
+    slots: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """One step of work for the executor, applied in this order:
 
     1. ``finished_seq_ids``: sequences that finished or were aborted since the last plan; the
-       executor drops any rows of theirs from the carries it holds (a carry left empty is gone).
-    2. ``new``: the pass ``pass_id`` is created at cursor 0 from ``chunks``; otherwise the
+       executor drops any rows of theirs from the carries it holds (a carry left empty is gone)
+       and any KV pages of theirs it holds in host slots.
+    2. ``swap_out``, then ``swap_in``: KV pages copied to host slots, then from host slots (a
+       page freed by a swap-out may be refilled by a swap-in of the same plan; a slot emptied
+       by a swap-in is refilled only by a later plan); then the host slots ``drop_slots`` are
+       emptied unread (a readmitted request's prefix cache held those pages).
+    3. ``new``: the pass ``pass_id`` is created at cursor 0 from ``chunks``; otherwise the
        passes in ``absorb`` (parked at the same cursor) are merged into it.
-    3. Rows of the sequences ``split_seq_ids`` move out into a new parked pass ``split_pass_id``
+    4. Rows of the sequences ``split_seq_ids`` move out into a new parked pass ``split_pass_id``
        at the same cursor.
-    4. ``num_segments`` segments run from ``cursor``; ``finishes``: the run reaches the head,
+    5. ``num_segments`` segments run from ``cursor``; ``finishes``: the run reaches the head,
        which samples and ends the pass. ``fused``: the whole pass runs as one jit.
 
-    ``chunks`` are the pass's rows after steps 1-3 (a check the executor makes: they must equal
-    the rows it holds). ``pass_id=None``: nothing runs; the plan only carries step 1.
+    ``chunks`` are the pass's rows after steps 1-4 (a check the executor makes: they must equal
+    the rows it holds). ``pass_id=None``: nothing runs; the plan only carries steps 1-2.
     """
 
     pass_id: int | None
@@ -130,6 +146,9 @@ class Plan:
     finishes: bool = False
     fused: bool = False
     finished_seq_ids: tuple[int, ...] = ()
+    swap_out: tuple[Swap, ...] = ()
+    swap_in: tuple[Swap, ...] = ()
+    drop_slots: tuple[int, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -137,7 +156,8 @@ class Plan:
 
     @property
     def runs(self) -> bool:
-        """Whether the plan runs anything (else it only drops finished sequences' rows)."""
+        """Whether the plan runs anything (else it only drops finished sequences' rows and
+        swaps pages)."""
         return self.pass_id is not None
 
 

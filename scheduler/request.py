@@ -50,6 +50,10 @@ class Request:
     cached_pages: int = 0  # leading pages whose content is in (or came from) the cache
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the cache (vLLM's field)
     arrival_work: int = 0  # the scheduler's computed-rows counter at arrival (hrrn's clock)
+    # KV swapped to host memory while it waits (evicted with ``swap_pages``): the host slots
+    # of its first pages, holding the K/V of its first ``swapped_tokens`` tokens
+    swap_slots: list[int] = dataclasses.field(default_factory=list)
+    swapped_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -359,6 +359,7 @@ class FakeExecutor:
         self.tokens_of, self.vary_tokens = tokens_of, vary_tokens
         # KV slot -> (content hash of the tokens up to that position, position)
         self.kv: dict[int, tuple[int, int]] = {}
+        self.host: dict[int, list[tuple[int, int] | None]] = {}  # host slot -> a page's KV
         self.computed: Counter[int] = Counter()  # rows run per sequence, in finished passes
         self._shape: tuple = (None, None)
         self._fed: dict[int, list[int]] = {}  # tokens fed per sequence (truth without tokens_of)
@@ -373,6 +374,8 @@ class FakeExecutor:
     def execute(self, plan: Plan) -> StepResult:
         """Check and record ``plan`` (``PlanError`` if it is invalid, nothing changed)."""
         self.ledger.check(plan)
+        if self.check_kv:
+            self._swap_kv(plan)
         new = plan.chunks if plan.new and self.check_kv else ()
         hashes = [self._check_kv(c) for c in new]
         done = self.ledger.apply(plan, checked=True).finished
@@ -386,6 +389,24 @@ class FakeExecutor:
         for c in done.chunks:
             self.computed[c.seq_id] += c.num_tokens
         return StepResult(tokens={c.seq_id: self._token(c) for c in done.chunks if c.samples})
+
+    def _swap_kv(self, plan: Plan) -> None:
+        """Model the plan's page swaps (the cost model charges nothing for them)."""
+        ps, finished = self.page_size, set(plan.finished_seq_ids)
+        for slot in [s for s, seq in self.ledger.slots.items() if seq in finished]:
+            del self.host[slot]
+        for sw in plan.swap_out:
+            for page, slot in zip(sw.pages, sw.slots, strict=True):
+                self.host[slot] = [self.kv.get(page * ps + o) for o in range(ps)]
+        for sw in plan.swap_in:
+            for page, slot in zip(sw.pages, sw.slots, strict=True):
+                for o, entry in enumerate(self.host.pop(slot)):
+                    if entry is None:
+                        self.kv.pop(page * ps + o, None)
+                    else:
+                        self.kv[page * ps + o] = entry
+        for slot in plan.drop_slots:
+            del self.host[slot]
 
     def _token(self, c: Chunk) -> int:
         if not self.vary_tokens:

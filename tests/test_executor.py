@@ -23,7 +23,7 @@ pytest.importorskip("torch")
 
 import qllm_jax  # noqa: E402
 import qllm_jax.executor  # noqa: E402
-from qllm_jax.scheduler import Chunk, Plan, PlanError, SampleSpec  # noqa: E402
+from qllm_jax.scheduler import Chunk, Plan, PlanError, SampleSpec, Swap  # noqa: E402
 from qllm_jax.scheduler.simulator import CostModel, FakeExecutor  # noqa: E402
 from tests.hf_tiny import make_checkpoint  # noqa: E402
 
@@ -169,13 +169,17 @@ def test_both_executors_reject_the_same_invalid_plans(model):
             "pages do not hold": Plan(2, 0, 1, (_chunk(2, 0, 20, pages=(4,)),), new=True),
             "fused plan": Plan(0, 1, head - 1, (a,), finishes=True, fused=True),
             "a plan that runs nothing": Plan(0, 1, 0, (a,)),
-            "only list finished": Plan(None, chunks=(a,)),
+            "only release": Plan(None, chunks=(a,)),
+            "scratch page 0": Plan(None, swap_out=(Swap(5, (0,), (0,)),)),
+            "rows in a carry": Plan(None, swap_out=(Swap(0, (1,), (0,)),)),
+            "listed twice": Plan(None, swap_out=(Swap(5, (6,), (0,)), Swap(6, (7,), (0,)))),
+            "do not hold its pages": Plan(None, swap_in=(Swap(5, (6,), (3,)),)),
         }
         for match, plan in bad.items():
             before = dict(ex.ledger.carries)
             with pytest.raises(PlanError, match=match):
                 ex.execute(plan)
-            assert ex.ledger.carries == before, (name, match)
+            assert ex.ledger.carries == before and not ex.ledger.slots, (name, match)
         # the carry is intact: the pass runs on to its head and samples
         result = ex.execute(Plan(0, 1, head - 1, (a,), finishes=True))
         assert set(result.tokens) == {0} and not result.failed, name
@@ -192,6 +196,29 @@ def test_finished_sequences_leave_parked_carries_in_both_executors(model):
         assert not len(ex.ledger), name
         if name == "real":
             assert ex.num_carries == 0
+
+
+def test_swapped_pages_come_back_into_other_pages_in_both_executors(model):
+    for name, ex in _executors(model).items():
+        if name == "real":
+            k, v = ex.export_kv([1, 2])
+            rng = np.random.default_rng(0)
+            k, v = (rng.standard_normal(x.shape).astype(x.dtype) for x in (k, v))
+            ex.import_kv([1, 2], k, v)
+        ex.execute(Plan(None, swap_out=(Swap(9, (1, 2), (0, 3)),)))
+        assert ex.ledger.slots == {0: 9, 3: 9}, name
+        with pytest.raises(PlanError, match="host slots in use"):
+            ex.execute(Plan(None, swap_out=(Swap(8, (4,), (3,)),)))
+        ex.execute(Plan(None, swap_in=(Swap(9, (5, 6), (0, 3)),)))
+        assert not ex.ledger.slots, name
+        ex.execute(Plan(None, swap_out=(Swap(9, (5,), (1,)),)))
+        ex.execute(Plan(None, finished_seq_ids=(9,)))  # it ended while swapped out
+        assert not ex.ledger.slots, name
+        if name == "real":
+            back = ex.export_kv([5, 6])
+            np.testing.assert_array_equal(back[0], k)
+            np.testing.assert_array_equal(back[1], v)
+            assert not ex.host_kv
 
 
 # -- no device reads, no compilation -------------------------------------------------------------

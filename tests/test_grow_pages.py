@@ -2,7 +2,8 @@
 clients often do; chat then defaults to the room left in the context) no longer reserve the
 context each at admission. A cache that reservation would let hold two of them at once holds
 all of them; when pages run out, idle less urgent requests are evicted and recompute their KV
-later; every request finishes with the tokens it gets without memory pressure (and alone).
+later, or with ``swap_pages`` have it copied to host memory and back; every request finishes
+with the tokens it gets without memory pressure (and alone).
 """
 
 from __future__ import annotations
@@ -64,8 +65,17 @@ def _run(eng: qllm_jax.Engine, reqs, watch=None) -> dict[str, list[int]]:
     return done
 
 
+@pytest.fixture(scope="module")
+def reserved(model, cache) -> dict[str, list[int]]:
+    """The requests with their pages reserved (two at a time, never evicted)."""
+    eng = qllm_jax.Engine(model, kv_pages=TIGHT, compilation_cache_dir=cache, **ENGINE)
+    got = _run(eng, _requests(eng))
+    assert eng.stats()["evictions"] == 0
+    return got
+
+
 def test_requests_without_max_tokens_share_a_small_cache_and_match_runs_without_pressure(
-    model, cache
+    model, cache, reserved
 ):
     tight = qllm_jax.Engine(
         model, kv_pages=TIGHT, grow_pages=True, compilation_cache_dir=cache, **ENGINE
@@ -86,13 +96,51 @@ def test_requests_without_max_tokens_share_a_small_cache_and_match_runs_without_
     assert stats["growth_evictions"] > 0, "the cache never ran out: the test proves nothing"
     assert stats["kv_pages_used"] == 0
 
-    # the same requests with their pages reserved (two at a time, never evicted), and alone
-    reserved = qllm_jax.Engine(model, kv_pages=TIGHT, compilation_cache_dir=cache, **ENGINE)
-    assert _run(reserved, reqs) == got
-    assert reserved.stats()["evictions"] == 0
+    assert reserved == got
     for i in (4,):  # (a seeded BE one)
         alone = qllm_jax.Engine(model, kv_pages=TIGHT, compilation_cache_dir=cache, **ENGINE)
         assert _run(alone, [reqs[i]])["r0"] == got[f"r{i}"]
+
+
+@pytest.mark.parametrize("slots", [64, 3])
+def test_evicted_requests_swap_their_kv_to_host_and_back(model, cache, reserved, slots):
+    """With host slots for every eviction, evicted requests resume where they were instead of
+    recomputing (fewer rows computed); with too few slots some recompute. Same tokens either
+    way, and no page or host slot outlives its request."""
+    recompute = qllm_jax.Engine(
+        model, kv_pages=TIGHT, grow_pages=True, compilation_cache_dir=cache, **ENGINE
+    )
+    assert _run(recompute, _requests(recompute)) == reserved
+    eng = qllm_jax.Engine(
+        model,
+        kv_pages=TIGHT,
+        grow_pages=True,
+        swap_pages=slots,
+        compilation_cache_dir=cache,
+        **ENGINE,
+    )
+    eng.warmup()
+    assert _run(eng, _requests(eng)) == reserved
+    stats = eng.stats()
+    assert stats["compiles_since_warmup"] == 0, stats  # the page copies were warmed up too
+    assert stats["swap_pages_free"] == slots and not eng.executor.host_kv
+    assert not eng.executor.ledger.slots and stats["kv_pages_used"] == 0
+    if slots == 64:
+        assert stats["swapped_out_pages"] > 0 and stats["swapped_in_pages"] > 0, stats
+        assert stats["swap_misses"] == 0, stats
+        assert eng.scheduler.rows_done < recompute.scheduler.rows_done
+    else:
+        assert stats["swap_misses"] > 0, stats  # the victims had more computed pages than that
+
+
+def test_swap_space_is_given_in_gib(model, cache):
+    eng = qllm_jax.Engine(model, kv_pages=TIGHT, swap_space=0.001, compilation_cache_dir=cache)
+    per_page = 2 * model.config.num_layers * 16 * model.config.kv_size * 4  # float32
+    assert eng.config.swap_pages == int(0.001 * 2**30) // per_page > 0
+    with pytest.raises(ValueError, match="swap_space"):
+        qllm_jax.Engine(model, kv_pages=TIGHT, swap_space=-1)
+    with pytest.raises(ValueError, match="not both"):
+        qllm_jax.Engine(model, kv_pages=TIGHT, swap_space=1, swap_pages=4)
 
 
 def test_reserving_pages_admits_two_of_them(model, cache):

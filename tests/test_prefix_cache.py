@@ -334,6 +334,7 @@ def shared_prefix_scenarios(draw):
         absorb_be=draw(st.booleans()),
         queue_order=draw(st.sampled_from(["fcfs", "sjf", "hrrn"])),
         age_after_s=draw(st.sampled_from([None, 3.0])),
+        swap_pages=draw(st.sampled_from([0, 4, 64])),
         max_model_len=64,
     )
     config["max_num_batched_tokens"] = draw(st.integers(config["max_batch_size"], 16))
@@ -403,7 +404,13 @@ def test_shared_pages_are_never_freed_leaked_or_overwritten(scenario):
     config, shape, requests, prompts, pins = scenario
     result, outputs, sim = run_scenario(config, shape, requests, prompts, pins)
     stats = result.stats
-    for what in ("evictions", "preemptions_layer", "preemptions_expert", "prefix_cache_hits"):
+    for what in (
+        "evictions",
+        "preemptions_layer",
+        "preemptions_expert",
+        "prefix_cache_hits",
+        "swapped_in_pages",
+    ):
         if stats.get(what):
             event(what)
     if sim.shared_reads:

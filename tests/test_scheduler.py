@@ -65,6 +65,7 @@ def simulate(events, group_size=4, **knobs):
 
 def assert_clean(sched: Scheduler, sim: Simulator) -> None:
     assert sched.allocator.num_used == 0  # no page leaks
+    assert sched.swap_pages_free == sched.config.swap_pages  # no host slot leaks
     assert not sched.passes and not sched.in_pass and not len(sim.executor.ledger)
     assert not sched.waiting and not sched.admitted and not sched.requests
 
@@ -396,7 +397,8 @@ def test_simulator_needs_the_virtual_clock_and_rejects_bad_plans():
 class CheckedSimulator(Simulator):
     """Also checks per-plan limits, and counts the tokens a request must run again (or need
     not run at all): ``schedule()`` changes a request's computed tokens only by evicting it
-    (back to 0) and by mapping cached pages (at admission, or until it first runs)."""
+    (back to 0), by mapping cached pages (at admission, or until it first runs) and by
+    swapping its pages back in (at readmission)."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -409,11 +411,13 @@ class CheckedSimulator(Simulator):
             assert 0 < plan.num_rows <= cfg.max_num_batched_tokens
         assert len(plan.chunks) <= cfg.max_batch_size
         assert len(plan.chunks) == len({c.seq_id for c in plan.chunks})
+        swapped_in = {sw.seq_id for sw in plan.swap_in}
         for r in self.scheduler.requests.values():
             before = self.seen.get(r.request_id, 0)
             if r.num_computed != before:
-                # evicted (then maybe readmitted), or mapped cached pages: nothing else
-                assert r.num_computed == r.prefix_pages * cfg.page_size, r
+                # evicted (then maybe readmitted), mapped cached pages or swapped back in
+                if r.seq_id not in swapped_in:
+                    assert r.num_computed == r.prefix_pages * cfg.page_size, r
                 assert r.num_computed == 0 or r.pages
                 self.recomputed[r.request_id] += before - r.num_computed
         super().step(plan)  # the fake executor checks chunk starts, carries, disjoint passes
@@ -434,6 +438,7 @@ def scenarios(draw):
         absorb_be=draw(st.booleans()),
         preempt_prefill=draw(st.booleans()),
         grow_pages=draw(st.booleans()),
+        swap_pages=draw(st.sampled_from([0, 0, 3, 64])),
         max_model_len=64,
     )
     config["max_num_batched_tokens"] = draw(st.integers(config["max_batch_size"], 16))
@@ -494,6 +499,8 @@ def test_every_row_runs_exactly_once_and_nothing_leaks(scenario):
         "absorbed_passes",
         "evictions",
         "growth_evictions",
+        "swapped_in_pages",
+        "swap_misses",
     ):
         if result.stats.get(what):
             event(what)  # coverage: pytest --hypothesis-show-statistics

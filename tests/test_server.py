@@ -490,6 +490,9 @@ def test_metrics_parse_and_name_every_series(server):
         "qllm:kv_pages_used",
         "qllm:kv_cache_usage_perc",
         "qllm:num_preemptions_total",
+        "qllm:num_evictions_total",
+        "qllm:kv_swapped_pages_total",
+        "qllm:swap_pages_free",
         "qllm:scheduled_rows_total",
     ):
         assert want in names, want
