@@ -266,7 +266,10 @@ class Scheduler:
         # host slots for swapped-out KV pages; the swaps the next plan carries; slots emptied
         # by a plan's swap-in, free again once that plan ran
         self._host_free: list[int] = list(range(config.swap_pages))
-        self._swaps: tuple[list[Swap], list[Swap], list[int]] = ([], [], [])  # out, in, drop
+        self._swap_outs: list[Swap] = []
+        # readmitted with swapped pages since the last plan: seq_id -> (request, its slots,
+        # its swapped tokens, pages the prefix cache mapped instead); the next plan swaps them in
+        self._readmitted: dict[int, tuple[Request, list[int], int, int]] = {}
         self._swapped_in_slots: list[int] = []
 
     # -- requests -------------------------------------------------------------------------------
@@ -438,19 +441,20 @@ class Scheduler:
                 plan = self._decide(now)
         if plan is not None:
             self._count_work(plan)
-        swaps = self._swaps
-        if plan is None and (self._ended or any(swaps)):
+        swapping = self._swap_outs or self._readmitted
+        if plan is None and (self._ended or swapping):
             plan = Plan(None)
-        if plan is not None and (self._ended or any(swaps)):
+        if plan is not None and (self._ended or swapping):
+            swap_in, drop = self._swap_ins()
             plan = dataclasses.replace(
                 plan,
                 finished_seq_ids=tuple(self._ended),
-                swap_out=tuple(swaps[0]),
-                swap_in=tuple(swaps[1]),
-                drop_slots=tuple(swaps[2]),
+                swap_out=tuple(self._swap_outs),
+                swap_in=swap_in,
+                drop_slots=drop,
             )
             self._ended.clear()
-            self._swaps = ([], [], [])
+            self._swap_outs = []
         return plan
 
     def _decide(self, now: float) -> Plan | None:
@@ -1114,30 +1118,42 @@ class Scheduler:
         self.counters["growth_evictions"] += growth
 
     def _swap_out(self, req: Request) -> None:
-        """Copy the pages holding ``req``'s computed K/V to free host slots, if they fit."""
+        """Copy the pages holding ``req``'s computed K/V to free host slots, if they fit. A
+        request readmitted since the last plan keeps the host copies it has not got back yet."""
+        if req.seq_id in self._readmitted:
+            _, req.swap_slots, req.swapped_tokens, _ = self._readmitted.pop(req.seq_id)
+            return
         n = min(len(req.pages), math.ceil(req.num_computed / self.config.page_size))
         if n == 0 or n > len(self._host_free):
             self.counters["swap_misses"] += n > 0 and self.config.swap_pages > 0
             return
         slots, self._host_free = self._host_free[:n], self._host_free[n:]
-        self._swaps[0].append(Swap(req.seq_id, tuple(req.pages[:n]), tuple(slots)))
+        self._swap_outs.append(Swap(req.seq_id, tuple(req.pages[:n]), tuple(slots)))
         req.swap_slots, req.swapped_tokens = slots, req.num_computed
         self.counters["swapped_out_pages"] += n
 
     def _swap_in(self, req: Request) -> None:
-        """At readmission: bring back the swapped pages the prefix cache did not just map
-        (its first ``prefix_pages``), so ``req`` resumes where it was evicted."""
-        slots, start = req.swap_slots, min(req.prefix_pages, len(req.swap_slots))
-        if req.swapped_tokens > req.num_computed:
-            pages = tuple(req.pages[start : len(slots)])
-            self._swaps[1].append(Swap(req.seq_id, pages, tuple(slots[start:])))
-            req.num_computed = req.swapped_tokens
-            self.counters["swapped_in_pages"] += len(pages)
-        else:
-            start = len(slots)
-        self._swaps[2].extend(slots[:start])
-        self._swapped_in_slots += slots  # every slot is free once this plan has run
+        """At readmission: ``req`` resumes where it was evicted, its swapped pages to come back
+        with the next plan (but those the prefix cache just mapped: its first ``prefix_pages``)."""
+        mapped = req.num_computed
+        req.num_computed = max(mapped, req.swapped_tokens)
+        self._readmitted[req.seq_id] = (req, req.swap_slots, req.swapped_tokens, mapped)
         req.swap_slots, req.swapped_tokens = [], 0
+
+    def _swap_ins(self) -> tuple[tuple[Swap, ...], tuple[int, ...]]:
+        """The next plan's swap-ins and the host slots it drops unread (the prefix cache
+        held those pages); all of them are free once the plan has run."""
+        swaps, drop = [], []
+        for req, slots, tokens, mapped in self._readmitted.values():
+            start = len(slots) if tokens <= mapped else mapped // self.config.page_size
+            if start < len(slots):
+                pages = tuple(req.pages[start : len(slots)])
+                swaps.append(Swap(req.seq_id, pages, tuple(slots[start:])))
+                self.counters["swapped_in_pages"] += len(pages)
+            drop += slots[:start]
+            self._swapped_in_slots += slots
+        self._readmitted.clear()
+        return tuple(swaps), tuple(drop)
 
     def _release_slots(self, req: Request) -> None:
         """An ended request's host slots are free (the next plan lists it as finished, which

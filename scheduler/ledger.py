@@ -245,6 +245,8 @@ class Ledger:
                 raise PlanError(f"swap {direction}: a page or a host slot listed twice")
             if any(len(set(sw.pages)) != len(sw.pages) for sw in swaps):
                 raise PlanError(f"swap {direction}: a sequence lists a page twice")
+            if len({sw.seq_id for sw in swaps}) != len(swaps):
+                raise PlanError(f"swap {direction}: a sequence swapped twice")
             for sw in swaps:
                 if not sw.pages or len(sw.pages) != len(sw.slots) or 0 in sw.pages:
                     raise PlanError(
