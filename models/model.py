@@ -87,14 +87,27 @@ def matmul(x: Array, w: Weight) -> Array:
     """x [N, in] @ w [in, out] → [N, out] in x's dtype, for a float or an int8 weight.
 
     An int8 weight is widened to x's dtype (exact: |q| <= 127) and its per-channel scales are
-    applied to the [N, out] result, not to the weight. XLA:CPU does not fuse the convert into
+    applied to the [N, out] result, not to the weight. XLA:CPU does not fuse the widening into
     its dot: it writes the widened weight out first, then multiplies (measured in
     experiments/int8_bench.py), so on a CPU int8 saves memory, not time. XLA:GPU can fuse such
     a convert into the matmul's operand load (not measured here: no GPU in this session).
     """
     if isinstance(w, QuantizedWeight):
-        return ((x @ w.q.astype(x.dtype)) * w.scale).astype(x.dtype)
+        return ((x @ _widen(w.q, x)) * w.scale).astype(x.dtype)
     return x @ w
+
+
+def _widen(q: Array, x: Array) -> Array:
+    """q as x's dtype. On a CPU, made to depend on x (plus an exact zero computed from it):
+    XLA:CPU's scheduler otherwise widens every weight of an executable before its first
+    matmul, all widened copies live at once (50 MB for the built-in model's fused step, past
+    glibc's 32 MB mmap threshold, so mapped and page-faulted afresh on every call: int8 fused
+    steps ~7x slower, measured). Tied to x, each is widened just before its matmul."""
+    w = q.astype(x.dtype)
+    if jax.default_backend() != "cpu":
+        return w
+    x0 = x.reshape(-1)[0]
+    return w + jnp.where(jnp.isfinite(x0), x0, 0) * 0  # +0 or -0: w exactly
 
 
 def _linear(x: Array, w: Weight, b: Array | None) -> Array:

@@ -12,6 +12,9 @@ is loose and the mean and top-1 bounds carry the check.
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -144,13 +147,13 @@ def _solo(model, prompt, max_tokens):
 
 
 def test_int8_engine_fused_equals_segmented(mixtral_q):
-    prompts = [list(range(3, 15)), [5, 9, 2, 77], list(range(40, 61))]
-    sampling = _sampling(6, None)
+    prompts = [list(range(3, 13)), [5, 9, 2, 77]]
+    sampling = _sampling(5, None)
     fused = qllm_jax.LLM(mixtral_q, policy="priority", mode="fused", quantize="int8", **_kw())
     seg = qllm_jax.LLM(mixtral_q, policy="priority", mode="segmented", **_kw())
     out_f = [o.token_ids for o in fused.generate(prompts, sampling)]
     out_s = [o.token_ids for o in seg.generate(prompts, sampling)]
-    assert out_f == out_s and all(len(t) == 6 for t in out_f)
+    assert out_f == out_s and all(len(t) == 5 for t in out_f)
     # the engine's first token is the oracle's greedy choice on the same int8 weights
     first = np.asarray(qllm_jax.reference_forward(mixtral_q, [prompts[0]]))[0, -1].argmax()
     assert out_f[0][0] == int(first)
@@ -224,3 +227,11 @@ def test_fingerprint_distinguishes_int8(ckpts):
     assert differences(fp_f, fp_q) == ["quantize None vs 'int8'"]
     rand = [qllm_jax.random_model("mixtral-tiny", "float32", quantize=q) for q in (None, "int8")]
     assert model_fingerprint(rand[0])["digest"] != model_fingerprint(rand[1])["digest"]
+
+
+def test_bench_script_help():
+    script = Path(__file__).resolve().parents[1] / "experiments" / "int8_bench.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "usage" in out.stdout, out.stderr
