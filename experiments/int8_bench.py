@@ -13,7 +13,9 @@ compilations (``valid`` is false if one compiled). Also:
 - logit error of int8 and of bfloat16 against float32 (``reference_forward``), and how many
   greedy tokens of the engine's float and int8 runs agree;
 - what XLA does with the int8 → float convert of one expert matmul: whether the compiled HLO
-  writes the widened weight out before the dot, and the time of that matmul both ways;
+  writes the widened weight out before the dot, and the time of that matmul both ways; and
+  how much temporary memory a chain of all the model's expert FFNs in one jit needs, and what
+  it costs, with each widening tied to its matmul's input (``matmul``) or not;
 - Mixtral-8x7B's bytes in bfloat16 and in int8, *computed* from its config (no weights).
 
     nice -n 19 python experiments/int8_bench.py      # built-in model, float32, CPU
@@ -167,6 +169,48 @@ def convert_probe(d: int, o: int, rows: int, samples: int) -> dict:
     }
 
 
+def schedule_probe(cfg, rows: int, samples: int) -> dict:
+    """Why ``model._widen`` ties each widening to the matmul's input: a chain of every expert
+    FFN of the model (layers x experts, this model's shapes) in one jit, int8 weights widened
+    by ``matmul`` against a plain ``q.astype`` that depends on nothing but the weight. Reports
+    XLA's temporary buffer size for each (every widened copy live at once, or one) and time."""
+    rng = np.random.default_rng(0)
+    d, f = cfg.hidden_size, cfg.expert_intermediate_size
+    n = cfg.num_layers * cfg.num_experts
+    ws = [
+        (
+            quantize_device(jnp.asarray(0.1 * rng.standard_normal((d, 2 * f)), jnp.float32)),
+            quantize_device(jnp.asarray(0.1 * rng.standard_normal((f, d)), jnp.float32)),
+        )
+        for _ in range(n)
+    ]
+    x = jnp.asarray(rng.standard_normal((rows, d)), jnp.float32)
+
+    def untied(x, w):
+        return (x @ w.q.astype(x.dtype)) * w.scale
+
+    out = {"experts": n}
+    for name, mm in (("tied", matmul), ("untied", untied)):
+
+        def chain(x, ws, mm=mm):
+            for gu, down in ws:
+                h = mm(x, gu)
+                x = x + 0.01 * mm(jax.nn.silu(h[:, :f]) * h[:, f:], down)
+            return x
+
+        fn = jax.jit(chain)
+        temp = fn.lower(x, ws).compile().memory_analysis().temp_size_in_bytes
+        fn(x, ws).block_until_ready()
+        ts = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            fn(x, ws).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        out[name] = {"temp_mb": temp / 1e6, "ms": stats(ts)}
+    out["untied_over_tied_median"] = out["untied"]["ms"]["median"] / out["tied"]["ms"]["median"]
+    return out
+
+
 def mixtral_memory() -> dict:
     """Mixtral-8x7B's parameter bytes from its config shapes: bf16, and int8 matrices with
     float32 per-channel scales (the rest bf16). Computed, not measured: no weights loaded."""
@@ -261,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         "arms": arms,
         "logit_error_vs_float32": errors,
         "convert_probe": probes,
+        "schedule_probe": schedule_probe(cfg, args.batch, max(10, args.probe_samples // 10)),
         "mixtral_8x7b_memory": mixtral_memory(),
         "note": "CPU step times show what the int8 path costs on XLA:CPU (it widens each int8 "
         "weight to float before its dot), not what int8 saves on a GPU, where a decode step "
