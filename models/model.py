@@ -101,8 +101,9 @@ def _widen(q: Array, x: Array) -> Array:
     """q as x's dtype. On a CPU, made to depend on x (plus an exact zero computed from it):
     XLA:CPU's scheduler otherwise widens every weight of an executable before its first
     matmul, all widened copies live at once (50 MB for the built-in model's fused step, past
-    glibc's 32 MB mmap threshold, so mapped and page-faulted afresh on every call: int8 fused
-    steps ~7x slower, measured). Tied to x, each is widened just before its matmul."""
+    glibc's 32 MB mmap threshold, so mapped and page-faulted afresh on every call: fused int8
+    steps were 7x slower than float; see int8_bench.py's schedule_probe). Tied to x, each is
+    widened just before its matmul (1 MB live)."""
     w = q.astype(x.dtype)
     if jax.default_backend() != "cpu":
         return w
