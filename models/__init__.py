@@ -13,7 +13,8 @@ from .config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config
 from .errors import CheckpointError, UnsupportedModelError
 from .loader import load_params, resolve_dtype
 from .model import reference_forward
-from .params import Params, default_expert_layout
+from .params import Params, QuantizedWeight, default_expert_layout
+from .quant import QUANTIZE_MODES, check_quantize
 from .random_init import MODEL_PRESETS, random_model
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "Model",
     "ModelConfig",
     "Params",
+    "QUANTIZE_MODES",
+    "QuantizedWeight",
     "UnsupportedModelError",
     "load",
     "random_model",
@@ -40,6 +43,7 @@ class Model:
     path: Path
     dtype: str  # "float32" or "bfloat16"
     seed: int | None = None  # the seed of a random_model (None: weights from a checkpoint)
+    quantize: str | None = None  # "int8": weight-only int8 matrices (models/quant.py)
 
 
 def load_tokenizer(model_dir: Path) -> Any | None:
@@ -54,15 +58,24 @@ def load_tokenizer(model_dir: Path) -> Any | None:
         raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {e}") from e
 
 
-def load(model_dir: str | Path, dtype: str | Any = "auto", expert_layout: str = "auto") -> Model:
+def load(
+    model_dir: str | Path,
+    dtype: str | Any = "auto",
+    expert_layout: str = "auto",
+    quantize: str | None = None,
+) -> Model:
     """Load a Hugging Face MoE checkpoint directory.
 
     ``dtype``: "auto" (the checkpoint's own float32/bfloat16; float16 computes in float32),
     "float32" or "bfloat16". ``expert_layout``: how routed experts are held (``ExpertParams``):
-    "stacked", "split", or "auto" (split on a CPU, stacked on accelerators). Raises
+    "stacked", "split", or "auto" (split on a CPU, stacked on accelerators). ``quantize``:
+    None, or "int8" for weight-only int8 attention and expert matrices with per-output-channel
+    scales, quantized tensor by tensor on the host while loading; the router, norms,
+    embeddings and LM head stay in ``dtype`` (see ``models/quant.py``). Raises
     ``CheckpointError`` for malformed checkpoints and ``UnsupportedModelError`` for model types
     or features this engine does not implement.
     """
+    check_quantize(quantize)
     path = Path(model_dir)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
@@ -70,5 +83,5 @@ def load(model_dir: str | Path, dtype: str | Any = "auto", expert_layout: str = 
     np_dtype = resolve_dtype(dtype, config)
     if expert_layout == "auto":
         expert_layout = default_expert_layout()
-    params = load_params(path, config, np_dtype, expert_layout)
-    return Model(config, params, load_tokenizer(path), path, np_dtype.name)
+    params = load_params(path, config, np_dtype, expert_layout, quantize)
+    return Model(config, params, load_tokenizer(path), path, np_dtype.name, quantize=quantize)

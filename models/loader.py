@@ -39,6 +39,7 @@ from .params import (
     Params,
     SharedExpertParams,
 )
+from .quant import check_quantize, is_quantized_path, quantize_host
 from .safetensors_io import DTYPES, TensorInfo, checkpoint_files, iter_file_order, read_tensor
 
 ALL = "*"  # the unit that a whole-tensor placement covers
@@ -361,12 +362,19 @@ def resolve_dtype(dtype: str | Any, cfg: ModelConfig) -> np.dtype:
 
 
 def load_params(
-    model_dir: str | Path, cfg: ModelConfig, dtype: np.dtype, expert_layout: str = "stacked"
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    dtype: np.dtype,
+    expert_layout: str = "stacked",
+    quantize: str | None = None,
 ) -> Params:
     """Stream a checkpoint's tensors into a params pytree of ``dtype`` jax arrays, routed
-    experts in ``expert_layout`` (``"stacked"`` or ``"split"``, see ``ExpertParams``)."""
+    experts in ``expert_layout`` (``"stacked"`` or ``"split"``, see ``ExpertParams``).
+    ``quantize="int8"``: each attention and expert matrix is quantized on the host as soon as
+    it is complete, so the device only ever receives its int8 values (``models/quant.py``)."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
+    check_quantize(quantize)
     tensors = checkpoint_files(Path(model_dir))
     shapes = target_shapes(cfg)
     writes = plan(tensors, cfg, shapes)
@@ -390,10 +398,11 @@ def load_params(
         del data
         remaining[w.path] -= 1
         if remaining[w.path] == 0:  # complete: hand it to JAX, drop the host buffer
+            to_device = _to_device(quantize is not None and is_quantized_path(w.path))
             if expert_layout == "split" and w.path.endswith(_ROUTED):
-                flat[w.path] = tuple(jnp.asarray(np.ascontiguousarray(x)) for x in buf)
+                flat[w.path] = tuple(to_device(x) for x in buf)
             else:
-                flat[w.path] = jnp.asarray(np.ascontiguousarray(buf))
+                flat[w.path] = to_device(buf)
             buffers.pop(w.path, None)
             del buf
     if cfg.tie_word_embeddings:
@@ -401,13 +410,21 @@ def load_params(
     return assemble(flat, cfg)
 
 
+def _to_device(quantized: bool) -> Callable[[np.ndarray], Any]:
+    if quantized:
+        return quantize_host
+    return lambda x: jnp.asarray(np.ascontiguousarray(x))
+
+
 _ROUTED = ("experts.w_gate_up", "experts.w_down")
 
 
 def split_routed(flat: dict[str, Any]) -> dict[str, Any]:
-    """``flat`` with every stacked routed-expert array as a tuple of per-expert arrays."""
+    """``flat`` with every stacked routed-expert weight as a tuple of per-expert weights."""
     return {
-        k: tuple(v[e] for e in range(v.shape[0])) if k.endswith(_ROUTED) else v
+        k: tuple(jax.tree.map(lambda a, e=e: a[e], v) for e in range(v.shape[0]))
+        if k.endswith(_ROUTED)
+        else v
         for k, v in flat.items()
     }
 

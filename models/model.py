@@ -26,7 +26,9 @@ from .params import (
     ExpertParams,
     NormParams,
     Params,
+    QuantizedWeight,
     SharedExpertParams,
+    Weight,
 )
 
 Array = jax.Array
@@ -81,8 +83,36 @@ def embed(embedding: Array, token_ids: Array) -> Array:
     return embedding[token_ids]
 
 
-def _linear(x: Array, w: Array, b: Array | None) -> Array:
-    y = x @ w
+def matmul(x: Array, w: Weight) -> Array:
+    """x [N, in] @ w [in, out] → [N, out] in x's dtype, for a float or an int8 weight.
+
+    An int8 weight is widened to x's dtype (exact: |q| <= 127) and its per-channel scales are
+    applied to the [N, out] result, not to the weight. XLA:CPU does not fuse the widening into
+    its dot: it writes the widened weight out first, then multiplies (measured in
+    experiments/int8_bench.py), so on a CPU int8 saves memory, not time. XLA:GPU can fuse such
+    a convert into the matmul's operand load (not measured here: no GPU in this session).
+    """
+    if isinstance(w, QuantizedWeight):
+        return ((x @ _widen(w.q, x)) * w.scale).astype(x.dtype)
+    return x @ w
+
+
+def _widen(q: Array, x: Array) -> Array:
+    """q as x's dtype. On a CPU, made to depend on x (plus an exact zero computed from it):
+    XLA:CPU's scheduler otherwise widens every weight of an executable before its first
+    matmul, all widened copies live at once (50 MB for the built-in model's fused step, past
+    glibc's 32 MB mmap threshold, so mapped and page-faulted afresh on every call: fused int8
+    steps were 7x slower than float; see int8_bench.py's schedule_probe). Tied to x, each is
+    widened just before its matmul (1 MB live)."""
+    w = q.astype(x.dtype)
+    if jax.default_backend() != "cpu":
+        return w
+    x0 = x.reshape(-1)[0]
+    return w + jnp.where(jnp.isfinite(x0), x0, 0) * 0  # +0 or -0: w exactly
+
+
+def _linear(x: Array, w: Weight, b: Array | None) -> Array:
+    y = matmul(x, w)
     return y if b is None else y + b
 
 
@@ -279,16 +309,43 @@ def dispatch(ids: Array, group_start: Array | int, group_size: int):
     return order, group_sizes, in_group[order]
 
 
-def expert_ffn(x: Array, w_gate_up: Array, w_down: Array, group_sizes: Array) -> Array:
+def _slice_experts(w: Weight, start: Array | int, size: int) -> Weight:
+    """Experts [start, start + size) of a stacked [E, ...] weight (both leaves of an int8 one)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), w)
+
+
+def _expert(w: Weight | tuple[Weight, ...], g: int) -> Weight:
+    """Expert ``g`` of a group: a tuple entry (split) or index ``g`` of a stacked weight."""
+    return w[g] if isinstance(w, tuple) else jax.tree.map(lambda a: a[g], w)
+
+
+def _stack_experts(ws: tuple[Weight, ...]) -> Weight:
+    """A tuple of G per-expert weights → one stacked [G, ...] weight."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *ws)
+
+
+def ragged_matmul(x: Array, w: Weight, group_sizes: Array) -> Array:
+    """Grouped matmul over rows sorted by expert: x [M, in], w [G, in, out] → [M, out]. An
+    int8 weight's scales [G, out] are gathered per row from the row's expert."""
+    if not isinstance(w, QuantizedWeight):
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    y = jax.lax.ragged_dot(x, w.q.astype(x.dtype), group_sizes)  # [M, out]
+    rows = jnp.arange(x.shape[0])
+    expert = jnp.searchsorted(jnp.cumsum(group_sizes), rows, side="right")  # [M]
+    scale = w.scale[jnp.minimum(expert, group_sizes.shape[0] - 1)]  # [M, out]; rows past: y = 0
+    return (y * scale).astype(x.dtype)
+
+
+def expert_ffn(x: Array, w_gate_up: Weight, w_down: Weight, group_sizes: Array) -> Array:
     """SwiGLU FFNs of G experts over rows sorted by expert.
 
     x [M, D] (rows of expert 0, then 1, ...), w_gate_up [G, D, 2F], w_down [G, F, D],
     group_sizes [G] → [M, D]; rows past sum(group_sizes) come out zero.
     """
     f = w_down.shape[1]
-    h = jax.lax.ragged_dot(x, w_gate_up, group_sizes)  # [M, 2F]
+    h = ragged_matmul(x, w_gate_up, group_sizes)  # [M, 2F]
     h = jax.nn.silu(h[:, :f]) * h[:, f:]
-    return jax.lax.ragged_dot(h, w_down, group_sizes)  # [M, D]
+    return ragged_matmul(h, w_down, group_sizes)  # [M, D]
 
 
 def combine(y: Array, order: Array, in_group: Array, weights: Array, num_rows: int) -> Array:
@@ -329,29 +386,30 @@ def expert_group(
             raise ValueError(f"split experts: got {len(ep.w_gate_up)} for a group of {group_size}")
         w_gu, w_d = ep.w_gate_up, ep.w_down
     else:
-        w_gu = jax.lax.dynamic_slice_in_dim(ep.w_gate_up, group_start, group_size, axis=0)
-        w_d = jax.lax.dynamic_slice_in_dim(ep.w_down, group_start, group_size, axis=0)
+        w_gu = _slice_experts(ep.w_gate_up, group_start, group_size)
+        w_d = _slice_experts(ep.w_down, group_start, group_size)
     if impl == "dense":
-        return _expert_group_dense(x, weights, ids, group_start, w_gu, w_d)
+        return _expert_group_dense(x, weights, ids, group_start, group_size, w_gu, w_d)
     if ep.layout == "split":  # grouped matmuls want one [G, ...] array: a copy per call
-        w_gu, w_d = jnp.stack(w_gu), jnp.stack(w_d)
+        w_gu, w_d = _stack_experts(w_gu), _stack_experts(w_d)
     n, k = ids.shape
     order, group_sizes, in_group = dispatch(ids, group_start, group_size)
     y = expert_ffn(x[order // k], w_gu, w_d, group_sizes)  # [N*k, D]
     return combine(y, order, in_group, weights, n)
 
 
-def _expert_group_dense(x, weights, ids, group_start, w_gate_up, w_down) -> Array:
+def _expert_group_dense(x, weights, ids, group_start, group_size, w_gate_up, w_down) -> Array:
     """x [N, D], each expert's w_gate_up [D, 2F] and w_down [F, D] (G of them, stacked or a
     tuple) → [N, D], experts added in id order as HF accumulates them. One 2-D matmul pair per
     expert: XLA:CPU runs a single einsum over stacked experts with a transposing copy of the
     weights, about 2x slower."""
     local = ids - group_start  # [N, k]
     out = jnp.zeros_like(x)
-    for g in range(len(w_down)):  # static
-        f = w_down[g].shape[0]
-        h = x @ w_gate_up[g]  # [N, 2F]
-        y = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down[g]  # [N, D]
+    for g in range(group_size):  # static
+        w_gu_g, w_d_g = _expert(w_gate_up, g), _expert(w_down, g)
+        f = w_d_g.shape[0]
+        h = matmul(x, w_gu_g)  # [N, 2F]
+        y = matmul(jax.nn.silu(h[:, :f]) * h[:, f:], w_d_g)  # [N, D]
         w = jnp.where(local == g, weights, 0).sum(-1)  # [N] routing weight of expert g
         out = out + (y * w[:, None]).astype(x.dtype)
     return out
@@ -360,8 +418,8 @@ def _expert_group_dense(x, weights, ids, group_start, w_gate_up, w_down) -> Arra
 def shared_expert(sp: SharedExpertParams, x: Array) -> Array:
     """Qwen2-MoE's always-on expert behind a sigmoid gate: x [N, D] → [N, D]."""
     f = sp.w_down.shape[0]
-    h = x @ sp.w_gate_up  # [N, 2Fs]
-    out = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ sp.w_down
+    h = matmul(x, sp.w_gate_up)  # [N, 2Fs]
+    out = matmul(jax.nn.silu(h[:, :f]) * h[:, f:], sp.w_down)
     return jax.nn.sigmoid(x @ sp.gate) * out
 
 

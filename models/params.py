@@ -20,6 +20,24 @@ pytree_dataclass = struct.dataclass
 
 
 @pytree_dataclass
+class QuantizedWeight:
+    """A weight-only int8 matrix with one scale per output channel, where a float ``[in, out]``
+    weight would be: ``w ≈ q * scale``. Leading axes (stacked experts ``[E, ...]``) are shared
+    by both fields, so slicing experts is a ``tree.map`` over the leaves. See ``models/quant.py``.
+    """
+
+    q: Array  # [..., in, out] int8
+    scale: Array  # [..., out] float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+Weight = Array | QuantizedWeight  # a matrix ``matmul`` (models/model.py) multiplies by
+
+
+@pytree_dataclass
 class NormParams:
     weight: Array  # [N]
     bias: Array | None = None  # [N]; LayerNorm only (PhiMoE)
@@ -28,10 +46,10 @@ class NormParams:
 @pytree_dataclass
 class AttentionParams:
     input_norm: NormParams  # over D
-    wq: Array  # [D, Hq*hd]
-    wk: Array  # [D, Hkv*hd]
-    wv: Array  # [D, Hkv*hd]
-    wo: Array  # [Hq*hd, D]
+    wq: Weight  # [D, Hq*hd]
+    wk: Weight  # [D, Hkv*hd]
+    wv: Weight  # [D, Hkv*hd]
+    wo: Weight  # [Hq*hd, D]
     bq: Array | None  # [Hq*hd]
     bk: Array | None  # [Hkv*hd]
     bv: Array | None  # [Hkv*hd]
@@ -51,10 +69,12 @@ class ExpertParams:
     - ``"split"``: tuples of E arrays [D, 2F] and [F, D]; on a CPU, where experts run as dense
       matmuls, this lets a segment take just its group's experts with no slicing copy, and a
       layer's experts run about 2x faster than as one einsum over the stacked arrays.
+
+    Either layout may hold ``QuantizedWeight``s instead of arrays (``quantize="int8"``).
     """
 
-    w_gate_up: Array | tuple[Array, ...]
-    w_down: Array | tuple[Array, ...]
+    w_gate_up: Weight | tuple[Weight, ...]
+    w_down: Weight | tuple[Weight, ...]
 
     @property
     def layout(self) -> str:
@@ -78,8 +98,8 @@ def default_expert_layout() -> str:
 
 @pytree_dataclass
 class SharedExpertParams:
-    w_gate_up: Array  # [D, 2Fs]
-    w_down: Array  # [Fs, D]
+    w_gate_up: Weight  # [D, 2Fs]
+    w_down: Weight  # [Fs, D]
     gate: Array  # [D, 1]: sigmoid gate on the shared expert's output (Qwen2-MoE)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from .config import ModelConfig
 from .loader import assemble, split_routed, target_shapes
 from .params import default_expert_layout
+from .quant import check_quantize, is_quantized_path, quantize_device
 
 _MIXTRAL_8X7B = ModelConfig(
     model_type="mixtral",
@@ -57,10 +58,16 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 
 def random_params(
-    cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0, expert_layout: str = "auto"
+    cfg: ModelConfig,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    expert_layout: str = "auto",
+    quantize: str | None = None,
 ):
     """A params pytree of ``cfg``'s shapes, generated leaf by leaf on the default device
-    (the same numbers in either expert layout)."""
+    (the same numbers in either expert layout). ``quantize="int8"`` quantizes each matrix
+    on the device as soon as it is generated, so one float leaf at a time exists."""
+    check_quantize(quantize)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     key = jax.random.key(seed)
     flat = {}
@@ -71,6 +78,8 @@ def random_params(
             flat[path] = jnp.zeros(shape, np_dtype)
         else:
             flat[path] = _normal(jax.random.fold_in(key, i), shape, np_dtype)
+            if quantize is not None and is_quantized_path(path):
+                flat[path] = quantize_device(flat[path])
     if cfg.tie_word_embeddings:
         flat["lm_head"] = flat["embed"]
     if (default_expert_layout() if expert_layout == "auto" else expert_layout) == "split":
@@ -88,8 +97,10 @@ def random_model(
     dtype: str = "bfloat16",
     seed: int = 0,
     expert_layout: str = "auto",
+    quantize: str | None = None,
 ):
-    """A ``Model`` with random weights (no tokenizer) from a preset name or a ModelConfig."""
+    """A ``Model`` with random weights (no tokenizer) from a preset name or a ModelConfig;
+    ``quantize`` as in ``load``."""
     from . import Model
 
     if isinstance(name_or_config, str):
@@ -99,6 +110,8 @@ def random_model(
         name = name_or_config
     else:
         cfg, name = name_or_config, "custom"
-    params = random_params(cfg, dtype, seed, expert_layout)
+    params = random_params(cfg, dtype, seed, expert_layout, quantize)
     dtype_name = str(np.dtype(jnp.dtype(dtype)))
-    return Model(cfg, params, None, Path(f"random:{name}"), dtype_name, seed=seed)
+    return Model(
+        cfg, params, None, Path(f"random:{name}"), dtype_name, seed=seed, quantize=quantize
+    )

@@ -8,10 +8,10 @@
     qllm-jax job cancel DIR
 
 Every subcommand that runs a model takes one set of engine flags (``--model DIR|random:PRESET``,
-the built-in model by default; ``--dtype``, policy and KV knobs). ``job run`` records the flags
-it was given in the job's directory, and ``job resume`` reuses them unless told otherwise, so a
-resume needs nothing but the directory. SIGTERM or SIGINT makes a running job write a
-checkpoint and exit 0; ``job resume`` continues it.
+the built-in model by default; ``--dtype``, ``--quantize``, policy and KV knobs). ``job run``
+records the flags it was given in the job's directory, and ``job resume`` reuses them unless
+told otherwise, so a resume needs nothing but the directory. SIGTERM or SIGINT makes a running
+job write a checkpoint and exit 0; ``job resume`` continues it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 # flags that are Engine keywords of the same name (flags left unset keep the Engine's defaults)
 _ENGINE_FLAGS = (
     "dtype",
+    "quantize",
     "policy",
     "granularity",
     "mode",
@@ -52,6 +53,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="HF checkpoint dir, or random:PRESET (default: built-in)")
     g.add_argument("--seed", type=int, help="weights seed of a random:PRESET model (default 0)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    g.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="weight-only int8 attention and expert matrices, per-channel scales (default: off)",
+    )
     g.add_argument("--policy", choices=["fcfs", "priority", "qllm"])
     g.add_argument("--granularity", choices=["layer", "expert"])
     g.add_argument("--mode", choices=["fused", "segmented"])
@@ -102,6 +108,7 @@ def build_engine(flags: dict[str, Any]):
             spec.removeprefix("random:"),
             "bfloat16" if dtype == "auto" else dtype,
             seed=flags.get("seed", 0),
+            quantize=kw.get("quantize"),
         )
     else:
         model = spec

@@ -26,7 +26,7 @@ import numpy as np
 from qllm_jax import compile_log
 from qllm_jax.executor import SEGMENT_KERNELS, SWAP_KERNELS, Executor
 from qllm_jax.kv_cache import page_bytes, pages_for_budget
-from qllm_jax.models import Model, load
+from qllm_jax.models import Model, check_quantize, load
 from qllm_jax.scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from qllm_jax.scheduler.plan import default_group_size
 from qllm_jax.scheduler.sampling_params import is_int
@@ -93,6 +93,7 @@ class Engine:
         model: str | os.PathLike | Model,
         *,
         dtype: str = "auto",
+        quantize: str | None = None,
         mode: Mode | None = None,
         max_model_len: int | None = None,
         kv_pages: int | None = None,
@@ -112,7 +113,7 @@ class Engine:
         if compilation_cache_dir == "default":
             compilation_cache_dir = default_cache_dir()
         enable_compilation_cache(compilation_cache_dir)
-        self.model = model if isinstance(model, Model) else load(model, dtype=dtype)
+        self.model = _engine_model(model, dtype, quantize)
         cfg = self.model.config
         if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
             raise ValueError(
@@ -412,6 +413,21 @@ def stop_string_cut(text: str, stops: Sequence[str]) -> int | None:
     """Where ``text`` must be cut for the earliest match of any of ``stops`` (None: none)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits, default=None)
+
+
+def _engine_model(model: str | os.PathLike | Model, dtype: str, quantize: str | None) -> Model:
+    """The engine's model: loaded from a directory (``dtype``, ``quantize``: see ``load``), or
+    one already loaded. A loaded float model is not quantized here: its float params would stay
+    alive beside the int8 ones, which is what ``load(..., quantize=)`` exists to avoid."""
+    check_quantize(quantize)
+    if not isinstance(model, Model):
+        return load(model, dtype=dtype, quantize=quantize)
+    if quantize is not None and model.quantize != quantize:
+        raise ValueError(
+            f"quantize={quantize!r} but the Model passed was loaded with "
+            f"quantize={model.quantize!r}: pass quantize to qllm_jax.load or random_model"
+        )
+    return model
 
 
 def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size, swap_space) -> None:

@@ -5,8 +5,10 @@ checkpoint names its model and resuming compares. Hashing 90 GB of weights would
 so the fingerprint hashes what identifies a checkpoint cheaply: its ``config.json``, every
 tensor's name, dtype and shape from the safetensors headers (a few KB read per file), each
 weight file's size, and the tokenizer files (small; they decide the text). A ``random:`` model
-is its preset name, config and seed. Computed once per loaded model (checkpoints are taken
-on the engine thread, every few seconds).
+is its preset name, config and seed. A quantized model adds its mode (``"quantize"``): its
+weights, KV contents and carries differ from the float model's of the same checkpoint (a float
+model's fingerprint has no such key, so its digest is what it always was). Computed once per
+loaded model (checkpoints are taken on the engine thread, every few seconds).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ _memo: dict[int, dict[str, Any]] = {}  # by id of a live Model (dropped when it 
 
 
 def model_fingerprint(model: Model) -> dict[str, Any]:
-    """``{"name", "config", "tensors", "tokenizer"}`` digests plus ``"digest"`` over them all."""
+    """``{"name", "config", "tensors", "tokenizer"}`` digests (and ``"quantize"`` for a
+    quantized model) plus ``"digest"`` over them all."""
     key = id(model)
     if key not in _memo:
         _memo[key] = _fingerprint(model)
@@ -62,6 +65,8 @@ def _fingerprint(model: Model) -> dict[str, Any]:
                 {n: _file_digest(path / n) for n in _TOKENIZER_FILES if (path / n).is_file()}
             ),
         }
+    if model.quantize is not None:
+        parts["quantize"] = model.quantize
     return parts | {"digest": _digest(parts)}
 
 
@@ -72,6 +77,8 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     out = []
     if saved.get("name") != current.get("name"):
         out.append(f"model {saved.get('name')!r} vs {current.get('name')!r}")
+    if saved.get("quantize") != current.get("quantize"):
+        out.append(f"quantize {saved.get('quantize')!r} vs {current.get('quantize')!r}")
     parts = (("config", "config.json"), ("tensors", "weights"), ("tokenizer", "tokenizer"))
     for part, what in parts:
         if saved.get(part) != current.get(part):
