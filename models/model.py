@@ -27,6 +27,7 @@ from .params import (
     NormParams,
     Params,
     SharedExpertParams,
+    SlotMap,
 )
 
 Array = jax.Array
@@ -311,6 +312,7 @@ def expert_group(
     group_start: Array | int,
     group_size: int,
     impl: str = "auto",
+    slots: SlotMap | None = None,
 ) -> Array:
     """Contribution of experts [group_start, group_start + group_size) to each row.
 
@@ -321,9 +323,17 @@ def expert_group(
     matmuls: work ∝ N*k, the right choice on accelerators), "dense" (every expert of the group
     on every row, unrouted rows weighted 0: XLA:CPU lowers ragged_dot densely over N*k rows
     anyway, so N*G rows is less work there), or "auto" (by backend).
+
+    ``slots`` (stacked layout only): ``ep`` holds physical expert slots, some of them copies of
+    hot experts (expert load balancing), and ``slots`` says which hold which expert; ``ids``
+    stay logical. See ``_expert_group_slots``.
     """
     if impl == "auto":
         impl = "dense" if jax.default_backend() == "cpu" else "ragged"
+    if slots is not None:
+        if ep.layout != "stacked":
+            raise ValueError("physical expert slots need the stacked expert layout")
+        return _expert_group_slots(ep, x, weights, ids, group_start, group_size, impl, slots)
     if ep.layout == "split":
         if len(ep.w_gate_up) != group_size:
             raise ValueError(f"split experts: got {len(ep.w_gate_up)} for a group of {group_size}")
@@ -354,6 +364,58 @@ def _expert_group_dense(x, weights, ids, group_start, w_gate_up, w_down) -> Arra
         y = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down[g]  # [N, D]
         w = jnp.where(local == g, weights, 0).sum(-1)  # [N] routing weight of expert g
         out = out + (y * w[:, None]).astype(x.dtype)
+    return out
+
+
+def _expert_group_slots(
+    ep: ExpertParams,
+    x: Array,
+    weights: Array,
+    ids: Array,
+    group_start: Array | int,
+    group_size: int,
+    impl: str,
+    slots: SlotMap,
+) -> Array:
+    """``expert_group`` over physical slots: ep.w_gate_up [S, D, 2F], ep.w_down [S, F, D].
+
+    Placement-invariant: the copies of an expert hold the same bits, and a row's contributions
+    are added in logical-expert order (``_sum_by_expert``), so moving or copying an expert
+    changes no output bit (with top_k > 2 the order of a sum matters). "ragged": every routed
+    (row, expert) goes to one copy, ``row % copies`` (deterministic), and the grouped matmuls
+    run over all S slots (work ∝ N*k; the slot axis is what an expert mesh axis shards).
+    "dense" (one device): each logical expert runs on every row from its first copy (the
+    copies are bit-identical, so which copy computes a row changes nothing), in id order,
+    exactly as without slots.
+    """
+    if impl == "dense":
+        first = jax.lax.dynamic_slice_in_dim(slots.slot[:, 0], group_start, group_size)  # [G]
+        w_gu, w_d = ep.w_gate_up[first], ep.w_down[first]
+        return _expert_group_dense(x, weights, ids, group_start, w_gu, w_d)
+    n, k = ids.shape
+    num_slots = ep.w_down.shape[0]
+    local = ids - group_start  # [N, k]
+    in_group = (local >= 0) & (local < group_size)
+    e = jnp.clip(ids, 0, slots.copies.shape[0] - 1)  # padding rows' id E -> any; masked below
+    copy = jnp.arange(n, dtype=jnp.int32)[:, None] % slots.copies[e]  # [N, k]
+    phys = jnp.where(in_group, slots.slot[e, copy], num_slots).reshape(-1)  # [N*k]
+    order = jnp.argsort(phys, stable=True)
+    sizes = jnp.bincount(phys, length=num_slots + 1)[:num_slots].astype(jnp.int32)  # [S]
+    y = expert_ffn(x[order // k], ep.w_gate_up, ep.w_down, sizes)  # [N*k, D] sorted by slot
+    w = weights.reshape(-1)[order]
+    contrib = jnp.where(in_group.reshape(-1)[order][:, None], (y * w[:, None]).astype(y.dtype), 0)
+    per = jnp.zeros_like(contrib).at[order].set(contrib)  # back to (row, k) order: a permutation
+    return _sum_by_expert(per.reshape(n, k, -1), ids)
+
+
+def _sum_by_expert(per: Array, ids: Array) -> Array:
+    """per [N, k, D] contributions of each row's k picks → [N, D], added from zero in ascending
+    expert id (the order the dense path adds experts in), whatever slot computed them."""
+    perm = jnp.argsort(ids, axis=1)  # [N, k]
+    per = jnp.take_along_axis(per, perm[:, :, None], axis=1)
+    out = jnp.zeros_like(per[:, 0])
+    for j in range(per.shape[1]):  # static: k
+        out = out + per[:, j]
     return out
 
 

@@ -42,6 +42,10 @@ _ENGINE_FLAGS = (
     "expert_group_size",
     "compilation_cache_dir",
     "grow_pages",
+    "redundant_experts",
+    "rebalance_every",
+    "eplb_ranks",
+    "expert_stats_every",
 )
 
 
@@ -64,6 +68,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int)
     g.add_argument("--expert-group-size", type=int)
     g.add_argument("--compilation-cache-dir", help="'none' turns the persistent cache off")
+    g.add_argument(
+        "--redundant-experts", type=int, help="extra expert slots per layer (hot expert copies)"
+    )
+    g.add_argument(
+        "--rebalance-every", type=int, help="re-place experts from their load every N steps"
+    )
+    g.add_argument("--eplb-ranks", type=int, help="expert-axis ranks the placement packs onto")
+    g.add_argument(
+        "--expert-stats-every", type=int, help="read expert load back every N steps (0: never)"
+    )
     g.add_argument(
         "--grow-pages",
         action=argparse.BooleanOptionalAction,

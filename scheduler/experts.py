@@ -67,6 +67,55 @@ def eplb_placement(loads: list[float], ranks: int, slots_per_rank: int) -> Place
     return held
 
 
+def slot_experts(placement: Placement, previous: list[int] | None = None) -> list[int]:
+    """Physical slot -> expert, rank-major (slot ``s`` lives on rank ``s // slots_per_rank``),
+    from a placement of equal-sized ranks. With the ``previous`` slot layout, an expert that
+    stays on a rank keeps its old slot there, so a re-placement moves only what changed."""
+    per = len(placement[0])
+    if any(len(x) != per for x in placement):
+        raise ValueError(f"ranks hold unequal slot counts: {[len(x) for x in placement]}")
+    out: list[int] = []
+    for r, experts in enumerate(placement):
+        left = list(experts)
+        row = [-1] * per
+        if previous is not None:
+            for i, e in enumerate(previous[r * per : (r + 1) * per]):
+                if e in left:
+                    row[i] = e
+                    left.remove(e)
+        for i in range(per):
+            if row[i] < 0:
+                row[i] = left.pop(0)
+        out += row
+    return out
+
+
+def slot_sources(old: list[int], new: list[int]) -> list[int]:
+    """For each new slot, an old slot holding its expert (itself when unchanged): the gather
+    that moves expert weights from layout ``old`` to ``new``."""
+    where: dict[int, int] = {}
+    for s, e in enumerate(old):
+        where.setdefault(e, s)
+    missing = sorted(set(new) - set(where))
+    if missing:
+        raise ValueError(f"experts {missing} are in no slot of the old layout")
+    return [s if old[s] == e else where[e] for s, e in enumerate(new)]
+
+
+def rank_loads(placement: Placement, loads: list[float]) -> list[float]:
+    """Tokens each rank computes when copies split an expert's ``loads`` evenly."""
+    total = sum(loads)
+    shares = rank_shares(placement, [x / total for x in loads] if total else loads)
+    return [x * total for x in shares] if total else shares
+
+
+def imbalance(placement: Placement, loads: list[float]) -> float:
+    """Busiest rank's tokens over the mean rank's (1.0: balanced)."""
+    r = rank_loads(placement, loads)
+    mean = sum(r) / len(r)
+    return max(r) / mean if mean else 1.0
+
+
 def rank_shares(placement: Placement, p: list[float]) -> list[float]:
     """Each rank's share of a layer's routed tokens (copies split an expert's load evenly)."""
     copies = [0] * len(p)
