@@ -110,6 +110,9 @@ class Rebalance:
 class ExpertSlots:
     """Each layer's experts in S = E + R physical slots over ``ranks`` ranks (module doc).
 
+    The stacked layout's slots are the executor's own arrays [S, ...] (a copy: the model's
+    logical arrays stay referenced by its ``Model``); the split layout's are the model's arrays.
+
     ``params(layer)`` is what an expert kernel takes: the physical slots and their ``SlotMap``
     (stacked layout), or, for the split layout (a CPU's tuples of per-expert arrays), a logical
     view that references each expert's first copy and no ``SlotMap``: there the dense kernel
@@ -177,6 +180,8 @@ class ExpertSlots:
         the last re-placement; move the weights. None (nothing changes) if no token was routed
         since."""
         window = loads - self.loads_at_rebalance
+        if (window < 0).any():  # the counts started over (``ExpertLoad.reset``)
+            window = loads
         if not window.any():
             return None
         self.loads_at_rebalance = loads.copy()

@@ -16,7 +16,12 @@ import qllm_jax
 from qllm_jax.eplb import ExpertSlots, routing_trace
 from qllm_jax.models.model import expert_group
 from qllm_jax.models.random_init import MODEL_PRESETS, random_model
-from qllm_jax.scheduler.experts import eplb_placement, slot_experts, slot_sources
+from qllm_jax.scheduler.experts import (
+    colocated_placement,
+    eplb_placement,
+    slot_experts,
+    slot_sources,
+)
 
 TINY = MODEL_PRESETS["mixtral-tiny"]  # 8 experts, top_k 2, 2 layers
 TOP4 = dataclasses.replace(TINY, top_k=4, norm_topk_prob=False)  # a sum order that matters
@@ -26,6 +31,7 @@ ENGINE = dict(
     max_batch_size=4,
     max_num_batched_tokens=32,
     prefill_chunk=16,
+    enable_prefix_caching=False,  # a second run of the same prompts runs the same shapes
     compilation_cache_dir=None,
 )
 PROMPTS = [[(7 * i + 3 * j) % 250 + 1 for j in range(5 + 6 * i)] for i in range(3)]
@@ -43,10 +49,10 @@ def _tokens(cfg, layout: str, **kw) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(o.token_ids) for o in llm.generate(PROMPTS, GREEDY))
 
 
-def _generate(cfg, layout, **kw):
-    llm = qllm_jax.LLM(_model(cfg, layout), **ENGINE, **kw)
+def _generate(cfg, layout, llm=None, **kw):
+    llm = llm or qllm_jax.LLM(_model(cfg, layout), **ENGINE, **kw)
     tokens = tuple(tuple(o.token_ids) for o in llm.generate(PROMPTS, GREEDY))
-    return tokens, llm.engine
+    return tokens, llm
 
 
 @pytest.mark.parametrize(
@@ -60,12 +66,17 @@ def _generate(cfg, layout, **kw):
 def test_rebalancing_keeps_greedy_tokens(cfg, layout, kw):
     """Placement on: copies and moves every 2 steps; the tokens are those without placement."""
     want = _tokens(cfg, layout, **kw)
-    got, eng = _generate(cfg, layout, redundant_experts=2, rebalance_every=2, eplb_ranks=2, **kw)
-    stats = eng.stats()
+    got, llm = _generate(cfg, layout, redundant_experts=2, rebalance_every=2, eplb_ranks=2, **kw)
+    stats = llm.engine.stats()
     assert stats["expert_rebalances"] >= 3 and stats["expert_slots_moved"] > 0, stats
     assert got == want
     for layer in stats["expert_placement"]:
         assert sorted(set(layer)) == list(range(cfg.num_experts)) and len(layer) == 10
+    # the same traffic again re-places again and compiles nothing (slot maps keep one shape)
+    again, _ = _generate(cfg, layout, llm)
+    after = llm.engine.stats()
+    assert again == want and after["expert_rebalances"] > stats["expert_rebalances"]
+    assert after["compiles"] == stats["compiles"]
 
 
 def test_counts_are_the_routed_pairs_of_real_rows():
@@ -87,12 +98,13 @@ def test_counts_are_the_routed_pairs_of_real_rows():
 
 def test_counts_reach_stats_without_waiting():
     """``stats()["expert_load"]`` fills in from the asynchronous copies (no wait)."""
-    _, eng = _generate(TINY, "split", expert_stats_every=1)
+    _, llm = _generate(TINY, "split", expert_stats_every=1)
+    eng = llm.engine
     eng.step()  # an idle step: takes the copy the last step started
     load = np.array(eng.stats()["expert_load"])
     assert load.shape == (2, 8) and load.sum() > 0
-    _, eng = _generate(TINY, "split", expert_stats_every=0)
-    assert "expert_load" not in eng.stats()
+    _, llm = _generate(TINY, "split", expert_stats_every=0)
+    assert "expert_load" not in llm.engine.stats()
 
 
 def test_ragged_slots_compute_the_logical_result():
@@ -132,6 +144,18 @@ def test_slot_layout_moves_only_what_changed():
     assert new.count(0) >= 2 and set(new) == set(range(8))
     with pytest.raises(ValueError, match="in no slot"):
         slot_sources([0, 1], [0, 2])
+
+
+def test_colocation_follows_inter_layer_transitions():
+    """Uniform loads, and layer 0's expert a always hands its tokens to layer 1's expert
+    (a + 4) % 8: co-location puts each pair on one rank; with no transitions it is EPLB."""
+    loads = [[1.0] * 8, [1.0] * 8]
+    t = [[[10.0 if b == (a + 4) % 8 else 0.0 for b in range(8)] for a in range(8)]]
+    placed = colocated_placement(loads, t, 4, 2, slack=0.3)
+    for rank0, rank1 in zip(*placed, strict=True):
+        assert sorted(rank1) == sorted((a + 4) % 8 for a in rank0)
+    none = [[[0.0] * 8 for _ in range(8)]]  # no affinity anywhere: plain EPLB
+    assert colocated_placement(loads, none, 4, 2, 0.3) == [eplb_placement(w, 4, 2) for w in loads]
 
 
 @pytest.mark.parametrize(
