@@ -442,6 +442,7 @@ class Engine:
                 "expert_rebalances": slots.num_rebalances,
                 "expert_slots_moved": slots.moved_slots,
                 "expert_placement": [list(x) for x in slots.slot_expert],
+                "expert_last_rebalance": slots.last and dataclasses.asdict(slots.last),
             }
         return out
 

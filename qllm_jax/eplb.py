@@ -70,6 +70,7 @@ class ExpertLoad:
         self.shape = (num_layers, num_experts)
         self.counts = jnp.zeros(self.shape, jnp.int32)  # updated by every expert segment
         self.host = np.zeros(self.shape, np.int64)  # as of the last copy that landed
+        self._raw = np.zeros(self.shape, np.uint32)  # that copy's bits
         self._pending: jax.Array | None = None
         self.num_resets = 0
 
@@ -77,7 +78,7 @@ class ExpertLoad:
         """Between steps: take a copy started earlier if it has landed (never waits), and with
         ``start`` begin the next one. Returns the host view."""
         if self._pending is not None and self._pending.is_ready():
-            self.host = np.asarray(self._pending).astype(np.int64)
+            self._take(np.asarray(self._pending))
             self._pending = None
         if start:
             self._pending = self.counts
@@ -87,13 +88,21 @@ class ExpertLoad:
     def read(self) -> np.ndarray:
         """The counts now (waits for the device: between steps only, e.g. to re-place)."""
         self._pending = None
-        self.host = np.asarray(jax.device_get(self.counts)).astype(np.int64)
+        self._take(np.asarray(jax.device_get(self.counts)))
         return self.host
 
+    def _take(self, raw: np.ndarray) -> None:
+        """Add what was counted since the last copy: the device's int32 counters wrap after
+        2**31 picks, the host's int64 totals add the difference modulo 2**32."""
+        raw = raw.view(np.uint32)
+        self.host = self.host + (raw - self._raw).astype(np.int64)
+        self._raw = raw
+
     def reset(self) -> None:
-        """Start over at zero (the device array was lost with a failed computation)."""
+        """Count again from zero on the device (its array was lost with a failed computation);
+        the host keeps the totals it had read."""
         self.counts = jnp.zeros(self.shape, jnp.int32)
-        self.host = np.zeros(self.shape, np.int64)
+        self._raw = np.zeros(self.shape, np.uint32)
         self._pending = None
         self.num_resets += 1
 
@@ -103,8 +112,8 @@ class Rebalance:
     """What one re-placement did."""
 
     moved_slots: int  # physical slots that received another expert's weights
-    imbalance_before: float  # busiest / mean rank tokens of the window, old placement
-    imbalance_after: float  # the same tokens under the new placement
+    imbalance_before: float  # busiest / mean rank tokens of the window, old placement (worst
+    imbalance_after: float  # layer), and under the new placement
 
 
 class ExpertSlots:
@@ -133,6 +142,7 @@ class ExpertSlots:
         self.loads_at_rebalance = np.zeros((len(experts), self.num_experts), np.int64)
         self.num_rebalances = 0
         self.moved_slots = 0
+        self.last: Rebalance | None = None
 
     # -- what the kernels take --------------------------------------------------------------
 
@@ -180,8 +190,6 @@ class ExpertSlots:
         the last re-placement; move the weights. None (nothing changes) if no token was routed
         since."""
         window = loads - self.loads_at_rebalance
-        if (window < 0).any():  # the counts started over (``ExpertLoad.reset``)
-            window = loads
         if not window.any():
             return None
         self.loads_at_rebalance = loads.copy()
@@ -200,7 +208,8 @@ class ExpertSlots:
             after = max(after, imbalance(self.placement(layer), w))
         self.num_rebalances += 1
         self.moved_slots += moved
-        return Rebalance(moved, before, after)
+        self.last = Rebalance(moved, round(before, 4), round(after, 4))
+        return self.last
 
 
 def routing_trace(model: Model, token_ids: list[int]) -> np.ndarray:

@@ -492,7 +492,7 @@ class Executor:
                 self.carries.pop(pid, None)
                 fail(self.ledger.drop(pid))
         if not _healthy(self.expert_load.counts):
-            self.expert_load.reset()  # poisoned with the failed call: counting starts over
+            self.expert_load.reset()  # poisoned with the failed call: the device counts restart
         if all(_healthy(x) for x in (*self.kv.k, *self.kv.v)):
             return StepResult(failed=failed)
         self.ledger.clear()

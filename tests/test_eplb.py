@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import qllm_jax
-from qllm_jax.eplb import ExpertSlots, routing_trace
+from qllm_jax.eplb import ExpertLoad, ExpertSlots, routing_trace
 from qllm_jax.models.model import expert_group
 from qllm_jax.models.random_init import MODEL_PRESETS, random_model
 from qllm_jax.scheduler.experts import (
@@ -69,6 +69,8 @@ def test_rebalancing_keeps_greedy_tokens(cfg, layout, kw):
     got, llm = _generate(cfg, layout, redundant_experts=2, rebalance_every=2, eplb_ranks=2, **kw)
     stats = llm.engine.stats()
     assert stats["expert_rebalances"] >= 3 and stats["expert_slots_moved"] > 0, stats
+    last = stats["expert_last_rebalance"]
+    assert last["imbalance_after"] <= last["imbalance_before"] or not last["moved_slots"], last
     assert got == want
     for layer in stats["expert_placement"]:
         assert sorted(set(layer)) == list(range(cfg.num_experts)) and len(layer) == 10
@@ -94,6 +96,13 @@ def test_counts_are_the_routed_pairs_of_real_rows():
         )
         np.testing.assert_array_equal(load, want)
         assert load.sum() == TINY.num_layers * TINY.top_k * sum(map(len, PROMPTS))
+
+
+def test_host_totals_survive_int32_wraparound():
+    load = ExpertLoad(1, 2)
+    load._take(np.array([[2**31 - 1, 5]], np.int32))
+    load._take(np.array([[-(2**31) + 9, 5]], np.int32))  # the device counter wrapped: 10 more
+    assert load.host.tolist() == [[2**31 + 9, 5]]
 
 
 def test_counts_reach_stats_without_waiting():
