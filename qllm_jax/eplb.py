@@ -183,6 +183,12 @@ class ExpertSlots:
         idx = jnp.asarray(sources, jnp.int32)
         return ExpertParams(_take(ep.w_gate_up, idx), _take(ep.w_down, idx))
 
+    def warmup(self) -> None:
+        """Compile the gather a re-placement moves weights with (slots to slots: another shape
+        than the first placement's experts to slots), so serving compiles nothing."""
+        if self.layout == "stacked":
+            jax.block_until_ready(self._gather(self._slots[0], list(range(self.num_slots))))
+
     # -- re-placement -------------------------------------------------------------------------
 
     def rebalance(self, loads: np.ndarray) -> Rebalance | None:

@@ -550,6 +550,8 @@ class Executor:
         _check_map_room(sum(s.kernel == "fused" for s in sigs))
         for sig in sigs:
             self._warm(sig)
+        if self.expert_slots is not None:
+            self.expert_slots.warmup()
         jax.block_until_ready((self.kv.k, self.kv.v))
         return len(sigs)
 

@@ -98,6 +98,18 @@ def test_counts_are_the_routed_pairs_of_real_rows():
         assert load.sum() == TINY.num_layers * TINY.top_k * sum(map(len, PROMPTS))
 
 
+def test_a_warm_rebalance_compiles_nothing():
+    """Stacked slots move with a jitted gather: the warm-up compiles it."""
+    from qllm_jax import compile_log
+
+    eng = qllm_jax.Engine(_model(TINY, "stacked"), **ENGINE, redundant_experts=2, eplb_ranks=2)
+    eng.executor.expert_slots.warmup()
+    before = compile_log.count()
+    skewed = np.array([[50, 1, 1, 1, 1, 1, 1, 30]] * TINY.num_layers)
+    assert eng.executor.expert_slots.rebalance(skewed).moved_slots > 0
+    assert compile_log.count() == before
+
+
 def test_host_totals_survive_int32_wraparound():
     load = ExpertLoad(1, 2)
     load._take(np.array([[2**31 - 1, 5]], np.int32))
