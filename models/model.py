@@ -447,13 +447,15 @@ def logits(
 # The oracle: a full-sequence forward without a cache, chaining the pieces above
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Array:
+def _full_sequences(params: Params, cfg: ModelConfig, token_ids: Array) -> tuple[Array, Array]:
+    """token_ids [B, S] → the last layer's residual [B*S, D] and every layer's expert picks
+    [L, B*S, k]: each sequence whole, no cache."""
     b, s = token_ids.shape
     positions = jnp.tile(jnp.arange(s, dtype=jnp.int32), b)  # [B*S]
     seq = jnp.repeat(jnp.arange(b, dtype=jnp.int32), s)  # [B*S]
     valid = jnp.ones((b * s,), bool)
     h = embed(params.embed, token_ids.reshape(-1))  # [B*S, D]
+    picks = []
     for layer, lp in enumerate(params.layers):
         q, k, v = qkv(lp.attn, cfg, h, positions)
         window = cfg.sliding_windows[layer]
@@ -463,8 +465,21 @@ def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Ar
         if lp.shared is not None:
             moe = moe + shared_expert(lp.shared, moe_in)
         h = h + moe
+        picks.append(ids)
+    return h, jnp.stack(picks)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Array:
+    b, s = token_ids.shape
+    h, _ = _full_sequences(params, cfg, token_ids)
     out = logits(params.final_norm, params.lm_head, params.lm_head_bias, cfg, h)
     return out.reshape(b, s, cfg.vocab_size)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _reference_routing(params: Params, cfg: ModelConfig, token_ids: Array) -> Array:
+    return _full_sequences(params, cfg, token_ids[None])[1]
 
 
 def reference_forward(model, token_ids) -> Array:
@@ -478,3 +493,9 @@ def reference_forward(model, token_ids) -> Array:
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= model.config.vocab_size):
         raise ValueError(f"token ids must lie in [0, {model.config.vocab_size})")
     return _reference_forward(model.params, model.config, ids)
+
+
+def reference_routing(model, token_ids) -> Array:
+    """The experts each token of one sequence picks at each layer, from the oracle's pass:
+    token_ids [T] → ids [L, T, k] int32 (for studies of expert placement)."""
+    return _reference_routing(model.params, model.config, jnp.asarray(token_ids, jnp.int32))

@@ -22,23 +22,14 @@ placement-invariant (``models.model._expert_group_slots``), so moving a copy cha
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qllm_jax.models import Model, ModelConfig
-from qllm_jax.models.model import (
-    attend,
-    attention_mask,
-    attention_output,
-    embed,
-    expert_group,
-    qkv,
-    shared_expert,
-)
-from qllm_jax.models.params import ExpertParams, Params, SlotMap
+from qllm_jax.models import Model
+from qllm_jax.models.model import reference_routing
+from qllm_jax.models.params import ExpertParams, SlotMap
 from qllm_jax.scheduler.experts import eplb_placement, imbalance, slot_experts, slot_sources
 
 
@@ -220,30 +211,9 @@ class ExpertSlots:
 
 def routing_trace(model: Model, token_ids: list[int]) -> np.ndarray:
     """The experts each token of one sequence picks at each layer: ids [L, T, k] int32, from
-    the model's own functions over the whole sequence with no cache (as
-    ``models.model.reference_forward``). For benchmarks of placements (which experts follow
-    which from one layer to the next), not for serving."""
-    ids = jnp.asarray(np.asarray(token_ids, np.int32))
-    return np.asarray(_trace(model.params, model.config, ids))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _trace(params: Params, cfg: ModelConfig, token_ids: jax.Array) -> jax.Array:
-    n = token_ids.shape[0]
-    positions = jnp.arange(n, dtype=jnp.int32)
-    seq, valid = jnp.zeros(n, jnp.int32), jnp.ones(n, bool)
-    h = embed(params.embed, token_ids)
-    out = []
-    for layer, lp in enumerate(params.layers):
-        q, k, v = qkv(lp.attn, cfg, h, positions)
-        mask = attention_mask(positions, seq, positions, seq, valid, cfg.sliding_windows[layer])
-        h, moe_in, weights, picks = attention_output(lp.attn, cfg, h, attend(q, k, v, mask, cfg))
-        moe = expert_group(lp.experts, moe_in, weights, picks, 0, cfg.num_experts)
-        if lp.shared is not None:
-            moe = moe + shared_expert(lp.shared, moe_in)
-        h = h + moe
-        out.append(picks)
-    return jnp.stack(out)
+    the model's oracle pass (``models.model.reference_routing``). For benchmarks of
+    placements (which experts follow which from one layer to the next), not for serving."""
+    return np.asarray(reference_routing(model, np.asarray(token_ids, np.int32)))
 
 
 _take = jax.jit(lambda w, idx: jnp.take(w, idx, axis=0))
