@@ -29,8 +29,8 @@ ENGINE = dict(
     kv_pages=40,
     page_size=8,
     max_batch_size=4,
-    max_num_batched_tokens=32,
-    prefill_chunk=16,
+    max_num_batched_tokens=16,  # few row buckets: few executables to compile
+    prefill_chunk=8,
     enable_prefix_caching=False,  # a second run of the same prompts runs the same shapes
     compilation_cache_dir=None,
 )
@@ -131,8 +131,8 @@ def test_counts_reach_stats_without_waiting():
 def test_ragged_slots_compute_the_logical_result():
     """The accelerator path (grouped matmuls over physical slots, a row's picks split over its
     expert's copies by row) gives the logical result under any placement. Bit-identical only
-    where the grouped matmul computes a row from its own slot alone: XLA:CPU's ragged_dot
-    contracts all groups at once, so here a slot's index changes the last bits (measured)."""
+    where the grouped matmul computes a row from its own slot alone: with XLA:CPU's ragged_dot
+    the same weights in another slot give other last bits (measured)."""
     cfg = TOP4
     ep = _model(cfg, "stacked").params.layers[0].experts
     rng = np.random.default_rng(0)
