@@ -338,8 +338,9 @@ def _op_owners(ex, batch: int, ctx: int) -> dict[str, str]:
         0, tuple(Chunk(i, ctx - 1, (5,), tuple(range(1, 1 + pages)), spec) for i in range(batch))
     )
     text = ex.kernels.fused.lower(
-        ex.model.params, ex._head_params, tuple(ex.kv.k), tuple(ex.kv.v), token_ids(rec),
-        pass_meta(rec, ex.page_size), ex._sample_inputs(rec, ex._sample_bucket(batch)), cfg=ex.cfg,
+        ex._params, ex._head_params, tuple(ex.kv.k), tuple(ex.kv.v), token_ids(rec),
+        pass_meta(rec, ex.page_size), ex._sample_inputs(rec, ex._sample_bucket(batch)),
+        ex.expert_load.counts, ex._slot_maps, cfg=ex.cfg,
         page_size=ex.page_size, dtype=ex.dtype, want_logits=False,
     ).compile().as_text()  # fmt: skip
     section = lambda name: re.search(rf"\n{name}\n(.*?)\n\n", text, re.S)  # noqa: E731

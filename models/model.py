@@ -28,6 +28,7 @@ from .params import (
     Params,
     QuantizedWeight,
     SharedExpertParams,
+    SlotMap,
     Weight,
 )
 
@@ -368,6 +369,7 @@ def expert_group(
     group_start: Array | int,
     group_size: int,
     impl: str = "auto",
+    slots: SlotMap | None = None,
 ) -> Array:
     """Contribution of experts [group_start, group_start + group_size) to each row.
 
@@ -378,9 +380,17 @@ def expert_group(
     matmuls: work ∝ N*k, the right choice on accelerators), "dense" (every expert of the group
     on every row, unrouted rows weighted 0: XLA:CPU lowers ragged_dot densely over N*k rows
     anyway, so N*G rows is less work there), or "auto" (by backend).
+
+    ``slots`` (stacked layout only): ``ep`` holds physical expert slots, some of them copies of
+    hot experts (expert load balancing), and ``slots`` says which hold which expert; ``ids``
+    stay logical. See ``_expert_group_slots``.
     """
     if impl == "auto":
         impl = "dense" if jax.default_backend() == "cpu" else "ragged"
+    if slots is not None:
+        if ep.layout != "stacked":
+            raise ValueError("physical expert slots need the stacked expert layout")
+        return _expert_group_slots(ep, x, weights, ids, group_start, group_size, impl, slots)
     if ep.layout == "split":
         if len(ep.w_gate_up) != group_size:
             raise ValueError(f"split experts: got {len(ep.w_gate_up)} for a group of {group_size}")
@@ -415,6 +425,58 @@ def _expert_group_dense(x, weights, ids, group_start, group_size, w_gate_up, w_d
     return out
 
 
+def _expert_group_slots(
+    ep: ExpertParams,
+    x: Array,
+    weights: Array,
+    ids: Array,
+    group_start: Array | int,
+    group_size: int,
+    impl: str,
+    slots: SlotMap,
+) -> Array:
+    """``expert_group`` over physical slots: ep.w_gate_up [S, D, 2F], ep.w_down [S, F, D].
+
+    Placement-invariant: the copies of an expert hold the same bits, and a row's contributions
+    are added in logical-expert order (``_sum_by_expert``), so moving or copying an expert
+    changes no output bit (with top_k > 2 the order of a sum matters). "ragged": every routed
+    (row, expert) goes to one copy, ``row % copies`` (deterministic), and the grouped matmuls
+    run over all S slots (work ∝ N*k; the slot axis is what an expert mesh axis shards).
+    "dense" (one device): each logical expert runs on every row from its first copy (the
+    copies are bit-identical, so which copy computes a row changes nothing), in id order,
+    exactly as without slots.
+    """
+    if impl == "dense":
+        first = jax.lax.dynamic_slice_in_dim(slots.slot[:, 0], group_start, group_size)  # [G]
+        w_gu, w_d = ep.w_gate_up[first], ep.w_down[first]
+        return _expert_group_dense(x, weights, ids, group_start, w_gu, w_d)
+    n, k = ids.shape
+    num_slots = ep.w_down.shape[0]
+    local = ids - group_start  # [N, k]
+    in_group = (local >= 0) & (local < group_size)
+    e = jnp.clip(ids, 0, slots.copies.shape[0] - 1)  # padding rows' id E -> any; masked below
+    copy = jnp.arange(n, dtype=jnp.int32)[:, None] % slots.copies[e]  # [N, k]
+    phys = jnp.where(in_group, slots.slot[e, copy], num_slots).reshape(-1)  # [N*k]
+    order = jnp.argsort(phys, stable=True)
+    sizes = jnp.bincount(phys, length=num_slots + 1)[:num_slots].astype(jnp.int32)  # [S]
+    y = expert_ffn(x[order // k], ep.w_gate_up, ep.w_down, sizes)  # [N*k, D] sorted by slot
+    w = weights.reshape(-1)[order]
+    contrib = jnp.where(in_group.reshape(-1)[order][:, None], (y * w[:, None]).astype(y.dtype), 0)
+    per = jnp.zeros_like(contrib).at[order].set(contrib)  # back to (row, k) order: a permutation
+    return _sum_by_expert(per.reshape(n, k, -1), ids)
+
+
+def _sum_by_expert(per: Array, ids: Array) -> Array:
+    """per [N, k, D] contributions of each row's k picks → [N, D], added from zero in ascending
+    expert id (the order the dense path adds experts in), whatever slot computed them."""
+    perm = jnp.argsort(ids, axis=1)  # [N, k]
+    per = jnp.take_along_axis(per, perm[:, :, None], axis=1)
+    out = jnp.zeros_like(per[:, 0])
+    for j in range(per.shape[1]):  # static: k
+        out = out + per[:, j]
+    return out
+
+
 def shared_expert(sp: SharedExpertParams, x: Array) -> Array:
     """Qwen2-MoE's always-on expert behind a sigmoid gate: x [N, D] → [N, D]."""
     f = sp.w_down.shape[0]
@@ -443,13 +505,15 @@ def logits(
 # The oracle: a full-sequence forward without a cache, chaining the pieces above
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Array:
+def _full_sequences(params: Params, cfg: ModelConfig, token_ids: Array) -> tuple[Array, Array]:
+    """token_ids [B, S] → the last layer's residual [B*S, D] and every layer's expert picks
+    [L, B*S, k]: each sequence whole, no cache."""
     b, s = token_ids.shape
     positions = jnp.tile(jnp.arange(s, dtype=jnp.int32), b)  # [B*S]
     seq = jnp.repeat(jnp.arange(b, dtype=jnp.int32), s)  # [B*S]
     valid = jnp.ones((b * s,), bool)
     h = embed(params.embed, token_ids.reshape(-1))  # [B*S, D]
+    picks = []
     for layer, lp in enumerate(params.layers):
         q, k, v = qkv(lp.attn, cfg, h, positions)
         window = cfg.sliding_windows[layer]
@@ -459,8 +523,21 @@ def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Ar
         if lp.shared is not None:
             moe = moe + shared_expert(lp.shared, moe_in)
         h = h + moe
+        picks.append(ids)
+    return h, jnp.stack(picks)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _reference_forward(params: Params, cfg: ModelConfig, token_ids: Array) -> Array:
+    b, s = token_ids.shape
+    h, _ = _full_sequences(params, cfg, token_ids)
     out = logits(params.final_norm, params.lm_head, params.lm_head_bias, cfg, h)
     return out.reshape(b, s, cfg.vocab_size)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _reference_routing(params: Params, cfg: ModelConfig, token_ids: Array) -> Array:
+    return _full_sequences(params, cfg, token_ids[None])[1]
 
 
 def reference_forward(model, token_ids) -> Array:
@@ -474,3 +551,9 @@ def reference_forward(model, token_ids) -> Array:
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= model.config.vocab_size):
         raise ValueError(f"token ids must lie in [0, {model.config.vocab_size})")
     return _reference_forward(model.params, model.config, ids)
+
+
+def reference_routing(model, token_ids) -> Array:
+    """The experts each token of one sequence picks at each layer, from the oracle's pass:
+    token_ids [T] → ids [L, T, k] int32 (for studies of expert placement)."""
+    return _reference_routing(model.params, model.config, jnp.asarray(token_ids, jnp.int32))

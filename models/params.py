@@ -88,6 +88,19 @@ class ExpertParams:
         return ExpertParams(self.w_gate_up[start : start + size], self.w_down[start : start + size])
 
 
+@pytree_dataclass
+class SlotMap:
+    """Where one layer's E logical experts live among its S physical expert slots (expert load
+    balancing: ``ExpertParams`` then holds S >= E slots, some of them copies of hot experts).
+
+    Copy ``c`` of expert ``e`` is slot ``slot[e, c]`` for ``c < copies[e]`` (the rest of the row
+    repeats copy 0); the rows of a pass routed to ``e`` are split among its copies by row index.
+    """
+
+    slot: Array  # [E, C] int32 physical slot of each copy of each expert
+    copies: Array  # [E] int32 copies of each expert (>= 1)
+
+
 EXPERT_LAYOUTS = ("stacked", "split")
 
 

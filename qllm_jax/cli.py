@@ -44,6 +44,10 @@ _ENGINE_FLAGS = (
     "compilation_cache_dir",
     "grow_pages",
     "swap_space",
+    "redundant_experts",
+    "rebalance_every",
+    "eplb_ranks",
+    "expert_stats_every",
 )
 
 
@@ -71,6 +75,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int)
     g.add_argument("--expert-group-size", type=int)
     g.add_argument("--compilation-cache-dir", help="'none' turns the persistent cache off")
+    g.add_argument(
+        "--redundant-experts", type=int, help="extra expert slots per layer (hot expert copies)"
+    )
+    g.add_argument(
+        "--rebalance-every", type=int, help="re-place experts from their load every N steps"
+    )
+    g.add_argument("--eplb-ranks", type=int, help="expert-axis ranks the placement packs onto")
+    g.add_argument(
+        "--expert-stats-every", type=int, help="read expert load back every N steps (0: never)"
+    )
     g.add_argument(
         "--grow-pages",
         action=argparse.BooleanOptionalAction,

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from qllm_jax import compile_log
+from qllm_jax.eplb import check_eplb_options
 from qllm_jax.executor import SEGMENT_KERNELS, SWAP_KERNELS, Executor
 from qllm_jax.kv_cache import page_bytes, pages_for_budget
 from qllm_jax.models import Model, check_quantize, load
@@ -86,6 +87,12 @@ class Engine:
     explicit options win); their defaults are ``SchedulerConfig``'s. ``swap_space``: GiB of
     host memory for the KV pages of evicted requests (vLLM's name; sets ``swap_pages``): they
     are copied back when the request is readmitted instead of recomputed.
+
+    Expert load (``qllm_jax.eplb``): routed-token counts per layer and expert are kept on the
+    device and read back every ``expert_stats_every`` steps (0: never; ``stats()["expert_load"]``).
+    ``redundant_experts`` extra slots per layer hold copies of hot experts, and the experts are
+    re-placed over ``eplb_ranks`` ranks every ``rebalance_every`` steps (0: never) from the
+    counts since the last re-placement.
     """
 
     def __init__(
@@ -102,6 +109,10 @@ class Engine:
         swap_space: float = 0,
         expert_group_size: int | None = None,
         lookahead: int = 2,
+        redundant_experts: int = 0,
+        rebalance_every: int = 0,
+        eplb_ranks: int = 1,
+        expert_stats_every: int = 100,
         seed: int = 0,
         compilation_cache_dir: str | os.PathLike | None | Literal["default"] = "default",
         clock=time.monotonic,
@@ -113,8 +124,13 @@ class Engine:
         if compilation_cache_dir == "default":
             compilation_cache_dir = default_cache_dir()
         enable_compilation_cache(compilation_cache_dir)
+        if not is_int(expert_stats_every) or expert_stats_every < 0:
+            raise ValueError(f"expert_stats_every must be an int >= 0, got {expert_stats_every!r}")
         self.model = _engine_model(model, dtype, quantize)
         cfg = self.model.config
+        check_eplb_options(cfg.num_experts, redundant_experts, rebalance_every, eplb_ranks)
+        self.rebalance_every = rebalance_every
+        self.expert_stats_every = expert_stats_every
         if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={max_model_len} exceeds the model's "
@@ -153,6 +169,9 @@ class Engine:
             lookahead=lookahead,
             mode=self.mode,
             swap_pages=config.swap_pages,
+            eplb=bool(redundant_experts or rebalance_every),
+            redundant_experts=redundant_experts,
+            eplb_ranks=eplb_ranks,
         )
         self.scheduler = Scheduler(config, self.executor.segments, clock=clock)
         self.clock = clock
@@ -303,10 +322,21 @@ class Engine:
             result = self.executor.execute(plan)
             self.num_steps += plan.runs
             outs += [self._advanced(r) for r in self.scheduler.update(plan, result)]
+            if plan.runs:
+                self._expert_upkeep()
         outs = self._route(outs)
         for hook in list(self._step_hooks):
             hook()
         return outs
+
+    def _expert_upkeep(self) -> None:
+        """Between plans: read the expert counts back (asynchronously: ``ExpertLoad.poll``)
+        and re-place the experts when due."""
+        n = self.num_steps
+        if self.expert_stats_every:
+            self.executor.expert_load.poll(start=n % self.expert_stats_every == 0)
+        if self.rebalance_every and n % self.rebalance_every == 0:
+            self.executor.rebalance()
 
     def _advanced(self, req: Request) -> RequestOutput:
         """The output of a request the last plan advanced, after its stop strings: a match in
@@ -397,16 +427,34 @@ class Engine:
         resets, executables and compilations."""
         ex = self.executor
         since = self._compiles_at_warmup
-        return self.scheduler.stats() | {
-            "steps": self.num_steps,
-            "segments_run": ex.segments_run,
-            "carries": ex.num_carries,
-            "kv_resets": ex.num_resets,
-            "executables": len(ex.signatures(kernels=self._kernels())),
-            "executables_compiled": ex.num_compiled(),
-            "compiles": compile_log.count(),
-            "compiles_since_warmup": None if since is None else compile_log.count() - since,
-        }
+        return (
+            self.scheduler.stats()
+            | {
+                "steps": self.num_steps,
+                "segments_run": ex.segments_run,
+                "carries": ex.num_carries,
+                "kv_resets": ex.num_resets,
+                "executables": len(ex.signatures(kernels=self._kernels())),
+                "executables_compiled": ex.num_compiled(),
+                "compiles": compile_log.count(),
+                "compiles_since_warmup": None if since is None else compile_log.count() - since,
+            }
+            | self._expert_stats()
+        )
+
+    def _expert_stats(self) -> dict:
+        """Routed-token counts as last read back (``expert_load`` [layer][expert]: (row, pick)
+        pairs of real rows, recomputed rows included) and the expert placement's counters."""
+        load, slots = self.executor.expert_load, self.executor.expert_slots
+        out: dict = {"expert_load": load.host.tolist()} if self.expert_stats_every else {}
+        if slots is not None:
+            out |= {
+                "expert_rebalances": slots.num_rebalances,
+                "expert_slots_moved": slots.moved_slots,
+                "expert_placement": [list(x) for x in slots.slot_expert],
+                "expert_last_rebalance": slots.last and dataclasses.asdict(slots.last),
+            }
+        return out
 
 
 def stop_string_cut(text: str, stops: Sequence[str]) -> int | None:

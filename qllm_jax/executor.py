@@ -41,8 +41,10 @@ from qllm_jax.carry import (
     scatter_rows,
     token_ids,
 )
+from qllm_jax.eplb import ExpertLoad, ExpertSlots, Rebalance, check_eplb_options
 from qllm_jax.kv_cache import PAGE_IO_BUCKET_MIN, KVCache
 from qllm_jax.models import Model
+from qllm_jax.models.params import ExpertParams, Params, SlotMap
 from qllm_jax.sampling import split_seeds
 from qllm_jax.scheduler.ledger import Applied, CarryRecord, Ledger, Move
 from qllm_jax.scheduler.plan import Chunk, Plan, Segment, StepResult, segment_layout
@@ -102,6 +104,9 @@ class Executor:
     ``mode``: a plan that runs a whole pass (``plan.fused``) runs as one jit (``"fused"``) or
     segment by segment (``"segmented"``, what preemptive plans always do). ``swap_pages``: the
     host slots the scheduler may swap KV pages into (only to warm the page copies up).
+    ``eplb``: hold each layer's experts in ``num_experts + redundant_experts`` physical slots
+    over ``eplb_ranks`` ranks, re-placed by ``rebalance`` (``qllm_jax.eplb``); routed-token
+    counts are kept either way (``expert_load``).
     """
 
     def __init__(
@@ -117,8 +122,12 @@ class Executor:
         lookahead: int = 2,
         mode: str = "fused",
         swap_pages: int = 0,
+        eplb: bool = False,
+        redundant_experts: int = 0,
+        eplb_ranks: int = 1,
     ) -> None:
         cfg = model.config
+        check_eplb_options(cfg.num_experts, redundant_experts, 0, eplb_ranks)
         if mode not in ("fused", "segmented"):
             raise ValueError(f"mode must be 'fused' or 'segmented', got {mode!r}")
         group = cfg.num_experts if expert_group_size is None else expert_group_size
@@ -146,6 +155,12 @@ class Executor:
         )
         self.head = len(self.segments) - 1
         self.ledger = Ledger(self.head, page_size)
+        self.expert_load = ExpertLoad(cfg.num_layers, cfg.num_experts)
+        self.expert_slots: ExpertSlots | None = None
+        if eplb or redundant_experts:
+            experts = [lp.experts for lp in model.params.layers]
+            self.expert_slots = ExpertSlots(experts, redundant_experts, eplb_ranks)
+        self._params, self._slot_maps = self._placed_params()
         self.carries: dict[int, Carry] = {}  # device state of every pass in the ledger
         self.kernels = Kernels()
         self.segments_run = 0
@@ -284,11 +299,17 @@ class Executor:
 
             return attention
         if seg.kind == "experts":
-            ep = lp.experts.group(seg.group_start, seg.group_size)  # no copy
+            ep, slots = self._layer_experts(seg.layer)
+            if slots is None:
+                ep = ep.group(seg.group_start, seg.group_size)  # no copy
             start, size = np.int32(seg.group_start), seg.group_size
+            layer, load = np.int32(seg.layer), self.expert_load
 
             def experts(c: Carry) -> Carry:
-                return c.replace(acc=k.experts(ep, c.moe_in, c.weights, c.ids, c.acc, start, size))
+                acc, load.counts = k.experts(
+                    ep, c.moe_in, c.weights, c.ids, c.acc, start, size, load.counts, layer, slots
+                )
+                return c.replace(acc=acc)
 
             return experts
         if seg.kind == "shared":
@@ -305,14 +326,16 @@ class Executor:
     def _fused(self, rec: CarryRecord, want_logits: bool = False) -> jax.Array:
         """A whole pass in one jit."""
         meta = pass_meta(rec, self.page_size)
-        out, k, v = self.kernels.fused(
-            self.model.params,
+        out, k, v, self.expert_load.counts = self.kernels.fused(
+            self._params,
             self._head_params,
             tuple(self.kv.k),
             tuple(self.kv.v),
             token_ids(rec),
             meta,
             self._sample_inputs(rec, self._sample_bucket(rec.num_rows)),
+            self.expert_load.counts,
+            self._slot_maps,
             cfg=self.cfg,
             page_size=self.page_size,
             dtype=self.dtype,
@@ -327,6 +350,38 @@ class Executor:
         host = jax.device_get(out)
         self.wait_s += time.perf_counter() - t0
         return {c.seq_id: int(host[i]) for i, (_, c) in enumerate(rec.sample_rows())}
+
+    # -- expert slots ---------------------------------------------------------------------------
+
+    def _layer_experts(self, layer: int) -> tuple[ExpertParams, SlotMap | None]:
+        """What a layer's expert kernels take: the model's experts, or their physical slots."""
+        if self.expert_slots is None:
+            return self.model.params.layers[layer].experts, None
+        return self.expert_slots.params(layer)
+
+    def _placed_params(self) -> tuple[Params, tuple[SlotMap, ...] | None]:
+        """The params and slot maps a fused pass takes (the model's own without slots)."""
+        params = self.model.params
+        if self.expert_slots is None:
+            return params, None
+        placed = [self._layer_experts(i) for i in range(len(params.layers))]
+        layers = tuple(
+            lp.replace(experts=ep) for lp, (ep, _) in zip(params.layers, placed, strict=True)
+        )
+        maps = tuple(m for _, m in placed)
+        return params.replace(layers=layers), None if maps[0] is None else maps
+
+    def rebalance(self) -> Rebalance | None:
+        """Re-place the experts from the counts routed since the last re-placement and move
+        their weights (between plans: reads the counts, waiting for the device). None without
+        expert slots or without new counts."""
+        if self.expert_slots is None:
+            return None
+        out = self.expert_slots.rebalance(self.expert_load.read())
+        if out is not None and out.moved_slots:
+            self._params, self._slot_maps = self._placed_params()
+            self.kernels = self.kernels  # rebind the expert segments to the moved slots
+        return out
 
     # -- host-built inputs ------------------------------------------------------------------------
 
@@ -466,6 +521,8 @@ class Executor:
             if not _healthy(self.carries.get(pid)):
                 self.carries.pop(pid, None)
                 fail(self.ledger.drop(pid))
+        if not _healthy(self.expert_load.counts):
+            self.expert_load.reset()  # poisoned with the failed call: the device counts restart
         if all(_healthy(x) for x in (*self.kv.k, *self.kv.v)):
             return StepResult(failed=failed)
         self.ledger.clear()
@@ -527,6 +584,8 @@ class Executor:
         _check_map_room(sum(s.kernel == "fused" for s in sigs))
         for sig in sigs:
             self._warm(sig)
+        if self.expert_slots is not None:
+            self.expert_slots.warmup()
         jax.block_until_ready((self.kv.k, self.kv.v))
         return len(sigs)
 
@@ -541,8 +600,13 @@ class Executor:
         if sig.kernel == "embed":
             k.embed(self.model.params.embed, np.zeros(n, np.int32))
         elif sig.kernel == "experts":
-            ep = self.model.params.layers[0].experts.group(0, self.group_size)
-            k.experts(ep, *state[1:4], state[4], np.int32(0), self.group_size)
+            ep, slots = self._layer_experts(0)
+            if slots is None:
+                ep = ep.group(0, self.group_size)
+            counts = self.expert_load.counts  # padding rows count nothing: left as it is
+            k.experts(
+                ep, *state[1:4], state[4], np.int32(0), self.group_size, counts, np.int32(0), slots
+            )
         elif sig.kernel == "shared":
             k.shared(self.model.params.layers[0].shared, state[1], state[4])
         elif sig.kernel == "scatter":
@@ -564,14 +628,16 @@ class Executor:
             )
             self.kv.k[layer], self.kv.v[layer] = out[-2:]
         elif sig.kernel == "fused":
-            out, kk, vv = k.fused(
-                self.model.params,
+            out, kk, vv, _ = k.fused(
+                self._params,
                 self._head_params,
                 tuple(self.kv.k),
                 tuple(self.kv.v),
                 np.zeros(n, np.int32),
                 _dummy_meta(n, sig.pages),
                 _dummy_samples(sig.samples),
+                self.expert_load.counts,
+                self._slot_maps,
                 cfg=cfg,
                 page_size=self.page_size,
                 dtype=self.dtype,

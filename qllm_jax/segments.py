@@ -36,6 +36,7 @@ from qllm_jax.models.params import (
     NormParams,
     Params,
     SharedExpertParams,
+    SlotMap,
     pytree_dataclass,
 )
 from qllm_jax.sampling import sample
@@ -121,9 +122,26 @@ def experts_fn(
     acc: Array,
     group_start: Array,
     group_size: int,
+    counts: Array,
+    layer: Array,
+    slots: SlotMap | None = None,
+) -> tuple[Array, Array]:
+    """The accumulator [N, D] plus experts [group_start, group_start + group_size), and the
+    routed-token counts [L, E] plus this group's (``count_routed``). ``slots``: ``ep`` holds
+    physical expert slots (expert load balancing; ``expert_group``)."""
+    out = expert_group(ep, moe_in, weights, ids, group_start, group_size, slots=slots)
+    return acc + out, count_routed(counts, ids, layer, group_start, group_size)
+
+
+def count_routed(
+    counts: Array, ids: Array, layer: Array | int, group_start: Array | int, group_size: int
 ) -> Array:
-    """The accumulator [N, D] plus experts [group_start, group_start + group_size)."""
-    return acc + expert_group(ep, moe_in, weights, ids, group_start, group_size)
+    """counts [L, E] int32 plus, at ``layer``, how many (row, pick) of ``ids`` [N, k] chose each
+    expert of the group: logical experts, real rows only (padding rows carry id E)."""
+    num_experts = counts.shape[1]
+    local = ids.reshape(-1) - group_start
+    hit = jnp.where((local >= 0) & (local < group_size), ids.reshape(-1), num_experts)
+    return counts.at[layer].add(jnp.bincount(hit, length=num_experts + 1)[:num_experts])
 
 
 def shared_fn(sp: SharedExpertParams, moe_in: Array, acc: Array) -> Array:
@@ -171,6 +189,8 @@ def fused_step(
     tokens: Array,
     meta: dict[str, Array],
     s: SampleInputs,
+    counts: Array,
+    slots: tuple[SlotMap, ...] | None,
     cfg: ModelConfig,
     page_size: int,
     dtype,
@@ -179,8 +199,9 @@ def fused_step(
     """A whole forward pass in one jit: the same functions as the segments, chained.
 
     head: the head's params (``head_params``); tokens [N] int32, meta the carry's metadata
-    fields. Returns (tokens [S] or logits [S, V],
-    k_caches, v_caches).
+    fields; counts [L, E] routed-token counts; slots: each layer's ``SlotMap`` when
+    ``params`` hold physical expert slots. Returns (tokens [S] or logits [S, V], k_caches,
+    v_caches, counts).
     """
     state = dict(zip(STATE_FIELDS, empty_state(tokens.shape[0], cfg, dtype), strict=True))
     c = Carry(**(state | {"h": embed(params.embed, tokens)}), **meta)
@@ -190,7 +211,11 @@ def fused_step(
         h, moe_in, weights, ids, ks[layer], vs[layer] = attention_fn(
             lp.attn, ks[layer], vs[layer], c, cfg, window, page_size
         )
-        acc = experts_fn(lp.experts, moe_in, weights, ids, jnp.zeros_like(h), 0, cfg.num_experts)
+        sm = None if slots is None else slots[layer]
+        zero = jnp.zeros_like(h)
+        acc, counts = experts_fn(
+            lp.experts, moe_in, weights, ids, zero, 0, cfg.num_experts, counts, layer, sm
+        )
         if lp.shared is not None:
             acc = shared_fn(lp.shared, moe_in, acc)
         c = dataclasses.replace(c, h=h, moe_in=moe_in, weights=weights, ids=ids, acc=acc)
@@ -198,4 +223,4 @@ def fused_step(
         out = head_logits_fn(head, c.h, c.acc, s.rows, cfg)
     else:
         out = head_fn(head, c.h, c.acc, s, cfg)
-    return out, tuple(ks), tuple(vs)
+    return out, tuple(ks), tuple(vs), counts

@@ -229,6 +229,22 @@ class _SnapshotCollector:
         )
         c.add_metric([name], snap["compiles"])
         yield c
+        if snap["expert_load"] is not None:
+            yield _expert_load_metric(name, snap["expert_load"])
+
+
+def _expert_load_metric(name: str, load: list[list[int]]) -> CounterMetricFamily:
+    """Routed (token, pick) pairs per layer and logical expert, as the engine last read them
+    back (every ``expert_stats_every`` steps; recomputed rows count again)."""
+    c = CounterMetricFamily(
+        "qllm:expert_routed_tokens",
+        "Tokens routed to each expert of each layer (one per top-k pick).",
+        labels=["model_name", "layer", "expert"],
+    )
+    for layer, row in enumerate(load):
+        for expert, n in enumerate(row):
+            c.add_metric([name, str(layer), str(expert)], n)
+    return c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +519,9 @@ class EngineLoop:
             "rows": {LS: s.counters["rows_ls"], BE: s.counters["rows_be"]},
             "steps": self.engine.num_steps,
             "compiles": compile_log.count(),
+            "expert_load": self.engine.executor.expert_load.host.tolist()
+            if self.engine.expert_stats_every
+            else None,
         }
 
     def _shutdown(self) -> None:

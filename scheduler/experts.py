@@ -42,8 +42,18 @@ def static_placement(num_experts: int, ranks: int) -> Placement:
     return [list(range(r * per, (r + 1) * per)) for r in range(ranks)]
 
 
-def eplb_placement(loads: list[float], ranks: int, slots_per_rank: int) -> Placement:
-    """Greedy EPLB over ``ranks`` ranks of ``slots_per_rank`` slots (module docstring)."""
+def eplb_placement(
+    loads: list[float],
+    ranks: int,
+    slots_per_rank: int,
+    affinity: list[list[float]] | None = None,
+    slack: float = 0.0,
+) -> Placement:
+    """Greedy EPLB over ``ranks`` ranks of ``slots_per_rank`` slots (module docstring).
+
+    ``affinity[r][e]`` (optional): how much expert ``e`` gains from living on rank ``r``; a copy
+    then goes to the rank of highest affinity among those whose load is within ``slack`` of a
+    rank's fair share above the least-loaded one's (``colocated_placement``)."""
     n = len(loads)
     if ranks * slots_per_rank < n:
         raise ValueError(f"{ranks} x {slots_per_rank} slots cannot hold {n} experts")
@@ -55,6 +65,7 @@ def eplb_placement(loads: list[float], ranks: int, slots_per_rank: int) -> Place
         ((loads[e] / copies[e], e) for e in range(n) for _ in range(copies[e])),
         key=lambda x: (-x[0], x[1]),
     )
+    tol = slack * sum(loads) / ranks
     held: Placement = [[] for _ in range(ranks)]
     load = [0.0] * ranks
     for w, e in items:
@@ -62,9 +73,84 @@ def eplb_placement(loads: list[float], ranks: int, slots_per_rank: int) -> Place
         # a second copy of an expert on the same rank is useless: avoid it while possible
         apart = [r for r in free if e not in held[r]] or free
         r = min(apart, key=lambda r: (load[r], r))
+        if affinity is not None:
+            near = [x for x in apart if load[x] <= load[r] + tol]
+            r = max(near, key=lambda x: (affinity[x][e], -load[x], -x))
         held[r].append(e)
         load[r] += w
     return held
+
+
+def colocated_placement(
+    loads: list[list[float]],
+    transitions: list[list[list[float]]],
+    ranks: int,
+    slots_per_rank: int,
+    slack: float = 0.1,
+) -> list[Placement]:
+    """EPLB per layer, but a copy of layer ``l+1``'s expert ``b`` leans towards the rank whose
+    layer-``l`` experts hand most tokens to ``b`` (the paper's inter-layer expert dependencies):
+    ``transitions[l][a][b]`` counts tokens picking ``a`` at layer ``l`` and ``b`` at ``l+1``.
+    ``slack`` bounds what balance it may give up (a fraction of a rank's fair load)."""
+    out = [eplb_placement(loads[0], ranks, slots_per_rank)]
+    for layer in range(1, len(loads)):
+        prev, t = out[-1], transitions[layer - 1]
+        n = len(loads[layer])
+        copies = [sum(x.count(a) for x in prev) for a in range(len(t))]
+        affinity = [
+            [sum(t[a][b] / copies[a] for a in experts) for b in range(n)] for experts in prev
+        ]
+        out.append(eplb_placement(loads[layer], ranks, slots_per_rank, affinity, slack))
+    return out
+
+
+def slot_experts(placement: Placement, previous: list[int] | None = None) -> list[int]:
+    """Physical slot -> expert, rank-major (slot ``s`` lives on rank ``s // slots_per_rank``),
+    from a placement of equal-sized ranks. With the ``previous`` slot layout, an expert that
+    stays on a rank keeps its old slot there, so a re-placement moves only what changed."""
+    per = len(placement[0])
+    if any(len(x) != per for x in placement):
+        raise ValueError(f"ranks hold unequal slot counts: {[len(x) for x in placement]}")
+    out: list[int] = []
+    for r, experts in enumerate(placement):
+        left = list(experts)
+        row = [-1] * per
+        if previous is not None:
+            for i, e in enumerate(previous[r * per : (r + 1) * per]):
+                if e in left:
+                    row[i] = e
+                    left.remove(e)
+        for i in range(per):
+            if row[i] < 0:
+                row[i] = left.pop(0)
+        out += row
+    return out
+
+
+def slot_sources(old: list[int], new: list[int]) -> list[int]:
+    """For each new slot, an old slot holding its expert (itself when unchanged): the gather
+    that moves expert weights from layout ``old`` to ``new``."""
+    where: dict[int, int] = {}
+    for s, e in enumerate(old):
+        where.setdefault(e, s)
+    missing = sorted(set(new) - set(where))
+    if missing:
+        raise ValueError(f"experts {missing} are in no slot of the old layout")
+    return [s if old[s] == e else where[e] for s, e in enumerate(new)]
+
+
+def rank_loads(placement: Placement, loads: list[float]) -> list[float]:
+    """Tokens each rank computes when copies split an expert's ``loads`` evenly."""
+    total = sum(loads)
+    shares = rank_shares(placement, [x / total for x in loads] if total else loads)
+    return [x * total for x in shares] if total else shares
+
+
+def imbalance(placement: Placement, loads: list[float]) -> float:
+    """Busiest rank's tokens over the mean rank's (1.0: balanced)."""
+    r = rank_loads(placement, loads)
+    mean = sum(r) / len(r)
+    return max(r) / mean if mean else 1.0
 
 
 def rank_shares(placement: Placement, p: list[float]) -> list[float]:
@@ -81,6 +167,16 @@ def changed_slots(old: Placement, new: Placement) -> float:
     total = sum(len(x) for x in new)
     moved = sum(len(set(b) - set(a)) for a, b in zip(old, new, strict=True))
     return moved / total if total else 0.0
+
+
+def ep_expert_time(
+    expert_base: float, expert_per_row: float, weight_share: float, rows: float, hot: float
+) -> float:
+    """Seconds of a layer's experts on the busiest rank: it reads ``weight_share`` of the
+    layer's expert weights (its slots / E) and computes ``hot`` (its share) of ``rows`` tokens'
+    routed work; ``expert_base`` / ``expert_per_row`` are a cost model's, for all experts on one
+    device."""
+    return expert_base * weight_share + expert_per_row * rows * hot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +257,7 @@ class ExpertState:
         hot = self.block_hot[block]
         self.balance_num += rows * hot * self.ep.ranks
         self.balance_den += rows
-        t = expert_base * self.slots / self.ep.num_experts + expert_per_row * rows * hot
+        t = ep_expert_time(expert_base, expert_per_row, self.slots / self.ep.num_experts, rows, hot)
         return t + self.g * self.ep.a2a_s(max_rows)
 
     @property

@@ -19,7 +19,7 @@ import reproduce_paper as rp  # noqa: E402
 
 SCRIPTS = [
     "reproduce_paper.py", "regime_map.py", "calibration.py", "starvation.py", "overhead.py",
-    "load_bench.py", "profile_cost.py", "serve_bench.py",
+    "load_bench.py", "profile_cost.py", "serve_bench.py", "eplb_bench.py",
 ]  # fmt: skip
 
 

@@ -49,7 +49,7 @@ ENGINE_FLAGS = [
     "--kv-pages", str(KV_PAGES), "--max-batch-size", "8", "--max-num-batched-tokens", "32",
     "--prefill-chunk", "16",
 ]  # fmt: skip
-FLAGS = [*ENGINE_FLAGS, "--no-warmup", "--log-level", "warning"]
+FLAGS = [*ENGINE_FLAGS, "--no-warmup", "--log-level", "warning", "--expert-stats-every", "1"]
 MODEL = "builtin-mixtral-v2"
 PROMPTS = ["Once upon a time", "The capital of France", "def main():", "Hello!", "1, 2, 3,"]
 STARTUP_S = 120
@@ -241,6 +241,8 @@ def test_service_tier_and_priority_reach_the_scheduler(server):
     assert sample(m, "qllm:request_success_total", priority_class="be") >= 2
     assert sample(m, "qllm:time_to_first_token_seconds_count", priority_class="be") >= 2
     assert sample(m, "qllm:compilations_total") > 0  # (the warm-up's, at least)
+    # every (token, pick) of 4 layers of 2 picks, read back within a step or so of routing
+    assert sample(m, "qllm:expert_routed_tokens_total", layer="3") > 0
 
 
 def _wait(cond, timeout: float = 10.0) -> None:
