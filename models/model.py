@@ -448,10 +448,10 @@ def _expert_group_slots(
     """
     if impl == "dense":
         first = jax.lax.dynamic_slice_in_dim(slots.slot[:, 0], group_start, group_size)  # [G]
-        w_gu, w_d = ep.w_gate_up[first], ep.w_down[first]
-        return _expert_group_dense(x, weights, ids, group_start, w_gu, w_d)
+        w_gu, w_d = (jax.tree.map(lambda a: a[first], w) for w in (ep.w_gate_up, ep.w_down))
+        return _expert_group_dense(x, weights, ids, group_start, group_size, w_gu, w_d)
     n, k = ids.shape
-    num_slots = ep.w_down.shape[0]
+    num_slots = jax.tree.leaves(ep.w_down)[0].shape[0]  # S (both leaves of an int8 weight)
     local = ids - group_start  # [N, k]
     in_group = (local >= 0) & (local < group_size)
     e = jnp.clip(ids, 0, slots.copies.shape[0] - 1)  # padding rows' id E -> any; masked below

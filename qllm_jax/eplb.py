@@ -120,7 +120,8 @@ class ExpertSlots:
     """
 
     def __init__(self, experts: list[ExpertParams], redundant: int, ranks: int) -> None:
-        self.num_experts = len(experts[0].w_down)
+        w_down = experts[0].w_down  # a tuple (split layout) or one stacked [E, ...] weight
+        self.num_experts = len(w_down) if isinstance(w_down, tuple) else _leading(w_down)
         self.ranks = ranks
         self.num_slots = self.num_experts + redundant
         self.per_rank = self.num_slots // ranks
@@ -209,6 +210,11 @@ class ExpertSlots:
         return self.last
 
 
+def _leading(w) -> int:
+    """The leading (expert) dimension of a stacked weight, float or int8."""
+    return jax.tree.leaves(w)[0].shape[0]
+
+
 def routing_trace(model: Model, token_ids: list[int]) -> np.ndarray:
     """The experts each token of one sequence picks at each layer: ids [L, T, k] int32, from
     the model's oracle pass (``models.model.reference_routing``). For benchmarks of
@@ -216,4 +222,5 @@ def routing_trace(model: Model, token_ids: list[int]) -> np.ndarray:
     return np.asarray(reference_routing(model, np.asarray(token_ids, np.int32)))
 
 
-_take = jax.jit(lambda w, idx: jnp.take(w, idx, axis=0))
+# slots ``idx`` of a stacked [S, ...] weight (both leaves of an int8 one)
+_take = jax.jit(lambda w, idx: jax.tree.map(lambda a: jnp.take(a, idx, axis=0), w))
