@@ -356,19 +356,23 @@ def _expert_group_dense(x, weights, ids, group_start, w_gate_up, w_down) -> Arra
     local = ids - group_start  # [N, k]
     out = jnp.zeros_like(x)
     for g in range(len(w_down)):  # static
-        out = out + dense_contribution(x, weights, local == g, w_gate_up[g], w_down[g])
+        out = add_weighted(out, dense_expert(x, w_gate_up[g], w_down[g]), weights, local == g)
     return out
 
 
-def dense_contribution(x: Array, weights: Array, chosen: Array, w_gate_up: Array, w_down: Array):
-    """One expert's weighted output on every row: x [N, D], weights [N, k], chosen [N, k]
-    (which of a row's k picks are this expert), w_gate_up [D, 2F], w_down [F, D] → [N, D]
-    (zero on rows that did not pick it)."""
+def dense_expert(x: Array, w_gate_up: Array, w_down: Array) -> Array:
+    """One expert's SwiGLU on every row: x [N, D], w_gate_up [D, 2F], w_down [F, D] → [N, D]."""
     f = w_down.shape[0]
     h = x @ w_gate_up  # [N, 2F]
-    y = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down  # [N, D]
+    return (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down
+
+
+def add_weighted(out: Array, y: Array, weights: Array, chosen: Array) -> Array:
+    """out [N, D] plus one expert's output y [N, D] weighted by its routing weight on each
+    row: weights [N, k], chosen [N, k] (which of a row's k picks are this expert; zero weight
+    on rows that did not pick it)."""
     w = jnp.where(chosen, weights, 0).sum(-1)  # [N] routing weight of the expert
-    return (y * w[:, None]).astype(x.dtype)
+    return out + (y * w[:, None]).astype(out.dtype)
 
 
 def shared_expert(sp: SharedExpertParams, x: Array) -> Array:

@@ -4,20 +4,26 @@ Each kernel here has the signature of its single-device counterpart in ``qllm_ja
 so the executor swaps its kernel table and nothing else changes (carries, ledger, plans,
 preemption). The carry's row state is replicated on every device; collectives are explicit.
 
-Same results as one device, by construction rather than by tolerance:
+Same results as one device:
 
-- nothing is ever split along a contraction: heads are whole per device (q/k/v projections
-  by output column), the output projection and the LM head by output column, the embedding by
-  hidden column; their pieces are concatenated (``all_gather``), never added;
-- experts: each device computes its local experts' weighted outputs, the outputs are gathered
-  (not summed with a ``psum``, which would add them in another order) and added to the
-  accumulator one expert at a time in expert-id order, which is exactly the order a single
-  device adds them in (a group of one expert, or a whole layer: ``0 + y0 + y1 + ...``).
+- experts are exact by construction: each device runs whole experts, their unweighted outputs
+  are gathered (not summed with a ``psum``, which would add them in another order), and every
+  device weights and adds them in expert-id order with the very expressions one device
+  evaluates (``models.model.add_weighted``), fused multiply-adds included. The expert
+  segment is bitwise one device's (``tests/sharded_checks.py experts:``).
+- nothing is split along a contraction, so there are no partial sums to reassociate: heads are
+  whole per device (q/k/v projections by output column), the output projection and the LM
+  head by output column, the embedding by hidden column; pieces are concatenated
+  (``all_gather``), never added. That is still not bitwise on XLA:CPU: a column block of a
+  matmul may run another kernel than the whole matmul (measured: [8, 256] x [256, 128] blocks
+  of a [256, 1024] product differ in the last bits; 4000-column blocks of a [4096, 32000]
+  head too). So the LM head (any mesh) and attention (tensor_parallel > 1) differ from one
+  device by float rounding (~1e-5 of the logits' scale on the tested configurations), and
+  greedy tokens are identical on every tested family and mesh shape: a property shown by the
+  tests, not a guarantee.
 
-What remains is that XLA computes a column block of a matmul exactly as the same columns of
-the whole matmul, which holds for the tested CPU configurations (tests/test_sharded.py). The
-``ragged`` expert path (accelerators) adds the devices' partial sums with a ``psum`` instead:
-less traffic, not bitwise equal to one device.
+The ``ragged`` expert path (accelerators) adds the devices' partial sums with a ``psum``
+instead: less traffic, not bitwise equal to one device.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from qllm_jax.carry import STATE_FIELDS, Carry
 from qllm_jax.mesh import AXES, EXPERT, KV_SPEC, TENSOR, param_spec
 from qllm_jax.models import ModelConfig
 from qllm_jax.models.model import (
-    dense_contribution,
+    add_weighted,
+    dense_expert,
     embed,
     expert_group,
     logits,
@@ -123,14 +130,17 @@ def _experts_body(ep_local: ExpertParams, x, weights, ids, acc, group_start, gro
     if impl == "ragged":
         part = expert_group(ExpertParams(w_gu, w_d), x, weights, local, 0, per, "ragged")
         return acc + jax.lax.psum(part, EXPERT)
-    mine = jnp.stack(
-        [dense_contribution(x, weights, local == j, w_gu[j], w_d[j]) for j in range(per)]
-    )  # [G/ep, N, D]
-    every = jax.lax.all_gather(mine, EXPERT)  # [ep, G/ep, N, D]: expert (j, d) is start + j*ep + d
+    mine = jnp.stack([dense_expert(x, w_gu[j], w_d[j]) for j in range(per)])  # [G/ep, N, D]
+    every = jax.lax.all_gather(mine, EXPERT)  # [ep, G/ep, N, D]: expert start + j*ep + d
+    # weighted and added in expert-id order on every device, the very expressions one device
+    # evaluates (a psum of per-device sums would add in another order, and a weighted output
+    # gathered after rounding would lose the fused multiply-add one device gets)
+    rel = ids - group_start  # [N, k]
+    out = jnp.zeros_like(acc)
     for j in range(per):
         for d in range(ep):
-            acc = acc + every[d, j]  # expert-id order, as one device adds them
-    return acc
+            out = add_weighted(out, every[d, j], weights, rel == j * ep + d)
+    return acc + out
 
 
 def _head_logits_body(hp: HeadParams, h, acc, rows, cfg):
