@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         print(json.dumps(child(args)))
         return {}
-    rows = []
+    load_start, rows = os.getloadavg(), []
     for shape in args.shapes.split(","):
         rows.append(run_shape(shape, args))
         r = rows[-1]
@@ -187,12 +187,12 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "load_average_start": os.getloadavg(),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
         },
         "args": {k: v for k, v in vars(args).items() if k not in ("child", "ep", "tp")},
         "results": rows,
     }
-    report["machine"]["load_average_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(NOTE)

@@ -66,3 +66,20 @@ def test_mesh_errors_name_the_axis():
         )
     with pytest.raises(ValueError, match="expert_parallel must be an int"):
         qllm_jax.Engine(model, expert_parallel=0, kv_pages=8, compilation_cache_dir=None)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve"],
+        ["generate", "hi"],
+        ["job", "run", "in.jsonl", "--job-dir", "d"],
+        ["job", "resume", "d"],
+    ],
+)
+def test_parallel_flags_on_every_engine_subcommand(argv):
+    from qllm_jax.cli import _parser, engine_flags
+
+    args = _parser().parse_args([*argv, "--expert-parallel", "4", "--tensor-parallel", "2"])
+    flags = engine_flags(args)
+    assert flags["expert_parallel"] == 4 and flags["tensor_parallel"] == 2
