@@ -22,7 +22,6 @@ tensor. ``expert_parallel = tensor_parallel = 1`` builds no mesh: the single-dev
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
@@ -210,7 +209,3 @@ def kv_shards(mesh: Mesh | None) -> int:
 
 def replicated(mesh: Mesh | None) -> NamedSharding | None:
     return None if mesh is None else NamedSharding(mesh, P())
-
-
-def num_devices(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else math.prod(mesh.shape.values())
