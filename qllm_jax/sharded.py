@@ -123,11 +123,11 @@ def _experts_body(ep_local: ExpertParams, x, weights, ids, acc, group_start, gro
     experts ``start/ep ..`` (the group's ids ``start .. start + G`` are strided over devices)."""
     per = group_size // ep
     first = group_start // ep  # the group's first local slot, the same on every device
-    device, slot = expert_home(ids, ep)
-    local = jnp.where(device == jax.lax.axis_index(EXPERT), slot - first, -1)  # [N, k]
     w_gu = jax.lax.dynamic_slice_in_dim(ep_local.w_gate_up, first, per, axis=0)
     w_d = jax.lax.dynamic_slice_in_dim(ep_local.w_down, first, per, axis=0)
-    if impl == "ragged":
+    if impl == "ragged":  # this device's rows only, its partial sum added over devices
+        device, slot = expert_home(ids, ep)
+        local = jnp.where(device == jax.lax.axis_index(EXPERT), slot - first, -1)  # [N, k]
         part = expert_group(ExpertParams(w_gu, w_d), x, weights, local, 0, per, "ragged")
         return acc + jax.lax.psum(part, EXPERT)
     mine = jnp.stack([dense_expert(x, w_gu[j], w_d[j]) for j in range(per)])  # [G/ep, N, D]

@@ -11,7 +11,8 @@ Checks:
   equal one device's, fused (``priority``) and segmented at expert granularity (``qllm``);
   last-position logits within 1e-4 of their scale (column blocks of the LM head and of the attention
   projections round differently on XLA:CPU: see qllm_jax/sharded.py).
-- ``experts:FAMILY``: the expert segment on each mesh is bitwise one device's.
+- ``experts:FAMILY``: the expert segment on each mesh is bitwise one device's (the dense CPU
+  path), and the ragged path (accelerators: a psum of partial sums) is close to it.
 - ``preemption:EPxTP``: under ``qllm`` with mixed priorities (BE prompts in flight, LS
   arrivals landing inside their passes, an abort), every request's tokens equal its solo
   single-device run, and no KV page, pass or carry is left behind.
@@ -126,7 +127,11 @@ def experts(family: str) -> dict:
         kernel = MeshSegments(mesh).kernels()["experts"]
         got = kernel(sharded, x, weights, ids, acc, np.int32(0), cfg.num_experts)
         assert np.array_equal(np.asarray(got), np.asarray(want)), f"ep={ep} tp={tp}"
-        out[f"ep={ep} tp={tp}"] = "bitwise"
+        ragged = MeshSegments(mesh, impl="ragged").kernels()["experts"]
+        got = ragged(sharded, x, weights, ids, acc, np.int32(0), cfg.num_experts)
+        diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
+        assert diff <= 1e-5 * float(np.abs(np.asarray(want)).max()), f"ragged ep={ep}: {diff}"
+        out[f"ep={ep} tp={tp}"] = f"dense bitwise, ragged (psum) within {diff:.1e}"
     return out
 
 
