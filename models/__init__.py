@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config
 from .errors import CheckpointError, UnsupportedModelError
-from .loader import load_params, resolve_dtype
+from .loader import Place, load_params, resolve_dtype
 from .model import reference_forward
 from .params import Params, QuantizedWeight, default_expert_layout
 from .quant import QUANTIZE_MODES, check_quantize
@@ -63,6 +63,7 @@ def load(
     dtype: str | Any = "auto",
     expert_layout: str = "auto",
     quantize: str | None = None,
+    place: Place | None = None,
 ) -> Model:
     """Load a Hugging Face MoE checkpoint directory.
 
@@ -73,7 +74,8 @@ def load(
     scales, quantized tensor by tensor on the host while loading; the router, norms,
     embeddings and LM head stay in ``dtype`` (see ``models/quant.py``). Raises
     ``CheckpointError`` for malformed checkpoints and ``UnsupportedModelError`` for model types
-    or features this engine does not implement.
+    or features this engine does not implement. ``place``: see ``load_params`` (a mesh's
+    placement needs the stacked layout, which "auto" then picks).
     """
     check_quantize(quantize)
     path = Path(model_dir)
@@ -82,6 +84,6 @@ def load(
     config = read_config(path)
     np_dtype = resolve_dtype(dtype, config)
     if expert_layout == "auto":
-        expert_layout = default_expert_layout()
-    params = load_params(path, config, np_dtype, expert_layout, quantize)
+        expert_layout = "stacked" if place is not None else default_expert_layout()
+    params = load_params(path, config, np_dtype, expert_layout, quantize, place)
     return Model(config, params, load_tokenizer(path), path, np_dtype.name, quantize=quantize)

@@ -361,20 +361,31 @@ def resolve_dtype(dtype: str | Any, cfg: ModelConfig) -> np.dtype:
     return resolved
 
 
+Place = Callable[[str, np.ndarray], Any]  # (params path, complete host array) -> device value
+
+
 def load_params(
     model_dir: str | Path,
     cfg: ModelConfig,
     dtype: np.dtype,
     expert_layout: str = "stacked",
     quantize: str | None = None,
+    place: Place | None = None,
 ) -> Params:
     """Stream a checkpoint's tensors into a params pytree of ``dtype`` jax arrays, routed
     experts in ``expert_layout`` (``"stacked"`` or ``"split"``, see ``ExpertParams``).
     ``quantize="int8"``: each attention and expert matrix is quantized on the host as soon as
-    it is complete, so the device only ever receives its int8 values (``models/quant.py``)."""
+    it is complete, so the device only ever receives its int8 values (``models/quant.py``).
+
+    ``place`` puts each complete host array on the device(s) as the caller wants it (a mesh
+    places it shard by shard: ``qllm_jax.mesh.placer``); by default one device holds it."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
     check_quantize(quantize)
+    if place is not None and expert_layout != "stacked":
+        raise ValueError("placing params on a mesh needs expert_layout='stacked'")
+    if place is not None and quantize is not None:
+        raise ValueError("int8 weights on a device mesh are not supported yet: quantize=None")
     tensors = checkpoint_files(Path(model_dir))
     shapes = target_shapes(cfg)
     writes = plan(tensors, cfg, shapes)
@@ -399,7 +410,9 @@ def load_params(
         remaining[w.path] -= 1
         if remaining[w.path] == 0:  # complete: hand it to JAX, drop the host buffer
             to_device = _to_device(quantize is not None and is_quantized_path(w.path))
-            if expert_layout == "split" and w.path.endswith(_ROUTED):
+            if place is not None:
+                flat[w.path] = place(w.path, buf)
+            elif expert_layout == "split" and w.path.endswith(_ROUTED):
                 flat[w.path] = tuple(to_device(x) for x in buf)
             else:
                 flat[w.path] = to_device(buf)

@@ -71,6 +71,8 @@ class ExpertParams:
       layer's experts run about 2x faster than as one einsum over the stacked arrays.
 
     Either layout may hold ``QuantizedWeight``s instead of arrays (``quantize="int8"``).
+    On a device mesh (``qllm_jax.mesh``) experts are always stacked, sharded on the expert
+    axis, and held in slot order (``mesh.expert_slots``), not expert-id order.
     """
 
     w_gate_up: Weight | tuple[Weight, ...]

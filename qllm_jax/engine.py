@@ -22,12 +22,15 @@ from typing import Literal
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from qllm_jax import compile_log
+from qllm_jax import mesh as mesh_lib
 from qllm_jax.eplb import check_eplb_options
 from qllm_jax.executor import SEGMENT_KERNELS, SWAP_KERNELS, Executor
 from qllm_jax.kv_cache import page_bytes, pages_for_budget
 from qllm_jax.models import Model, check_quantize, load
+from qllm_jax.models.config import read_config
 from qllm_jax.scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from qllm_jax.scheduler.plan import default_group_size
 from qllm_jax.scheduler.sampling_params import is_int
@@ -93,6 +96,10 @@ class Engine:
     ``redundant_experts`` extra slots per layer hold copies of hot experts, and the experts are
     re-placed over ``eplb_ranks`` ranks every ``rebalance_every`` steps (0: never) from the
     counts since the last re-placement.
+
+    ``expert_parallel`` / ``tensor_parallel``: shard the model over that many devices on the
+    mesh's ``"expert"`` and ``"tensor"`` axes (``qllm_jax.mesh``), or pass ``mesh=`` (a
+    ``jax.sharding.Mesh`` with those axis names). 1 and 1 is the single-device path.
     """
 
     def __init__(
@@ -113,6 +120,9 @@ class Engine:
         rebalance_every: int = 0,
         eplb_ranks: int = 1,
         expert_stats_every: int = 100,
+        expert_parallel: int = 1,
+        tensor_parallel: int = 1,
+        mesh: Mesh | None = None,
         seed: int = 0,
         compilation_cache_dir: str | os.PathLike | None | Literal["default"] = "default",
         clock=time.monotonic,
@@ -126,7 +136,13 @@ class Engine:
         enable_compilation_cache(compilation_cache_dir)
         if not is_int(expert_stats_every) or expert_stats_every < 0:
             raise ValueError(f"expert_stats_every must be an int >= 0, got {expert_stats_every!r}")
-        self.model = _engine_model(model, dtype, quantize)
+        self.mesh = _engine_mesh(model, expert_parallel, tensor_parallel, mesh)
+        if self.mesh is not None and (quantize or redundant_experts or rebalance_every):
+            raise ValueError(
+                "int8 weights and expert placement (redundant_experts, rebalance_every) are not "
+                "supported on a device mesh yet"
+            )
+        self.model = _placed_model(model, dtype, quantize, self.mesh)
         cfg = self.model.config
         check_eplb_options(cfg.num_experts, redundant_experts, rebalance_every, eplb_ranks)
         self.rebalance_every = rebalance_every
@@ -140,11 +156,13 @@ class Engine:
         if kv_pages is None:
             if kv_bytes is None and jax.devices()[0].memory_stats() is None:
                 kv_bytes = _CPU_DEFAULT_KV_BYTES
-            kv_pages = pages_for_budget(cfg, page_size, self.model.dtype, kv_bytes)
+            kv_pages = pages_for_budget(
+                cfg, page_size, self.model.dtype, kv_bytes, shards=mesh_lib.kv_shards(self.mesh)
+            )
         if swap_space:
             if "swap_pages" in scheduler_options:
                 raise ValueError("give swap_space (GiB) or swap_pages, not both")
-            per_page = page_bytes(cfg, page_size, self.model.dtype)
+            per_page = page_bytes(cfg, page_size, self.model.dtype)  # host copies are whole
             scheduler_options["swap_pages"] = int(swap_space * 2**30) // per_page
         config = SchedulerConfig.from_options(
             page_size=page_size,
@@ -156,7 +174,12 @@ class Engine:
         self.mode: Mode = mode or ("segmented" if config.policy == "qllm" else "fused")
         if self.mode == "fused" and config.policy == "qllm":
             raise ValueError("the qllm policy preempts between segments: use mode='segmented'")
-        if expert_group_size is None:
+        if self.mesh is not None:
+            ep = self.mesh.shape[mesh_lib.EXPERT]
+            expert_group_size = mesh_lib.group_size(
+                cfg.num_experts, config.granularity, ep, expert_group_size
+            )
+        elif expert_group_size is None:
             expert_group_size = default_group_size(cfg.num_experts, config.granularity)
         self.executor = Executor(
             self.model,
@@ -172,6 +195,7 @@ class Engine:
             eplb=bool(redundant_experts or rebalance_every),
             redundant_experts=redundant_experts,
             eplb_ranks=eplb_ranks,
+            mesh=self.mesh,
         )
         self.scheduler = Scheduler(config, self.executor.segments, clock=clock)
         self.clock = clock
@@ -463,19 +487,33 @@ def stop_string_cut(text: str, stops: Sequence[str]) -> int | None:
     return min(hits, default=None)
 
 
-def _engine_model(model: str | os.PathLike | Model, dtype: str, quantize: str | None) -> Model:
-    """The engine's model: loaded from a directory (``dtype``, ``quantize``: see ``load``), or
-    one already loaded. A loaded float model is not quantized here: its float params would stay
-    alive beside the int8 ones, which is what ``load(..., quantize=)`` exists to avoid."""
+def _engine_mesh(model, expert_parallel: int, tensor_parallel: int, mesh: Mesh | None):
+    """The engine's mesh (None: one device), after checking that its axes divide what they
+    shard (before counting devices, so the error names the axis the model cannot use)."""
+    ep, tp = mesh_lib.mesh_shape(expert_parallel, tensor_parallel, mesh)
+    if ep * tp == 1:
+        return None
+    cfg = model.config if isinstance(model, Model) else read_config(Path(model))
+    mesh_lib.check_divides(cfg, ep, tp)
+    return mesh_lib.make_mesh(ep, tp, mesh)
+
+
+def _placed_model(model, dtype: str, quantize: str | None, mesh: Mesh | None) -> Model:
+    """The model loaded (``dtype``, ``quantize``: see ``load``; a checkpoint on a mesh: shard
+    by shard) or, given in memory, resharded onto the mesh. A loaded float model is not
+    quantized here: its float params would stay alive beside the int8 ones, which is what
+    ``load(..., quantize=)`` exists to avoid."""
     check_quantize(quantize)
-    if not isinstance(model, Model):
+    if isinstance(model, Model):
+        if quantize is not None and model.quantize != quantize:
+            raise ValueError(
+                f"quantize={quantize!r} but the Model passed was loaded with "
+                f"quantize={model.quantize!r}: pass quantize to qllm_jax.load or random_model"
+            )
+        return model if mesh is None else mesh_lib.shard_model(model, mesh)
+    if mesh is None:
         return load(model, dtype=dtype, quantize=quantize)
-    if quantize is not None and model.quantize != quantize:
-        raise ValueError(
-            f"quantize={quantize!r} but the Model passed was loaded with "
-            f"quantize={model.quantize!r}: pass quantize to qllm_jax.load or random_model"
-        )
-    return model
+    return load(model, dtype=dtype, place=mesh_lib.placer(mesh))
 
 
 def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size, swap_space) -> None:
