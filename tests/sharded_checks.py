@@ -119,16 +119,23 @@ def experts(family: str) -> dict:
     ids = ids.astype(jnp.int32)
     acc = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
     layer = model.params.layers[0].experts
-    want = experts_segment(layer, x, weights, ids, acc, np.int32(0), cfg.num_experts)
+    counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)
+    extra = (counts, np.int32(0), None)  # routed-token counts, layer, no expert slots
+    want, want_counts = experts_segment(
+        layer, x, weights, ids, acc, np.int32(0), cfg.num_experts, *extra
+    )
     out = {}
     for ep, tp in MESHES:
         mesh = mesh_lib.make_mesh(ep, tp)
         sharded = mesh_lib.shard_params(model.params, mesh).layers[0].experts
         kernel = MeshSegments(mesh).kernels()["experts"]
-        got = kernel(sharded, x, weights, ids, acc, np.int32(0), cfg.num_experts)
+        got, got_counts = kernel(
+            sharded, x, weights, ids, acc, np.int32(0), cfg.num_experts, *extra
+        )
         assert np.array_equal(np.asarray(got), np.asarray(want)), f"ep={ep} tp={tp}"
+        assert np.array_equal(np.asarray(got_counts), np.asarray(want_counts)), "counts"
         ragged = MeshSegments(mesh, impl="ragged").kernels()["experts"]
-        got = ragged(sharded, x, weights, ids, acc, np.int32(0), cfg.num_experts)
+        got, _ = ragged(sharded, x, weights, ids, acc, np.int32(0), cfg.num_experts, *extra)
         diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
         assert diff <= 1e-5 * float(np.abs(np.asarray(want)).max()), f"ragged ep={ep}: {diff}"
         out[f"ep={ep} tp={tp}"] = f"dense bitwise, ragged (psum) within {diff:.1e}"
