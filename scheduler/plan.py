@@ -160,3 +160,35 @@ class StepResult:
 class PlanError(ValueError):
     """A plan the executor cannot carry out (a scheduler bug): raised before anything of it is
     applied, by the real executor and the simulator's fake one alike."""
+
+
+# -- plans as JSON (a multi-process engine broadcasts each plan to its follower processes) -----
+
+
+def encode_plan(plan: Plan) -> list:
+    """``plan`` as nested lists of plain values (fields in declaration order; a chunk as
+    ``[seq_id, start, token_ids, pages, sample]``): JSON-ready, and ``decode_plan`` inverts it.
+    Positional, so a step's message stays a few bytes a row."""
+    chunks = [
+        [c.seq_id, c.start, c.token_ids, c.pages, _encode_sample(c.sample)] for c in plan.chunks
+    ]
+    fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
+    return [chunks if name == "chunks" else value for name, value in fields.items()]
+
+
+def decode_plan(data: list) -> Plan:
+    """The ``Plan`` that ``encode_plan`` encoded (after a JSON round trip)."""
+    names = [f.name for f in dataclasses.fields(Plan)]
+    if not isinstance(data, list) or len(data) != len(names):
+        raise ValueError(f"an encoded plan is a list of {len(names)} fields, got {data!r:.80}")
+    fields = dict(zip(names, data, strict=True))
+    chunks = tuple(
+        Chunk(seq, start, tuple(tokens), tuple(pages), None if s is None else SampleSpec(*s))
+        for seq, start, tokens, pages, s in fields.pop("chunks")
+    )
+    tuples = {k: tuple(v) for k, v in fields.items() if isinstance(v, list)}
+    return Plan(**(fields | tuples), chunks=chunks)
+
+
+def _encode_sample(s: SampleSpec | None) -> list | None:
+    return None if s is None else [s.temperature, s.top_k, s.top_p, s.seed, s.step]

@@ -1,0 +1,318 @@
+"""One engine over several processes (one per host), on JAX's own distributed runtime.
+
+JAX is multi-controller: every process runs the same program and issues the same jitted calls
+in the same order on a global mesh spanning all processes' devices. Here process 0 (the
+*leader*) runs the scheduler, the HTTP server and an executor; every other process (a
+*follower*) runs only an executor. Plans are plain data (``scheduler.plan``), so the leader
+publishes each plan, as JSON, in the distributed runtime's key-value store before it executes
+it, and each follower reads them in order and executes them with the same executor code: the
+executors' ledgers, carries and KV caches stay identical, and every collective has all its
+participants.
+
+A message also carries the leader's result of the plan before it (tokens, failed rows, KV
+reset), and each follower checks its own against it: a process that diverged stops with an
+error naming the plan instead of feeding wrong data into later collectives. Every
+``sync_every`` messages (and after a warm-up) all processes meet at a barrier, which bounds how
+far the leader runs ahead, lets it delete the messages everyone has read, and turns a follower
+that stopped answering into an error (``ClusterError``) after ``barrier_timeout_s``. A process
+that dies outright is caught by the runtime's heartbeats, which terminate the others with a
+message naming it (``heartbeat_timeout_s``); a collective that waits for a dead peer times out
+by ``--xla_cpu_collective_call_terminate_timeout_seconds`` on CPU.
+
+Durable jobs (``export_kv`` / ``import_kv`` / rows) are not carried across processes: they read
+device arrays into one host's memory, which a sharded cache does not allow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qllm_jax.models import Model
+from qllm_jax.scheduler.plan import Plan, StepResult, decode_plan, encode_plan
+
+_PREFIX = "qllm"
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+
+
+class ClusterError(RuntimeError):
+    """The processes of a multi-process engine no longer agree or no longer answer."""
+
+
+@dataclasses.dataclass
+class Channel:
+    """An ordered stream of JSON messages from process 0 to all others, over the distributed
+    runtime's key-value store (a gRPC call to the coordinator per message and reader)."""
+
+    client: Any  # jax's DistributedRuntimeClient
+    process_id: int
+    num_processes: int
+    sync_every: int = 32
+    barrier_timeout_s: float = 600.0
+    poll_s: float = 1.0  # a follower's wait per get (its signal handlers run in between)
+    sent: int = 0  # messages sent (leader) or received (follower)
+    sync_s: float = 0.0  # time spent at barriers
+
+    def send(self, kind: str, **body: Any) -> None:
+        """Publish the next message (leader only)."""
+        data = json.dumps({"kind": kind, **body}, separators=(",", ":")).encode()
+        self.client.key_value_set_bytes(f"{_PREFIX}/msg/{self.sent}", data)
+        self.sent += 1
+
+    def receive(self) -> dict[str, Any]:
+        """The next message (followers), waiting for it as long as it takes."""
+        key = f"{_PREFIX}/msg/{self.sent}"
+        while True:
+            try:
+                data = self.client.blocking_key_value_get_bytes(key, int(self.poll_s * 1000))
+                break
+            except Exception as e:  # noqa: BLE001 -- jaxlib raises its own runtime error
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise ClusterError(f"process {self.process_id} lost the leader: {e}") from e
+        self.sent += 1
+        return json.loads(data)
+
+    def due(self) -> bool:
+        """Whether the message just sent/received is followed by a barrier (same rule on every
+        process, so they meet)."""
+        return self.sent % self.sync_every == 0
+
+    def sync(self) -> None:
+        """All processes meet; the leader then deletes the messages everyone has read."""
+        t0 = time.perf_counter()
+        try:
+            self.client.wait_at_barrier(
+                f"{_PREFIX}/sync/{self.sent}", int(self.barrier_timeout_s * 1000)
+            )
+        except Exception as e:  # noqa: BLE001
+            raise ClusterError(
+                f"process {self.process_id}: the processes did not all reach message "
+                f"{self.sent} within {self.barrier_timeout_s:g} s ({e}){self._errors()}"
+            ) from e
+        if self.process_id == 0:
+            self.client.key_value_delete(f"{_PREFIX}/msg/")
+        self.sync_s += time.perf_counter() - t0
+
+    def report(self, message: str) -> None:
+        """Leave an error for the other processes to read (best effort)."""
+        with contextlib.suppress(Exception):
+            self.client.key_value_set(f"{_PREFIX}/error/{self.process_id}", message, True)
+
+    def _errors(self) -> str:
+        with contextlib.suppress(Exception):
+            found = self.client.key_value_dir_get(f"{_PREFIX}/error/")
+            return "".join(f"; {k.rsplit('/', 1)[-1]}: {v}" for k, v in found)
+        return ""
+
+
+def _result(result: StepResult) -> dict[str, Any]:
+    """What a follower compares: a step's result as JSON-ready data."""
+    return {
+        "tokens": [[seq, tok] for seq, tok in sorted(result.tokens.items())],
+        "failed": sorted(result.failed),
+        "reset": result.reset,
+    }
+
+
+class LeaderExecutor:
+    """Process 0's executor: publishes every plan and warm-up before running it itself.
+
+    Stands in for the engine's ``Executor`` (attributes are forwarded), so ``Engine.step``,
+    ``Engine.warmup`` and the server run unchanged."""
+
+    def __init__(self, inner, channel: Channel, mesh: Mesh) -> None:
+        self.inner = inner
+        self.channel = channel
+        self.mesh = mesh
+        self._last: dict[str, Any] | None = None  # the result of the previous plan
+        self.broadcast_s = 0.0  # time spent encoding and publishing plans
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def execute(self, plan: Plan) -> StepResult:
+        t0 = time.perf_counter()
+        self.channel.send("plan", plan=encode_plan(plan), prev=self._last)
+        self.broadcast_s += time.perf_counter() - t0
+        if self.channel.due():
+            self.channel.sync()
+        with jax.set_mesh(self.mesh):
+            result = self.inner.execute(plan)
+        self._last = _result(result)
+        return result
+
+    def warmup(self, *args: Any) -> int:
+        self.channel.send("warmup", args=list(args))
+        with jax.set_mesh(self.mesh):
+            n = self.inner.warmup(*args)
+        self.channel.sync()
+        return n
+
+    def _single_host(self, *args: Any, **kw: Any):
+        raise ClusterError(
+            "durable jobs (KV and carry export/import) are not supported on a multi-process "
+            "engine: run them on one process"
+        )
+
+    export_kv = import_kv = export_rows = import_rows = _single_host
+
+
+class Cluster:
+    """This process's place in a multi-process engine (from ``initialize``)."""
+
+    def __init__(self, client: Any, process_id: int, num_processes: int, **channel: Any) -> None:
+        self.process_id = process_id
+        self.num_processes = num_processes
+        self.channel = Channel(client, process_id, num_processes, **channel)
+        self.mesh = Mesh(np.array(jax.devices()), ("data",))  # every process's devices
+
+    @property
+    def leader(self) -> bool:
+        return self.process_id == 0
+
+    @contextlib.contextmanager
+    def on_mesh(self) -> Iterator[None]:
+        """Arrays created inside (an engine's KV cache) live on the global mesh."""
+        with jax.set_mesh(self.mesh):
+            yield
+
+    def replicate(self, model: Model) -> Model:
+        """``model`` with every parameter replicated on all devices of all processes."""
+        params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
+        return dataclasses.replace(model, params=params)
+
+    def lead(self, engine) -> None:
+        """Make ``engine`` (process 0's) publish its plans to the followers."""
+        if not self.leader:
+            raise ClusterError(f"process {self.process_id} is a follower: call follow()")
+        self.channel.send("config", config=engine_config(engine))
+        engine.executor = LeaderExecutor(engine.executor, self.channel, self.mesh)
+
+    def follow(self, engine) -> int:
+        """Run the plans process 0 publishes on ``engine``'s executor until it says stop;
+        returns the number of plans run. A disagreement raises ``ClusterError`` (also left in
+        the key-value store for the leader to report)."""
+        if self.leader:
+            raise ClusterError("process 0 leads: call lead()")
+        try:
+            return self._follow(engine.executor, engine_config(engine))
+        except Exception as e:
+            self.channel.report(f"{type(e).__name__}: {e}")
+            raise
+
+    def _follow(self, executor, config: dict[str, Any]) -> int:
+        plans, last = 0, None
+        while True:
+            msg = self.channel.receive()
+            kind = msg["kind"]
+            if kind == "config":
+                _check_config(msg["config"], config, self.process_id)
+            elif kind == "plan":
+                if msg["prev"] is not None and msg["prev"] != last:
+                    raise ClusterError(
+                        f"process {self.process_id} diverged from process 0 at plan "
+                        f"{plans - 1}: it got {last}, process 0 got {msg['prev']}"
+                    )
+                if self.channel.due():
+                    self.channel.sync()
+                with jax.set_mesh(self.mesh):
+                    last = _result(executor.execute(decode_plan(msg["plan"])))
+                plans += 1
+            elif kind == "warmup":
+                with jax.set_mesh(self.mesh):
+                    executor.warmup(*msg["args"])
+                self.channel.sync()
+            elif kind == "stop":
+                return plans
+            else:
+                raise ClusterError(f"unknown message kind {kind!r} from process 0")
+
+    def stop(self) -> None:
+        """Tell the followers to finish (leader), then leave the distributed runtime."""
+        if self.leader:
+            with contextlib.suppress(Exception):  # followers may be gone already
+                self.channel.send("stop")
+        jax.distributed.shutdown()
+
+
+def engine_config(engine) -> dict[str, Any]:
+    """What every process's engine must agree on for the same plans to mean the same calls."""
+    ex, model = engine.executor, engine.model
+    return {
+        "model": dataclasses.asdict(model.config),
+        "dtype": str(model.dtype),
+        "kv_pages": ex.num_pages,
+        "page_size": ex.page_size,
+        "max_model_len": ex.max_model_len,
+        "max_batch_size": ex.max_batch_size,
+        "max_num_batched_tokens": ex.max_rows,
+        "expert_group_size": ex.group_size,
+        "mode": ex.mode,
+        "lookahead": ex.lookahead,
+        "devices": jax.device_count(),
+    }
+
+
+def _check_config(leader: dict[str, Any], mine: dict[str, Any], process_id: int) -> None:
+    mine = json.loads(json.dumps(mine))  # as the leader's went through JSON
+    bad = [k for k in leader.keys() | mine.keys() if leader.get(k) != mine.get(k)]
+    if bad:
+        diffs = ", ".join(f"{k}: {mine.get(k)!r} here, {leader.get(k)!r} on process 0" for k in bad)
+        raise ClusterError(
+            f"process {process_id}'s engine differs from process 0's ({diffs}); give every "
+            "process the same flags (and --kv-pages where free device memory differs)"
+        )
+
+
+def initialize(
+    coordinator: str,
+    num_processes: int,
+    process_id: int,
+    *,
+    init_timeout_s: int = 120,
+    heartbeat_timeout_s: int = 30,
+    shutdown_timeout_s: int = 30,
+    collective_timeout_s: int | None = 60,
+    **channel: Any,
+) -> Cluster:
+    """Join the multi-process engine: ``jax.distributed.initialize`` with the coordinator at
+    ``coordinator`` ("HOST:PORT", process 0's host; process 0 serves it). Call before any other
+    JAX work. On CPU, collectives run over gloo and a collective waiting longer than
+    ``collective_timeout_s`` for a peer fails the process instead of hanging it."""
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must lie in [0, {num_processes}), got {process_id!r}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if collective_timeout_s is not None and COLLECTIVE_TIMEOUT_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_TIMEOUT_FLAG}={collective_timeout_s}"
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator,
+        num_processes,
+        process_id,
+        initialization_timeout=init_timeout_s,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+        shutdown_timeout_seconds=shutdown_timeout_s,
+    )
+    client = jax._src.distributed.global_state.client  # the runtime's key-value store
+    print(
+        f"qllm-jax: process {process_id}/{num_processes} joined {coordinator} "
+        f"({jax.local_device_count()} local of {jax.device_count()} devices)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return Cluster(client, process_id, num_processes, **channel)

@@ -1,0 +1,64 @@
+"""One process of a multi-process engine run by tests/test_multiprocess.py (also runnable on
+its own: ``python tests/multiproc_worker.py COORDINATOR N ID OUT.json``; with N=0 it runs
+one plain process). Process 0 serves the requests and writes their tokens to OUT.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import qllm_jax
+from qllm_jax import multiprocess
+
+# greedy and seeded sampling, latency-sensitive and best-effort (the qllm policy preempts)
+REQUESTS = [
+    ([1, 5, 9, 13, 2, 7, 3], dict(max_tokens=6), 1),
+    ([4, 4, 8], dict(max_tokens=5), 0),
+    ([11, 3, 17, 19, 23, 29, 31, 37, 41, 43], dict(max_tokens=4, temperature=0.8, seed=7), 1),
+    ([2, 6], dict(max_tokens=6, temperature=1.0, top_k=5, seed=3), 0),
+]
+
+
+def build(cluster: multiprocess.Cluster | None) -> qllm_jax.Engine:
+    model = qllm_jax.random_model("mixtral-tiny", "float32", seed=1)
+    kw = dict(policy="qllm", kv_pages=32, page_size=8, max_model_len=64, max_batch_size=8,
+              max_num_batched_tokens=32, compilation_cache_dir=None)
+    if cluster is None:
+        return qllm_jax.Engine(model, **kw)
+    with cluster.on_mesh():
+        return qllm_jax.Engine(cluster.replicate(model), **kw)
+
+
+def serve(engine: qllm_jax.Engine) -> dict[str, list[int]]:
+    ids = [
+        engine.add_request(p, qllm_jax.SamplingParams(**s), priority=prio)
+        for p, s, prio in REQUESTS
+    ]
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return {rid: done[rid] for rid in ids}
+
+
+def main(coordinator: str, n: int, pid: int, out: str) -> int:
+    if n == 0:
+        tokens = serve(build(None))
+    else:
+        cluster = multiprocess.initialize(coordinator, n, pid, sync_every=4)
+        engine = build(cluster)
+        if not cluster.leader:
+            cluster.follow(engine)
+            cluster.stop()
+            return 0
+        cluster.lead(engine)
+        tokens = serve(engine)
+        cluster.stop()
+    with open(out, "w") as f:
+        json.dump(tokens, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
