@@ -29,6 +29,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -316,3 +319,71 @@ def initialize(
         flush=True,
     )
     return Cluster(client, process_id, num_processes, **channel)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for a coordinator on this machine)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    command: list[str],
+    num_processes: int,
+    port: int | None = None,
+    devices_per_process: int | None = None,
+    grace_s: float = 30.0,
+) -> int:
+    """Run ``qllm-jax COMMAND`` as processes ``0 .. num_processes - 1`` of one engine on this
+    machine, with the coordinator on a loopback port. SIGINT/SIGTERM go to process 0, which
+    stops the followers; if any process fails, the others get SIGTERM (SIGKILL after
+    ``grace_s``). Returns the first failure's exit status, else 0."""
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if devices_per_process is not None and devices_per_process < 1:
+        raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process!r}")
+    coordinator = f"127.0.0.1:{port or free_port()}"
+    env = dict(os.environ)
+    if devices_per_process is not None:
+        flag = f"--xla_force_host_platform_device_count={devices_per_process}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "qllm_jax.cli", *command, "--coordinator", coordinator]
+            + ["--num-processes", str(num_processes), "--process-id", str(i)],
+            env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only
+        )
+        for i in range(num_processes)
+    ]
+    forward = lambda signum, frame: procs[0].send_signal(signum)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _supervise(procs, grace_s)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
+    """Wait for the processes; stop the rest when one fails or when process 0 is done."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or codes[0] == 0:
+            break
+        time.sleep(0.2)
+    deadline = time.monotonic() + (0 if failed else grace_s)
+    for p in procs:  # after a success, followers finish by themselves
+        while p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return failed[0] if failed else next((p.returncode for p in procs if p.returncode), 0)

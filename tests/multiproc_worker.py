@@ -21,8 +21,15 @@ REQUESTS = [
 
 def build(cluster: multiprocess.Cluster | None) -> qllm_jax.Engine:
     model = qllm_jax.random_model("mixtral-tiny", "float32", seed=1)
-    kw = dict(policy="qllm", kv_pages=32, page_size=8, max_model_len=64, max_batch_size=8,
-              max_num_batched_tokens=32, compilation_cache_dir=None)
+    kw = dict(
+        policy="qllm",
+        kv_pages=32,
+        page_size=8,
+        max_model_len=64,
+        max_batch_size=8,
+        max_num_batched_tokens=32,
+        compilation_cache_dir=None,
+    )
     if cluster is None:
         return qllm_jax.Engine(model, **kw)
     with cluster.on_mesh():
