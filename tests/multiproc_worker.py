@@ -1,10 +1,13 @@
 """One process of a multi-process engine run by tests/test_multiprocess.py (also runnable on
 its own: ``python tests/multiproc_worker.py COORDINATOR N ID OUT.json``; with N=0 it runs
-one plain process). Process 0 serves the requests and writes their tokens to OUT.json."""
+one plain process). Process 0 serves the requests and writes their tokens to OUT.json.
+
+``QLLM_TEST_DIE_AFTER=K``: a follower exits (status 17) after running K plans."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import qllm_jax
@@ -53,9 +56,13 @@ def main(coordinator: str, n: int, pid: int, out: str) -> int:
     if n == 0:
         tokens = serve(build(None))
     else:
-        cluster = multiprocess.initialize(coordinator, n, pid, sync_every=4)
+        cluster = multiprocess.initialize(
+            coordinator, n, pid, heartbeat_timeout_s=5, shutdown_timeout_s=10, sync_every=4
+        )
         engine = build(cluster)
         if not cluster.leader:
+            if "QLLM_TEST_DIE_AFTER" in os.environ:
+                _die_after(engine, int(os.environ["QLLM_TEST_DIE_AFTER"]))
             cluster.follow(engine)
             cluster.stop()
             return 0
@@ -65,6 +72,18 @@ def main(coordinator: str, n: int, pid: int, out: str) -> int:
     with open(out, "w") as f:
         json.dump(tokens, f)
     return 0
+
+
+def _die_after(engine: qllm_jax.Engine, plans: int) -> None:
+    execute, count = engine.executor.execute, [0]
+
+    def dying(plan):
+        if count[0] == plans:
+            os._exit(17)
+        count[0] += 1
+        return execute(plan)
+
+    engine.executor.execute = dying
 
 
 if __name__ == "__main__":

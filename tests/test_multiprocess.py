@@ -1,0 +1,126 @@
+"""A multi-process engine (``qllm_jax.multiprocess``): processes over loopback, one device each,
+give the tokens of one process, through the engine API and through ``qllm-jax launch ... --
+serve``; a follower that dies ends the leader with an error instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import qllm_jax
+from qllm_jax.multiprocess import free_port
+from qllm_jax.scheduler.plan import Chunk, Plan, SampleSpec, decode_plan, encode_plan
+from tests import multiproc_worker
+
+WORKER = Path(multiproc_worker.__file__)
+ROOT = WORKER.parents[1]
+TIMEOUT_S = 180
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    flags = "--xla_force_host_platform_device_count=1"
+    return os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": path} | extra
+
+
+def _run_workers(n: int, out: Path, **env: str) -> list[subprocess.CompletedProcess]:
+    """Processes 0..n-1 of one engine; waits for all (bounded) and returns them."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), coordinator, str(n), str(i), str(out)],
+            env=_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    done = []
+    for p in procs:
+        try:
+            stdout, _ = p.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout))
+    return done
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict[str, list[int]]:
+    return multiproc_worker.serve(multiproc_worker.build(None))
+
+
+def test_plans_keep_every_field_through_json():
+    sample = SampleSpec(0.7, 5, 0.9, 2**64 - 1, 3)
+    chunks = (Chunk(4, 0, (1, 2, 3), (1, 2), sample), Chunk(5, 9, (7,), (3,), None))
+    plan = Plan(3, 2, 5, chunks, True, (1, 2), (5,), 9, True, True, (6, 8))
+    assert decode_plan(json.loads(json.dumps(encode_plan(plan)))) == plan
+    with pytest.raises(ValueError, match="list of 11 fields"):
+        decode_plan([1, 2])
+
+
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_processes_give_the_tokens_of_one(tmp_path, one_process, n):
+    out = tmp_path / "tokens.json"
+    procs = _run_workers(n, out)
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i}:\n{p.stdout[-3000:]}"
+    assert json.loads(out.read_text()) == one_process
+
+
+def test_a_dead_follower_ends_the_leader_with_an_error(tmp_path):
+    out = tmp_path / "tokens.json"
+    t0 = time.monotonic()
+    leader, follower = _run_workers(2, out, QLLM_TEST_DIE_AFTER="2")
+    assert follower.returncode == 17
+    assert leader.returncode != 0 and not out.exists()
+    assert "task" in leader.stdout and ("unhealthy" in leader.stdout or "1" in leader.stdout)
+    assert time.monotonic() - t0 < 90
+
+
+def test_launch_serves_http_with_the_tokens_of_one_process(tmp_path):
+    from tests.test_server import ENGINE, ENGINE_FLAGS
+
+    prompts = ["Once upon a time", "def main():"]
+    llm = qllm_jax.LLM(qllm_jax.builtin_model_dir(), compilation_cache_dir=None, **ENGINE)
+    sampling = qllm_jax.SamplingParams(max_tokens=5, temperature=0)
+    want = [o.text for o in llm.generate(prompts, sampling)]
+    port = free_port()
+    log = tmp_path / "launch.log"
+    cmd = [sys.executable, "-m", "qllm_jax.cli", "launch", "--num-processes", "2", "--",
+           "serve", "--port", str(port), "--state-dir", str(tmp_path / "state"),
+           "--compilation-cache-dir", "none", *ENGINE_FLAGS, "--no-warmup",
+           "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=_env(), stdout=open(log, "wb"), stderr=-2)  # noqa: SIM115
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        got = []
+        for prompt in prompts:
+            body = dict(model="builtin-mixtral-v2", prompt=prompt, max_tokens=5, temperature=0)
+            r = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT_S)
+            got.append(r.json()["choices"][0]["text"])
+        assert got == want
+    finally:
+        proc.terminate()  # the launcher passes it to process 0, which stops process 1
+        rc = proc.wait(timeout=60)
+    assert rc == 0, log.read_text()[-3000:]
+    assert "process 1 ran" in log.read_text()
