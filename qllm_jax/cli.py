@@ -106,10 +106,7 @@ def build_engine(flags: dict[str, Any], cluster=None):
         model = spec
     if cluster is None:
         return qllm_jax.Engine(model, dtype=dtype, **kw)
-    if not isinstance(model, qllm_jax.Model):
-        model = qllm_jax.load(model, dtype=dtype)
-    with cluster.on_mesh():
-        return qllm_jax.Engine(cluster.replicate(model), **kw)
+    return cluster.engine(model, dtype=dtype, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,7 +278,8 @@ def _serve(args: argparse.Namespace) -> int:
             args.served_model_name,
             max_waiting_ls=args.max_waiting_ls,
             max_upload_bytes=args.max_upload_bytes,
-            checkpoint_every=args.checkpoint_every,
+            # a multi-process engine cannot export KV to one host: batches run, undurable
+            checkpoint_every=args.checkpoint_every if cluster is None else None,
         )
     except (ValueError, OSError) as e:
         print(f"qllm-jax: {e}", file=sys.stderr)

@@ -34,7 +34,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -183,16 +182,18 @@ class Cluster:
     def leader(self) -> bool:
         return self.process_id == 0
 
-    @contextlib.contextmanager
-    def on_mesh(self) -> Iterator[None]:
-        """Arrays created inside (an engine's KV cache) live on the global mesh."""
-        with jax.set_mesh(self.mesh):
-            yield
+    def engine(self, model: str | os.PathLike | Model, **engine_kw: Any):
+        """This process's ``Engine`` of ``model`` (a checkpoint directory or a ``Model``), the
+        same call on every process: its weights replicated on every device of every process,
+        and its KV cache on them too."""
+        from qllm_jax.engine import Engine
+        from qllm_jax.models import load
 
-    def replicate(self, model: Model) -> Model:
-        """``model`` with every parameter replicated on all devices of all processes."""
+        if not isinstance(model, Model):
+            model = load(model, dtype=engine_kw.pop("dtype", "auto"))
         params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
-        return dataclasses.replace(model, params=params)
+        with jax.set_mesh(self.mesh):  # arrays the engine creates (its KV cache) go there too
+            return Engine(dataclasses.replace(model, params=params), **engine_kw)
 
     def lead(self, engine) -> None:
         """Make ``engine`` (process 0's) publish its plans to the followers."""

@@ -33,10 +33,7 @@ def build(cluster: multiprocess.Cluster | None) -> qllm_jax.Engine:
         max_num_batched_tokens=32,
         compilation_cache_dir=None,
     )
-    if cluster is None:
-        return qllm_jax.Engine(model, **kw)
-    with cluster.on_mesh():
-        return qllm_jax.Engine(cluster.replicate(model), **kw)
+    return qllm_jax.Engine(model, **kw) if cluster is None else cluster.engine(model, **kw)
 
 
 def serve(engine: qllm_jax.Engine) -> dict[str, list[int]]:
