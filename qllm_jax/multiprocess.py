@@ -189,6 +189,8 @@ class Cluster:
         from qllm_jax.engine import Engine
         from qllm_jax.models import load
 
+        if engine_kw.get("expert_parallel", 1) * engine_kw.get("tensor_parallel", 1) > 1:
+            return Engine(model, **engine_kw)  # sharded over jax.devices(): every process's
         if not isinstance(model, Model):
             model = load(model, dtype=engine_kw.pop("dtype", "auto"))
         params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
@@ -200,7 +202,7 @@ class Cluster:
         if not self.leader:
             raise ClusterError(f"process {self.process_id} is a follower: call follow()")
         self.channel.send("config", config=engine_config(engine))
-        engine.executor = LeaderExecutor(engine.executor, self.channel, self.mesh)
+        engine.executor = LeaderExecutor(engine.executor, self.channel, self._mesh(engine))
 
     def follow(self, engine) -> int:
         """Run the plans process 0 publishes on ``engine``'s executor until it says stop;
@@ -209,12 +211,16 @@ class Cluster:
         if self.leader:
             raise ClusterError("process 0 leads: call lead()")
         try:
-            return self._follow(engine.executor, engine_config(engine))
+            return self._follow(engine.executor, engine_config(engine), self._mesh(engine))
         except Exception as e:
             self.channel.report(f"{type(e).__name__}: {e}")
             raise
 
-    def _follow(self, executor, config: dict[str, Any]) -> int:
+    def _mesh(self, engine) -> Mesh:
+        """The mesh the engine's calls run under: its own, or all devices (replicated)."""
+        return getattr(engine, "mesh", None) or self.mesh
+
+    def _follow(self, executor, config: dict[str, Any], mesh: Mesh) -> int:
         plans, last = 0, None
         while True:
             msg = self.channel.receive()
@@ -229,11 +235,11 @@ class Cluster:
                     )
                 if self.channel.due():
                     self.channel.sync()
-                with jax.set_mesh(self.mesh):
+                with jax.set_mesh(mesh):
                     last = _result(executor.execute(decode_plan(msg["plan"])))
                 plans += 1
             elif kind == "warmup":
-                with jax.set_mesh(self.mesh):
+                with jax.set_mesh(mesh):
                     executor.warmup(*msg["args"])
                 self.channel.sync()
             elif kind == "stop":

@@ -24,6 +24,7 @@ REQUESTS = [
 
 def build(cluster: multiprocess.Cluster | None) -> qllm_jax.Engine:
     model = qllm_jax.random_model("mixtral-tiny", "float32", seed=1)
+    extra = json.loads(os.environ.get("QLLM_TEST_ENGINE", "{}"))
     kw = dict(
         policy="qllm",
         kv_pages=32,
@@ -32,6 +33,7 @@ def build(cluster: multiprocess.Cluster | None) -> qllm_jax.Engine:
         max_batch_size=8,
         max_num_batched_tokens=32,
         compilation_cache_dir=None,
+        **extra,
     )
     return qllm_jax.Engine(model, **kw) if cluster is None else cluster.engine(model, **kw)
 
