@@ -315,6 +315,7 @@ def _serve_cluster(http, loop, cluster) -> int:
     loop dies (its processes no longer agree, so it cannot serve again), then stop the
     followers. uvicorn's own signal handling would re-raise the signal after its shutdown
     and kill the process before the followers are told; these handlers only ask it to exit."""
+    from qllm_jax import multiprocess
 
     def exit_(signum=None, frame=None) -> None:
         http.should_exit = True
@@ -331,9 +332,17 @@ def _serve_cluster(http, loop, cluster) -> int:
     try:
         http.run()
     finally:
-        cluster.stop()
         for s, handler in old.items():
             signal.signal(s, handler)
+    try:
+        if isinstance(loop.error, multiprocess.ClusterError):
+            raise loop.error
+        cluster.stop()
+    except multiprocess.ClusterError as e:
+        # the followers are gone or disagree: waiting for them in the runtime's shutdown
+        # barrier would only delay the exit
+        print(f"qllm-jax: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
     if loop.error is not None:
         print(f"qllm-jax: the engine loop died: {loop.error}", file=sys.stderr)
         return 1
@@ -342,13 +351,12 @@ def _serve_cluster(http, loop, cluster) -> int:
 
 def _follow(cluster, engine) -> int:
     """A follower process: run process 0's plans until it stops. On an error, leave at once
-    (the runtime's heartbeats then stop the others) rather than wait in a shutdown barrier."""
-    from qllm_jax import multiprocess
-
+    (process 0 finds the report at its next barrier, or misses the heartbeats) rather than
+    wait in the runtime's shutdown barrier."""
     try:
         n = cluster.follow(engine)
-    except multiprocess.ClusterError as e:
-        print(f"qllm-jax: {e}", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 -- follow() has reported it to process 0
+        print(f"qllm-jax: process {cluster.process_id}: {e!r}", file=sys.stderr, flush=True)
         os._exit(1)
     cluster.stop()
     print(f"qllm-jax: process {cluster.process_id} ran {n} plans; stopped", file=sys.stderr)

@@ -90,7 +90,8 @@ class Channel:
         return self.sent % self.sync_every == 0
 
     def sync(self) -> None:
-        """All processes meet; the leader then deletes the messages everyone has read."""
+        """All processes meet; the leader then deletes the messages everyone has read, or
+        raises ``ClusterError`` with the errors followers have reported (``report``)."""
         t0 = time.perf_counter()
         try:
             self.client.wait_at_barrier(
@@ -98,22 +99,26 @@ class Channel:
             )
         except Exception as e:  # noqa: BLE001
             raise ClusterError(
-                f"process {self.process_id}: the processes did not all reach message "
-                f"{self.sent} within {self.barrier_timeout_s:g} s ({e}){self._errors()}"
+                f"process {self.process_id}: the processes did not all reach the barrier "
+                f"after message {self.sent} (timeout {self.barrier_timeout_s:g} s): {e} "
+                f"{self._errors()}"
             ) from e
         if self.process_id == 0:
+            if errors := self._errors():  # a follower that failed reports, then comes here
+                raise ClusterError(f"a follower stopped: {errors}")
             self.client.key_value_delete(f"{_PREFIX}/msg/")
         self.sync_s += time.perf_counter() - t0
 
     def report(self, message: str) -> None:
-        """Leave an error for the other processes to read (best effort)."""
+        """Leave an error for process 0 to find at its next barrier (best effort)."""
         with contextlib.suppress(Exception):
             self.client.key_value_set(f"{_PREFIX}/error/{self.process_id}", message, True)
 
     def _errors(self) -> str:
+        """Errors processes have reported, as "process I: message; ..." ("" if none)."""
         with contextlib.suppress(Exception):
             found = self.client.key_value_dir_get(f"{_PREFIX}/error/")
-            return "".join(f"; {k.rsplit('/', 1)[-1]}: {v}" for k, v in found)
+            return "; ".join(f"process {k.rsplit('/', 1)[-1]}: {v}" for k, v in found)
         return ""
 
 
@@ -136,7 +141,7 @@ class LeaderExecutor:
         self.inner = inner
         self.channel = channel
         self.mesh = mesh
-        self._last: dict[str, Any] | None = None  # the result of the previous plan
+        self.last: dict[str, Any] | None = None  # the result of the previous plan
         self.broadcast_s = 0.0  # time spent encoding and publishing plans
 
     def __getattr__(self, name: str) -> Any:
@@ -144,13 +149,13 @@ class LeaderExecutor:
 
     def execute(self, plan: Plan) -> StepResult:
         t0 = time.perf_counter()
-        self.channel.send("plan", plan=encode_plan(plan), prev=self._last)
+        self.channel.send("plan", plan=encode_plan(plan), prev=self.last)
         self.broadcast_s += time.perf_counter() - t0
         if self.channel.due():
             self.channel.sync()
         with jax.set_mesh(self.mesh):
             result = self.inner.execute(plan)
-        self._last = _result(result)
+        self.last = _result(result)
         return result
 
     def warmup(self, *args: Any) -> int:
@@ -177,6 +182,8 @@ class Cluster:
         self.num_processes = num_processes
         self.channel = Channel(client, process_id, num_processes, **channel)
         self.mesh = Mesh(np.array(jax.devices()), ("data",))  # every process's devices
+        self._lead: LeaderExecutor | None = None  # process 0's, once it leads
+        self._pending = False  # (followers) process 0 meets us after the last message
 
     @property
     def leader(self) -> bool:
@@ -202,7 +209,8 @@ class Cluster:
         if not self.leader:
             raise ClusterError(f"process {self.process_id} is a follower: call follow()")
         self.channel.send("config", config=engine_config(engine))
-        engine.executor = LeaderExecutor(engine.executor, self.channel, self._mesh(engine))
+        self._lead = LeaderExecutor(engine.executor, self.channel, self._mesh(engine))
+        engine.executor = self._lead
 
     def follow(self, engine) -> int:
         """Run the plans process 0 publishes on ``engine``'s executor until it says stop;
@@ -214,6 +222,7 @@ class Cluster:
             return self._follow(engine.executor, engine_config(engine), self._mesh(engine))
         except Exception as e:
             self.channel.report(f"{type(e).__name__}: {e}")
+            self._meet_leader()
             raise
 
     def _mesh(self, engine) -> Mesh:
@@ -223,35 +232,63 @@ class Cluster:
     def _follow(self, executor, config: dict[str, Any], mesh: Mesh) -> int:
         plans, last = 0, None
         while True:
-            msg = self.channel.receive()
+            msg = self._next()
             kind = msg["kind"]
             if kind == "config":
                 _check_config(msg["config"], config, self.process_id)
             elif kind == "plan":
-                if msg["prev"] is not None and msg["prev"] != last:
-                    raise ClusterError(
-                        f"process {self.process_id} diverged from process 0 at plan "
-                        f"{plans - 1}: it got {last}, process 0 got {msg['prev']}"
-                    )
-                if self.channel.due():
-                    self.channel.sync()
+                self._sync_pending()  # process 0 meets there before it executes the plan
+                self._check_prev(msg, last, plans)
                 with jax.set_mesh(mesh):
                     last = _result(executor.execute(decode_plan(msg["plan"])))
                 plans += 1
             elif kind == "warmup":
                 with jax.set_mesh(mesh):
                     executor.warmup(*msg["args"])
-                self.channel.sync()
+                self._sync_pending()
             elif kind == "stop":
+                self._check_prev(msg, last, plans)
+                self._sync_pending()
                 return plans
             else:
                 raise ClusterError(f"unknown message kind {kind!r} from process 0")
 
+    def _next(self) -> dict[str, Any]:
+        """The next message, noting whether process 0 meets the others at a barrier after it
+        (plans every ``sync_every`` messages, every warm-up and the stop)."""
+        msg = self.channel.receive()
+        kind = msg["kind"]
+        self._pending = kind in ("warmup", "stop") or (kind == "plan" and self.channel.due())
+        return msg
+
+    def _sync_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.channel.sync()
+
+    def _check_prev(self, msg: dict[str, Any], last: dict[str, Any] | None, plans: int) -> None:
+        if msg.get("prev") is not None and msg["prev"] != last:
+            raise ClusterError(
+                f"process {self.process_id} diverged from process 0 at plan {plans - 1}: it "
+                f"got {last}, process 0 got {msg['prev']}"
+            )
+
+    def _meet_leader(self) -> None:
+        """After an error (reported): meet process 0 at its next barrier without executing
+        anything more, so that it passes the barrier, finds the report and stops with it
+        (instead of waiting there until this process misses its heartbeats)."""
+        with contextlib.suppress(Exception):  # process 0 may be gone too
+            while not self._pending:
+                self._next()
+            self._sync_pending()
+
     def stop(self) -> None:
-        """Tell the followers to finish (leader), then leave the distributed runtime."""
+        """Leave the distributed runtime; process 0 first tells the followers to stop and waits
+        for them all at a last barrier (``ClusterError`` if one has failed: the runtime's
+        shutdown would only wait for it, so it is skipped)."""
         if self.leader:
-            with contextlib.suppress(Exception):  # followers may be gone already
-                self.channel.send("stop")
+            self.channel.send("stop", prev=getattr(self._lead, "last", None))
+            self.channel.sync()
         jax.distributed.shutdown()
 
 

@@ -1,11 +1,11 @@
 """One process of a multi-process engine run by tests/test_multiprocess.py (also runnable on
 its own: ``python tests/multiproc_worker.py COORDINATOR N ID OUT.json``; with N=0 it runs
 one plain process). Process 0 serves the requests and writes their tokens to OUT.json.
-
-``QLLM_TEST_DIE_AFTER=K``: a follower exits (status 17) after running K plans."""
+Faults to inject: see ``_inject_faults``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -56,33 +56,51 @@ def main(coordinator: str, n: int, pid: int, out: str) -> int:
         tokens = serve(build(None))
     else:
         cluster = multiprocess.initialize(
-            coordinator, n, pid, heartbeat_timeout_s=5, shutdown_timeout_s=10, sync_every=4
+            coordinator, n, pid, heartbeat_timeout_s=10, shutdown_timeout_s=10, sync_every=4
         )
         engine = build(cluster)
-        if not cluster.leader:
-            if "QLLM_TEST_DIE_AFTER" in os.environ:
-                _die_after(engine, int(os.environ["QLLM_TEST_DIE_AFTER"]))
-            cluster.follow(engine)
+        _inject_faults(engine, cluster.leader)
+        try:
+            if not cluster.leader:
+                cluster.follow(engine)
+                cluster.stop()
+                return 0
+            cluster.lead(engine)
+            tokens = serve(engine)
             cluster.stop()
-            return 0
-        cluster.lead(engine)
-        tokens = serve(engine)
-        cluster.stop()
+        except Exception as e:  # noqa: BLE001 -- as the CLI does: say it and leave at once
+            print(f"process {pid}: {type(e).__name__}: {e}", flush=True)
+            os._exit(1)
     with open(out, "w") as f:
         json.dump(tokens, f)
     return 0
 
 
-def _die_after(engine: qllm_jax.Engine, plans: int) -> None:
-    execute, count = engine.executor.execute, [0]
+def _inject_faults(engine: qllm_jax.Engine, leader: bool) -> None:
+    """QLLM_TEST_DIE_AFTER=K: a follower exits (status 17) after running K plans.
+    QLLM_TEST_FAIL_AT=K: on process 0 only, the K-th attention call raises (a fault one
+    process sees and the others do not)."""
+    ex = engine.executor
+    if not leader and "QLLM_TEST_DIE_AFTER" in os.environ:
+        execute, plans, count = ex.execute, int(os.environ["QLLM_TEST_DIE_AFTER"]), [0]
 
-    def dying(plan):
-        if count[0] == plans:
-            os._exit(17)
-        count[0] += 1
-        return execute(plan)
+        def dying(plan):
+            if count[0] == plans:
+                os._exit(17)
+            count[0] += 1
+            return execute(plan)
 
-    engine.executor.execute = dying
+        ex.execute = dying
+    if leader and "QLLM_TEST_FAIL_AT" in os.environ:
+        attention, at, calls = ex.kernels.attention, int(os.environ["QLLM_TEST_FAIL_AT"]), [0]
+
+        def failing(*args, **kw):
+            calls[0] += 1
+            if calls[0] == at:
+                raise RuntimeError("injected fault")
+            return attention(*args, **kw)
+
+        ex.kernels = dataclasses.replace(ex.kernels, attention=failing)
 
 
 if __name__ == "__main__":
