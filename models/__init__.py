@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import SUPPORTED_MODEL_TYPES, ModelConfig, read_config
 from .errors import CheckpointError, UnsupportedModelError
-from .loader import load_params, resolve_dtype
+from .loader import Place, load_params, resolve_dtype
 from .model import reference_forward
 from .params import Params, default_expert_layout
 from .random_init import MODEL_PRESETS, random_model
@@ -54,14 +54,20 @@ def load_tokenizer(model_dir: Path) -> Any | None:
         raise CheckpointError(f"cannot load the tokenizer in {model_dir}: {e}") from e
 
 
-def load(model_dir: str | Path, dtype: str | Any = "auto", expert_layout: str = "auto") -> Model:
+def load(
+    model_dir: str | Path,
+    dtype: str | Any = "auto",
+    expert_layout: str = "auto",
+    place: Place | None = None,
+) -> Model:
     """Load a Hugging Face MoE checkpoint directory.
 
     ``dtype``: "auto" (the checkpoint's own float32/bfloat16; float16 computes in float32),
     "float32" or "bfloat16". ``expert_layout``: how routed experts are held (``ExpertParams``):
     "stacked", "split", or "auto" (split on a CPU, stacked on accelerators). Raises
     ``CheckpointError`` for malformed checkpoints and ``UnsupportedModelError`` for model types
-    or features this engine does not implement.
+    or features this engine does not implement. ``place``: see ``load_params`` (a mesh's
+    placement needs the stacked layout, which "auto" then picks).
     """
     path = Path(model_dir)
     if not path.is_dir():
@@ -69,6 +75,6 @@ def load(model_dir: str | Path, dtype: str | Any = "auto", expert_layout: str = 
     config = read_config(path)
     np_dtype = resolve_dtype(dtype, config)
     if expert_layout == "auto":
-        expert_layout = default_expert_layout()
-    params = load_params(path, config, np_dtype, expert_layout)
+        expert_layout = "stacked" if place is not None else default_expert_layout()
+    params = load_params(path, config, np_dtype, expert_layout, place)
     return Model(config, params, load_tokenizer(path), path, np_dtype.name)

@@ -360,13 +360,25 @@ def resolve_dtype(dtype: str | Any, cfg: ModelConfig) -> np.dtype:
     return resolved
 
 
+Place = Callable[[str, np.ndarray], Any]  # (params path, complete host array) -> device value
+
+
 def load_params(
-    model_dir: str | Path, cfg: ModelConfig, dtype: np.dtype, expert_layout: str = "stacked"
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    dtype: np.dtype,
+    expert_layout: str = "stacked",
+    place: Place | None = None,
 ) -> Params:
     """Stream a checkpoint's tensors into a params pytree of ``dtype`` jax arrays, routed
-    experts in ``expert_layout`` (``"stacked"`` or ``"split"``, see ``ExpertParams``)."""
+    experts in ``expert_layout`` (``"stacked"`` or ``"split"``, see ``ExpertParams``).
+
+    ``place`` puts each complete host array on the device(s) as the caller wants it (a mesh
+    places it shard by shard: ``qllm_jax.mesh.placer``); by default one device holds it."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
+    if place is not None and expert_layout != "stacked":
+        raise ValueError("placing params on a mesh needs expert_layout='stacked'")
     tensors = checkpoint_files(Path(model_dir))
     shapes = target_shapes(cfg)
     writes = plan(tensors, cfg, shapes)
@@ -390,7 +402,9 @@ def load_params(
         del data
         remaining[w.path] -= 1
         if remaining[w.path] == 0:  # complete: hand it to JAX, drop the host buffer
-            if expert_layout == "split" and w.path.endswith(_ROUTED):
+            if place is not None:
+                flat[w.path] = place(w.path, buf)
+            elif expert_layout == "split" and w.path.endswith(_ROUTED):
                 flat[w.path] = tuple(jnp.asarray(np.ascontiguousarray(x)) for x in buf)
             else:
                 flat[w.path] = jnp.asarray(np.ascontiguousarray(buf))

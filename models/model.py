@@ -86,10 +86,12 @@ def _linear(x: Array, w: Array, b: Array | None) -> Array:
     return y if b is None else y + b
 
 
-def qkv(p: AttentionParams, cfg: ModelConfig, x: Array, positions: Array):
+def qkv(p: AttentionParams, cfg: ModelConfig, x: Array, positions: Array, full_norm=norm):
     """Input norm, projections, q/k norm, clipping and RoPE.
 
-    x [N, D], positions [N] → q [N, Hq, hd], k [N, Hkv, hd], v [N, Hkv, hd]
+    x [N, D], positions [N] → q [N, Hq, hd], k [N, Hkv, hd], v [N, Hkv, hd]. ``full_norm`` is
+    the norm OLMoE applies over all heads at once; a tensor-parallel caller, whose ``cfg``
+    counts only its own heads, passes one that gathers the other heads first.
     """
     n = x.shape[0]
     h = norm(x, p.input_norm, cfg)
@@ -97,7 +99,7 @@ def qkv(p: AttentionParams, cfg: ModelConfig, x: Array, positions: Array):
     k = _linear(h, p.wk, p.bk)  # [N, Hkv*hd]
     v = _linear(h, p.wv, p.bv)  # [N, Hkv*hd]
     if cfg.qk_norm == "full":  # OLMoE: one norm over all heads, before the head split
-        q, k = norm(q, p.q_norm, cfg), norm(k, p.k_norm, cfg)
+        q, k = full_norm(q, p.q_norm, cfg), full_norm(k, p.k_norm, cfg)
     if cfg.clip_qkv is not None:
         c = cfg.clip_qkv
         q, k, v = jnp.clip(q, -c, c), jnp.clip(k, -c, c), jnp.clip(v, -c, c)
@@ -255,7 +257,12 @@ def attention_output(p: AttentionParams, cfg: ModelConfig, residual: Array, attn
     residual [N, D], attn [N, Hq*hd] → h [N, D] (new residual), moe_in [N, D],
     weights [N, k], ids [N, k]
     """
-    h = residual + _linear(attn, p.wo, p.bo)
+    return moe_input(p, cfg, residual + _linear(attn, p.wo, p.bo))
+
+
+def moe_input(p: AttentionParams, cfg: ModelConfig, h: Array):
+    """MoE input norm and routing of the new residual h [N, D] → h, moe_in [N, D], weights
+    [N, k], ids [N, k]."""
     moe_in = norm(h, p.post_norm, cfg)
     weights, ids = route(p.router, cfg, moe_in)
     return h, moe_in, weights, ids
@@ -349,12 +356,23 @@ def _expert_group_dense(x, weights, ids, group_start, w_gate_up, w_down) -> Arra
     local = ids - group_start  # [N, k]
     out = jnp.zeros_like(x)
     for g in range(len(w_down)):  # static
-        f = w_down[g].shape[0]
-        h = x @ w_gate_up[g]  # [N, 2F]
-        y = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down[g]  # [N, D]
-        w = jnp.where(local == g, weights, 0).sum(-1)  # [N] routing weight of expert g
-        out = out + (y * w[:, None]).astype(x.dtype)
+        out = add_weighted(out, dense_expert(x, w_gate_up[g], w_down[g]), weights, local == g)
     return out
+
+
+def dense_expert(x: Array, w_gate_up: Array, w_down: Array) -> Array:
+    """One expert's SwiGLU on every row: x [N, D], w_gate_up [D, 2F], w_down [F, D] → [N, D]."""
+    f = w_down.shape[0]
+    h = x @ w_gate_up  # [N, 2F]
+    return (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down
+
+
+def add_weighted(out: Array, y: Array, weights: Array, chosen: Array) -> Array:
+    """out [N, D] plus one expert's output y [N, D] weighted by its routing weight on each
+    row: weights [N, k], chosen [N, k] (which of a row's k picks are this expert; zero weight
+    on rows that did not pick it)."""
+    w = jnp.where(chosen, weights, 0).sum(-1)  # [N] routing weight of the expert
+    return out + (y * w[:, None]).astype(out.dtype)
 
 
 def shared_expert(sp: SharedExpertParams, x: Array) -> Array:

@@ -51,6 +51,9 @@ class ExpertParams:
     - ``"split"``: tuples of E arrays [D, 2F] and [F, D]; on a CPU, where experts run as dense
       matmuls, this lets a segment take just its group's experts with no slicing copy, and a
       layer's experts run about 2x faster than as one einsum over the stacked arrays.
+
+    On a device mesh (``qllm_jax.mesh``) experts are always stacked, sharded on the expert
+    axis, and held in slot order (``mesh.expert_slots``), not expert-id order.
     """
 
     w_gate_up: Array | tuple[Array, ...]

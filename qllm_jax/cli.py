@@ -45,6 +45,8 @@ _ENGINE_FLAGS = (
     "max_num_batched_tokens",
     "prefill_chunk",
     "expert_group_size",
+    "expert_parallel",
+    "tensor_parallel",
     "compilation_cache_dir",
     "grow_pages",
 )
@@ -68,6 +70,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int)
     g.add_argument("--prefill-chunk", type=int)
     g.add_argument("--expert-group-size", type=int)
+    g.add_argument(
+        "--expert-parallel", type=int, help="devices on the mesh's 'expert' axis (default 1)"
+    )
+    g.add_argument(
+        "--tensor-parallel", type=int, help="devices on the mesh's 'tensor' axis (default 1)"
+    )
     g.add_argument("--compilation-cache-dir", help="'none' turns the persistent cache off")
     g.add_argument(
         "--grow-pages",

@@ -22,11 +22,14 @@ from typing import Literal
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from qllm_jax import compile_log
+from qllm_jax import mesh as mesh_lib
 from qllm_jax.executor import SEGMENT_KERNELS, Executor
 from qllm_jax.kv_cache import pages_for_budget
 from qllm_jax.models import Model, load
+from qllm_jax.models.config import read_config
 from qllm_jax.scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from qllm_jax.scheduler.plan import default_group_size
 from qllm_jax.scheduler.sampling_params import is_int
@@ -84,6 +87,10 @@ class Engine:
     ``split_mixed``, ``prefill_first``, ``enable_prefix_caching``, ``queue_order``,
     ``age_after_s``, ``grow_pages``) plus ``preset`` (a named set of them; explicit options
     win); their defaults are ``SchedulerConfig``'s.
+
+    ``expert_parallel`` / ``tensor_parallel``: shard the model over that many devices on the
+    mesh's ``"expert"`` and ``"tensor"`` axes (``qllm_jax.mesh``), or pass ``mesh=`` (a
+    ``jax.sharding.Mesh`` with those axis names). 1 and 1 is the single-device path.
     """
 
     def __init__(
@@ -98,6 +105,9 @@ class Engine:
         page_size: int = 16,
         expert_group_size: int | None = None,
         lookahead: int = 2,
+        expert_parallel: int = 1,
+        tensor_parallel: int = 1,
+        mesh: Mesh | None = None,
         seed: int = 0,
         compilation_cache_dir: str | os.PathLike | None | Literal["default"] = "default",
         clock=time.monotonic,
@@ -109,7 +119,8 @@ class Engine:
         if compilation_cache_dir == "default":
             compilation_cache_dir = default_cache_dir()
         enable_compilation_cache(compilation_cache_dir)
-        self.model = model if isinstance(model, Model) else load(model, dtype=dtype)
+        self.mesh = _engine_mesh(model, expert_parallel, tensor_parallel, mesh)
+        self.model = _placed_model(model, dtype, self.mesh)
         cfg = self.model.config
         if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
             raise ValueError(
@@ -120,7 +131,9 @@ class Engine:
         if kv_pages is None:
             if kv_bytes is None and jax.devices()[0].memory_stats() is None:
                 kv_bytes = _CPU_DEFAULT_KV_BYTES
-            kv_pages = pages_for_budget(cfg, page_size, self.model.dtype, kv_bytes)
+            kv_pages = pages_for_budget(
+                cfg, page_size, self.model.dtype, kv_bytes, shards=mesh_lib.kv_shards(self.mesh)
+            )
         config = SchedulerConfig.from_options(
             page_size=page_size,
             num_pages=kv_pages,
@@ -131,7 +144,12 @@ class Engine:
         self.mode: Mode = mode or ("segmented" if config.policy == "qllm" else "fused")
         if self.mode == "fused" and config.policy == "qllm":
             raise ValueError("the qllm policy preempts between segments: use mode='segmented'")
-        if expert_group_size is None:
+        if self.mesh is not None:
+            ep = self.mesh.shape[mesh_lib.EXPERT]
+            expert_group_size = mesh_lib.group_size(
+                cfg.num_experts, config.granularity, ep, expert_group_size
+            )
+        elif expert_group_size is None:
             expert_group_size = default_group_size(cfg.num_experts, config.granularity)
         self.executor = Executor(
             self.model,
@@ -143,6 +161,7 @@ class Engine:
             expert_group_size=expert_group_size,
             lookahead=lookahead,
             mode=self.mode,
+            mesh=self.mesh,
         )
         self.scheduler = Scheduler(config, self.executor.segments, clock=clock)
         self.clock = clock
@@ -403,6 +422,27 @@ def stop_string_cut(text: str, stops: Sequence[str]) -> int | None:
     """Where ``text`` must be cut for the earliest match of any of ``stops`` (None: none)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits, default=None)
+
+
+def _engine_mesh(model, expert_parallel: int, tensor_parallel: int, mesh: Mesh | None):
+    """The engine's mesh (None: one device), after checking that its axes divide what they
+    shard (before counting devices, so the error names the axis the model cannot use)."""
+    ep, tp = mesh_lib.mesh_shape(expert_parallel, tensor_parallel, mesh)
+    if ep * tp == 1:
+        return None
+    cfg = model.config if isinstance(model, Model) else read_config(Path(model))
+    mesh_lib.check_divides(cfg, ep, tp)
+    return mesh_lib.make_mesh(ep, tp, mesh)
+
+
+def _placed_model(model, dtype: str, mesh: Mesh | None) -> Model:
+    """The model loaded (a checkpoint on a mesh: shard by shard) or, given in memory,
+    resharded onto the mesh."""
+    if isinstance(model, Model):
+        return model if mesh is None else mesh_lib.shard_model(model, mesh)
+    if mesh is None:
+        return load(model, dtype=dtype)
+    return load(model, dtype=dtype, place=mesh_lib.placer(mesh))
 
 
 def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from qllm_jax.carry import (
     PAGE_BUCKET_MIN,
@@ -42,6 +43,7 @@ from qllm_jax.carry import (
     token_ids,
 )
 from qllm_jax.kv_cache import KVCache
+from qllm_jax.mesh import KV_SPEC, replicated
 from qllm_jax.models import Model
 from qllm_jax.sampling import split_seeds
 from qllm_jax.scheduler.ledger import Applied, CarryRecord, Ledger, Move
@@ -58,6 +60,7 @@ from qllm_jax.segments import (
     head_segment,
     shared_segment,
 )
+from qllm_jax.sharded import MeshSegments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,9 @@ class Executor:
     ``max_batch_size``, ``max_num_batched_tokens`` and ``max_model_len`` bound the shapes a
     plan can produce (the scheduler enforces them); they only serve to enumerate executables.
     ``mode``: a plan that runs a whole pass (``plan.fused``) runs as one jit (``"fused"``) or
-    segment by segment (``"segmented"``, what preemptive plans always do).
+    segment by segment (``"segmented"``, what preemptive plans always do). ``mesh``: the
+    params are sharded on it (``qllm_jax.mesh``) and the kernels are ``qllm_jax.sharded``'s;
+    None is one device.
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class Executor:
         expert_group_size: int | None = None,
         lookahead: int = 2,
         mode: str = "fused",
+        mesh: Mesh | None = None,
     ) -> None:
         cfg = model.config
         if mode not in ("fused", "segmented"):
@@ -134,19 +140,25 @@ class Executor:
         self.max_rows = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.dtype = np.dtype(model.dtype)
-        self.kv = KVCache.create(cfg, num_pages, page_size, self.dtype)
+        self.mesh = mesh
+        self._replicated = replicated(mesh)  # where host row state goes (None: the device)
+        self._kv_sharding = None if mesh is None else NamedSharding(mesh, KV_SPEC)
+        self.kv = KVCache.create(cfg, num_pages, page_size, self.dtype, self._kv_sharding)
         self.segments: list[Segment] = segment_layout(
             cfg.num_layers, cfg.num_experts, group, bool(cfg.shared_intermediate_size)
         )
         self.head = len(self.segments) - 1
         self.ledger = Ledger(self.head, page_size)
         self.carries: dict[int, Carry] = {}  # device state of every pass in the ledger
-        self.kernels = Kernels()
+        mesh_segments = None if mesh is None else MeshSegments(mesh)
+        self.kernels = Kernels() if mesh is None else Kernels(**mesh_segments.kernels())
         self.segments_run = 0
         self.num_resets = 0
         self.wait_s = 0.0  # host time spent waiting on the device (lookahead bound, tokens)
         # on a CPU the LM head multiplies faster as [D, V]: one copy of it, made once
         self._head_params = head_params(model.params, jax.default_backend() == "cpu")
+        if mesh_segments is not None:
+            self._head_params = mesh_segments.place_head(self._head_params)
         self._empty: dict[int, tuple[jax.Array, ...]] = {}  # padding row state per bucket
         self._inflight: collections.deque[jax.Array] = collections.deque()
 
@@ -412,7 +424,7 @@ class Executor:
         for name, pad in zip(STATE_FIELDS, self._padding(bucket(rec.num_rows)), strict=True):
             full = np.array(jax.device_get(pad))  # padding rows exactly as a new carry has them
             full[: rec.num_rows] = state[name]
-            fields[name] = jax.device_put(full)
+            fields[name] = jax.device_put(full, self._replicated)
         self.ledger.restore(pass_id, rec)
         self.carries[pass_id] = Carry(**fields, **self._meta(rec))
 
@@ -440,7 +452,9 @@ class Executor:
             return StepResult(failed=failed)
         self.ledger.clear()
         self.carries.clear()
-        self.kv = KVCache.create(self.cfg, self.num_pages, self.page_size, self.dtype)
+        self.kv = KVCache.create(
+            self.cfg, self.num_pages, self.page_size, self.dtype, self._kv_sharding
+        )
         self.num_resets += 1
         return StepResult(failed=failed, reset=True)
 

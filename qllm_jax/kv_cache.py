@@ -30,10 +30,14 @@ class KVCache:
     page_size: int
 
     @classmethod
-    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
+    def create(
+        cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None
+    ) -> KVCache:
+        """Zeroed caches, on the default device or laid out by ``sharding`` (a mesh shards
+        the head axis: each device allocates only its own heads)."""
         shape = (num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
-        k = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
-        v = [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        k = [jnp.zeros(shape, dtype, device=sharding) for _ in range(cfg.num_layers)]
+        v = [jnp.zeros(shape, dtype, device=sharding) for _ in range(cfg.num_layers)]
         return cls(k, v, page_size)
 
     @property
@@ -99,10 +103,16 @@ def _scatter_pages(k, v, ids, new_k, new_v, page_size: int):
 
 
 def pages_for_budget(
-    cfg: ModelConfig, page_size: int, dtype, kv_bytes: int | None, fraction: float = 0.9
+    cfg: ModelConfig,
+    page_size: int,
+    dtype,
+    kv_bytes: int | None,
+    fraction: float = 0.9,
+    shards: int = 1,
 ) -> int:
-    """Number of pages that fit ``kv_bytes``, or a fraction of the device's free memory."""
-    per_page = 2 * cfg.num_layers * page_size * cfg.kv_size * np.dtype(dtype).itemsize
+    """Number of pages that fit ``kv_bytes`` per device, or a fraction of the (first) device's
+    free memory; ``shards``: the tensor-axis size, which splits each page's heads."""
+    per_page = 2 * cfg.num_layers * page_size * cfg.kv_size * np.dtype(dtype).itemsize // shards
     if kv_bytes is None:
         stats = jax.devices()[0].memory_stats() or {}
         limit, used = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)

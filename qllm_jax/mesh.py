@@ -1,0 +1,211 @@
+"""One mesh, two axes: routed experts over ``"expert"``, attention heads and KV over ``"tensor"``.
+
+A model on several devices is laid out on a ``jax.sharding.Mesh`` with exactly these axis
+names (scripts may rely on them):
+
+- ``"expert"`` (size ep): routed experts. Device ``d`` of the axis holds experts ``d, d + ep,
+  d + 2*ep, ...`` (strided, not blocked), so an expert group of size G = ep * g, which takes
+  the same g local experts on every device, is the contiguous id range a single device's
+  group of size G covers: every device works on every expert segment, and expert-level
+  preemption keeps its single-device meaning (see ``qllm_jax.sharded``). The stacked expert
+  arrays [E, ...] are therefore held in *slot order* (``expert_slots``): slot ``d*E/ep + j``
+  holds expert ``j*ep + d``.
+- ``"tensor"`` (size tp): query/key/value heads (the column blocks of wq/wk/wv, whole heads),
+  the KV cache's head axis, and the output projection's output columns.
+- both axes together: the embedding's hidden columns and the LM head's vocabulary rows.
+
+Everything else (norms, router, shared expert, the carry's row state) is replicated. Weights
+are placed shard by shard from host buffers (``placer``): no device ever holds a whole sharded
+tensor. ``expert_parallel = tensor_parallel = 1`` builds no mesh: the single-device code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qllm_jax.models import Model, ModelConfig
+from qllm_jax.models.params import ExpertParams, Params
+from qllm_jax.scheduler.plan import default_group_size
+from qllm_jax.scheduler.sampling_params import is_int
+
+EXPERT, TENSOR = "expert", "tensor"
+AXES = (EXPERT, TENSOR)
+ROUTED = ("experts.w_gate_up", "experts.w_down")
+KV_SPEC = P(None, TENSOR, None)  # [slots, Hkv, hd]: heads over "tensor"
+
+# params path (layer prefix removed) -> how it is sharded; anything else is replicated
+_SPECS: dict[str, P] = {
+    "embed": P(None, AXES),  # [V, D]: hidden columns over every device
+    "lm_head": P(AXES, None),  # [V, D]: vocabulary rows over every device
+    "lm_head_bias": P(AXES),
+    "attn.wq": P(None, TENSOR),  # [D, Hq*hd]: whole heads per device
+    "attn.wk": P(None, TENSOR),
+    "attn.wv": P(None, TENSOR),
+    "attn.bq": P(TENSOR),
+    "attn.bk": P(TENSOR),
+    "attn.bv": P(TENSOR),
+    "attn.wo": P(None, TENSOR),  # [Hq*hd, D]: output columns (no partial sums to add)
+    "experts.w_gate_up": P(EXPERT),  # [E, D, 2F] in slot order
+    "experts.w_down": P(EXPERT),  # [E, F, D] in slot order
+}
+
+
+def param_spec(path: str) -> P:
+    """The PartitionSpec of a params path (``"layers.3.attn.wq"``, ``"embed"``, ...)."""
+    parts = path.split(".")
+    key = ".".join(parts[2:]) if parts[0] == "layers" else path
+    return _SPECS.get(key, P())
+
+
+def mesh_shape(expert_parallel: int, tensor_parallel: int, mesh: Mesh | None) -> tuple[int, int]:
+    """(ep, tp) from the Engine's arguments: a given ``mesh`` wins over the two sizes."""
+    if mesh is not None:
+        if not isinstance(mesh, Mesh) or set(mesh.axis_names) != set(AXES):
+            names = getattr(mesh, "axis_names", type(mesh).__name__)
+            raise ValueError(f"mesh must be a jax.sharding.Mesh with axes {AXES}, got {names}")
+        shape = (mesh.shape[EXPERT], mesh.shape[TENSOR])
+        if (expert_parallel, tensor_parallel) not in ((1, 1), shape):
+            raise ValueError(
+                f"expert_parallel={expert_parallel}, tensor_parallel={tensor_parallel} "
+                f"disagree with the mesh {dict(mesh.shape)}: give one or the other"
+            )
+        return shape
+    for name, value in (("expert_parallel", expert_parallel), ("tensor_parallel", tensor_parallel)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(expert_parallel), int(tensor_parallel)
+
+
+def check_divides(cfg: ModelConfig, ep: int, tp: int) -> None:
+    """Raise ``ValueError`` naming the axis whose size does not divide what it shards."""
+    if cfg.num_experts % ep:
+        raise ValueError(
+            f"the 'expert' axis (expert_parallel={ep}) must divide the model's "
+            f"{cfg.num_experts} routed experts"
+        )
+    if cfg.num_kv_heads % tp:
+        raise ValueError(
+            f"the 'tensor' axis (tensor_parallel={tp}) must divide the model's "
+            f"{cfg.num_kv_heads} KV heads (and {cfg.num_heads} query heads)"
+        )
+    n = ep * tp
+    for what, size in (("vocabulary", cfg.vocab_size), ("hidden size", cfg.hidden_size)):
+        if size % n:
+            raise ValueError(
+                f"the 'expert' x 'tensor' axes ({ep} x {tp} = {n} devices) shard the embedding "
+                f"and LM head and must divide the {what} {size}"
+            )
+
+
+def make_mesh(ep: int, tp: int, mesh: Mesh | None = None) -> Mesh | None:
+    """The mesh of ``ep`` x ``tp`` devices (the first ones jax sees), ``mesh`` itself if given,
+    or None for one device (today's single-device path)."""
+    if mesh is not None:
+        return mesh if mesh.size > 1 else None
+    if ep * tp == 1:
+        return None
+    devices = jax.devices()
+    if len(devices) < ep * tp:
+        hint = ""
+        if devices[0].platform == "cpu":
+            hint = (
+                f"; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={ep * tp} set "
+                "before jax is imported simulates them"
+            )
+        raise ValueError(
+            f"expert_parallel={ep} x tensor_parallel={tp} needs {ep * tp} devices; "
+            f"{len(devices)} visible ({devices[0].platform}){hint}"
+        )
+    return jax.make_mesh((ep, tp), AXES, devices=devices[: ep * tp])
+
+
+def group_size(num_experts: int, granularity: str, ep: int, requested: int | None) -> int:
+    """Experts per expert segment on an ``ep``-wide expert axis: a multiple of ep (a group
+    takes the same number of local experts on every device). The default follows
+    ``default_group_size`` over one device's experts."""
+    if requested is None:
+        return ep * default_group_size(num_experts // ep, granularity)
+    if not is_int(requested) or requested % ep:
+        raise ValueError(
+            f"expert_group_size={requested!r} must be a multiple of expert_parallel={ep}: a "
+            "group takes the same local experts on every device of the 'expert' axis"
+        )
+    return requested
+
+
+def expert_slots(num_experts: int, ep: int) -> np.ndarray:
+    """[E] int: the expert each slot of the stacked arrays holds (slot d*E/ep + j on device d
+    holds expert j*ep + d). One named function: a placement with redundant copies (EPLB)
+    replaces this table."""
+    per = num_experts // ep
+    return np.array([j * ep + d for d in range(ep) for j in range(per)], np.int64)
+
+
+def placer(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
+    """``models.load``'s ``place``: a complete host array → a sharded array, each device
+    receiving only its own block (routed experts are reordered into slot order on the way)."""
+    ep = mesh.shape[EXPERT]
+
+    def place(path: str, buf: np.ndarray) -> jax.Array:
+        rows = expert_slots(buf.shape[0], ep) if path.endswith(ROUTED) else None
+
+        def block(index: tuple[slice, ...]) -> np.ndarray:
+            if rows is None:
+                return np.ascontiguousarray(buf[index])
+            return np.ascontiguousarray(buf[rows[index[0]]][(slice(None), *index[1:])])
+
+        sharding = NamedSharding(mesh, param_spec(path))
+        return jax.make_array_from_callback(buf.shape, sharding, block)
+
+    return place
+
+
+def _dotted(keypath) -> str:
+    return ".".join(str(getattr(k, "name", getattr(k, "idx", k))) for k in keypath)
+
+
+def _stacked(lp):
+    """A layer's params with its routed experts in the stacked layout."""
+    if lp.experts.layout == "stacked":
+        return lp
+    ex = lp.experts
+    return dataclasses.replace(
+        lp, experts=ExpertParams(jnp.stack(ex.w_gate_up), jnp.stack(ex.w_down))
+    )
+
+
+def shard_params(params: Params, mesh: Mesh) -> Params:
+    """An in-memory model's params (either expert layout) resharded onto ``mesh``. For models
+    already built on one device (random models, tests); a checkpoint directory is placed
+    shard by shard while it loads instead."""
+    layers = tuple(_stacked(lp) for lp in params.layers)
+    params = dataclasses.replace(params, layers=layers)
+    ep = mesh.shape[EXPERT]
+
+    def put(keypath, x):
+        path = _dotted(keypath)
+        if path.endswith(ROUTED):
+            x = x[expert_slots(x.shape[0], ep)]
+        return jax.device_put(x, NamedSharding(mesh, param_spec(path)))
+
+    return jax.tree_util.tree_map_with_path(put, params)
+
+
+def shard_model(model: Model, mesh: Mesh) -> Model:
+    return dataclasses.replace(model, params=shard_params(model.params, mesh))
+
+
+def kv_shards(mesh: Mesh | None) -> int:
+    """How many ways each device's KV cache is split (its memory per page shrinks so)."""
+    return 1 if mesh is None else mesh.shape[TENSOR]
+
+
+def replicated(mesh: Mesh | None) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, P())
