@@ -1,6 +1,7 @@
-"""A multi-process engine (``qllm_jax.multiprocess``): processes over loopback, one device each,
-give the tokens of one process, through the engine API and through ``qllm-jax launch ... --
-serve``; a follower that dies ends the leader with an error instead of a hang."""
+"""A multi-process engine (``qllm_jax.multiprocess``): processes over loopback give the tokens of
+one process (params replicated, or sharded with expert/tensor parallelism across the
+processes), through the engine API and through ``qllm-jax launch ... -- serve``; a follower that
+dies, or a fault on one process only, ends every process with an error instead of a hang."""
 
 from __future__ import annotations
 
@@ -24,19 +25,22 @@ ROOT = WORKER.parents[1]
 TIMEOUT_S = 180
 
 
-def _env(**extra: str) -> dict[str, str]:
+def _env(devices: int = 1, **extra: str) -> dict[str, str]:
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    flags = "--xla_force_host_platform_device_count=1"
+    flags = f"--xla_force_host_platform_device_count={devices}"
     return os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": path} | extra
 
 
-def _run_workers(n: int, out: Path, **env: str) -> list[subprocess.CompletedProcess]:
-    """Processes 0..n-1 of one engine; waits for all (bounded) and returns them."""
+def _run_workers(
+    n: int, out: Path, devices: int = 1, **env: str
+) -> list[subprocess.CompletedProcess]:
+    """Processes 0..n-1 of one engine, ``devices`` CPU devices each; waits for all (bounded)
+    and returns them."""
     coordinator = f"127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), coordinator, str(n), str(i), str(out)],
-            env=_env(**env),
+            env=_env(devices, **env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -69,10 +73,21 @@ def test_plans_keep_every_field_through_json():
         decode_plan([1, 2])
 
 
-@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_processes_give_the_tokens_of_one(tmp_path, one_process, n):
+@pytest.mark.parametrize(
+    "n, devices, engine",
+    [
+        (2, 2, {"expert_parallel": 2, "tensor_parallel": 2}),  # both axes span the processes
+        # params replicated (the launch test below serves so, through HTTP)
+        pytest.param(2, 1, {}, marks=pytest.mark.slow),
+        pytest.param(4, 1, {}, marks=pytest.mark.slow),
+        pytest.param(2, 1, {"expert_parallel": 2}, marks=pytest.mark.slow),
+        pytest.param(2, 1, {"tensor_parallel": 2}, marks=pytest.mark.slow),
+        pytest.param(4, 1, {"expert_parallel": 2, "tensor_parallel": 2}, marks=pytest.mark.slow),
+    ],
+)
+def test_processes_give_the_tokens_of_one(tmp_path, one_process, n, devices, engine):
     out = tmp_path / "tokens.json"
-    procs = _run_workers(n, out)
+    procs = _run_workers(n, out, devices, QLLM_TEST_ENGINE=json.dumps(engine))
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i}:\n{p.stdout[-3000:]}"
     assert json.loads(out.read_text()) == one_process
