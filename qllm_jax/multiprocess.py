@@ -307,6 +307,7 @@ def engine_config(engine) -> dict[str, Any]:
         "mode": ex.mode,
         "lookahead": ex.lookahead,
         "devices": jax.device_count(),
+        "mesh": None if getattr(engine, "mesh", None) is None else dict(engine.mesh.shape),
     }
 
 
