@@ -69,7 +69,7 @@ def test_plans_keep_every_field_through_json():
     chunks = (Chunk(4, 0, (1, 2, 3), (1, 2), sample), Chunk(5, 9, (7,), (3,), None))
     plan = Plan(3, 2, 5, chunks, True, (1, 2), (5,), 9, True, True, (6, 8))
     assert decode_plan(json.loads(json.dumps(encode_plan(plan)))) == plan
-    with pytest.raises(ValueError, match="list of 11 fields"):
+    with pytest.raises(ValueError, match="an encoded Plan is a list of"):
         decode_plan([1, 2])
 
 
