@@ -12,12 +12,13 @@ participants.
 A message also carries the leader's result of the plan before it (tokens, failed rows, KV
 reset), and each follower checks its own against it: a process that diverged stops with an
 error naming the plan instead of feeding wrong data into later collectives. Every
-``sync_every`` messages (and after a warm-up) all processes meet at a barrier, which bounds how
-far the leader runs ahead, lets it delete the messages everyone has read, and turns a follower
-that stopped answering into an error (``ClusterError``) after ``barrier_timeout_s``. A process
-that dies outright is caught by the runtime's heartbeats, which terminate the others with a
-message naming it (``heartbeat_timeout_s``); a collective that waits for a dead peer times out
-by ``--xla_cpu_collective_call_terminate_timeout_seconds`` on CPU.
+``sync_every`` messages, after a warm-up and at the stop, all processes meet at a barrier: it
+bounds how far the leader runs ahead and lets it delete the messages everyone has read. A
+follower that fails reports its error in the store and meets the leader at its next barrier,
+where the leader raises ``ClusterError`` with it. A process that dies outright misses its
+heartbeats (``heartbeat_timeout_s``): the leader's barrier fails naming it, or the runtime
+terminates the others with a message naming it; on CPU a collective waiting for a dead peer
+fails after ``--xla_cpu_collective_call_terminate_timeout_seconds``.
 
 Durable jobs (``export_kv`` / ``import_kv`` / rows) are not carried across processes: they read
 device arrays into one host's memory, which a sharded cache does not allow.
@@ -58,7 +59,6 @@ class Channel:
 
     client: Any  # jax's DistributedRuntimeClient
     process_id: int
-    num_processes: int
     sync_every: int = 32
     barrier_timeout_s: float = 600.0
     poll_s: float = 1.0  # a follower's wait per get (its signal handlers run in between)
@@ -180,7 +180,7 @@ class Cluster:
     def __init__(self, client: Any, process_id: int, num_processes: int, **channel: Any) -> None:
         self.process_id = process_id
         self.num_processes = num_processes
-        self.channel = Channel(client, process_id, num_processes, **channel)
+        self.channel = Channel(client, process_id, **channel)
         self.mesh = Mesh(np.array(jax.devices()), ("data",))  # every process's devices
         self._lead: LeaderExecutor | None = None  # process 0's, once it leads
         self._pending = False  # (followers) process 0 meets us after the last message
@@ -191,12 +191,15 @@ class Cluster:
 
     def engine(self, model: str | os.PathLike | Model, **engine_kw: Any):
         """This process's ``Engine`` of ``model`` (a checkpoint directory or a ``Model``), the
-        same call on every process: its weights replicated on every device of every process,
-        and its KV cache on them too."""
+        same call on every process. With ``expert_parallel`` / ``tensor_parallel`` (or a
+        ``mesh``) the engine shards itself over the first devices of ``jax.devices()``, which
+        span every process; without, its weights and KV cache are replicated on every device
+        of every process."""
         from qllm_jax.engine import Engine
         from qllm_jax.models import load
 
-        if engine_kw.get("expert_parallel", 1) * engine_kw.get("tensor_parallel", 1) > 1:
+        parallel = engine_kw.get("expert_parallel", 1) * engine_kw.get("tensor_parallel", 1)
+        if parallel > 1 or engine_kw.get("mesh") is not None:
             return Engine(model, **engine_kw)  # sharded over jax.devices(): every process's
         if not isinstance(model, Model):
             model = load(model, dtype=engine_kw.pop("dtype", "auto"))
