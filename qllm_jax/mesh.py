@@ -58,10 +58,22 @@ _SPECS: dict[str, P] = {
 
 
 def param_spec(path: str) -> P:
-    """The PartitionSpec of a params path (``"layers.3.attn.wq"``, ``"embed"``, ...)."""
+    """The PartitionSpec of a params path (``"layers.3.attn.wq"``, ``"embed"``, ...). A leaf
+    below a listed path (a weight wrapped in a pytree, e.g. ``attn.wq.values``) gets that
+    path's spec, so wrapping a weight never silently replicates it."""
     parts = path.split(".")
-    key = ".".join(parts[2:]) if parts[0] == "layers" else path
-    return _SPECS.get(key, P())
+    parts = parts[2:] if parts[0] == "layers" else parts
+    for n in range(len(parts), 0, -1):
+        spec = _SPECS.get(".".join(parts[:n]))
+        if spec is not None:
+            return spec
+    return P()
+
+
+def is_routed(path: str) -> bool:
+    """Whether a params path is (a leaf of) a stacked routed-expert weight: [E, ...] in slot
+    order on a mesh."""
+    return any(r in path for r in ROUTED)
 
 
 def mesh_shape(expert_parallel: int, tensor_parallel: int, mesh: Mesh | None) -> tuple[int, int]:
@@ -154,7 +166,7 @@ def placer(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
     ep = mesh.shape[EXPERT]
 
     def place(path: str, buf: np.ndarray) -> jax.Array:
-        rows = expert_slots(buf.shape[0], ep) if path.endswith(ROUTED) else None
+        rows = expert_slots(buf.shape[0], ep) if is_routed(path) else None
 
         def block(index: tuple[slice, ...]) -> np.ndarray:
             if rows is None:
@@ -191,7 +203,7 @@ def shard_params(params: Params, mesh: Mesh) -> Params:
 
     def put(keypath, x):
         path = _dotted(keypath)
-        if path.endswith(ROUTED):
+        if is_routed(path):
             x = x[expert_slots(x.shape[0], ep)]
         return jax.device_put(x, NamedSharding(mesh, param_spec(path)))
 
