@@ -1,6 +1,8 @@
 """The ``qllm-jax`` command.
 
     qllm-jax serve [MODEL_DIR] --host 127.0.0.1 --port 8000 --state-dir DIR [engine flags]
+    qllm-jax serve ... --coordinator HOST:PORT --num-processes N --process-id I  # one per host
+    qllm-jax launch --num-processes N [--devices-per-process D] -- serve ...  # N on this machine
     qllm-jax generate "prompt" [--max-tokens N --temperature T ...] [engine flags]
     qllm-jax job run INPUT.jsonl --job-dir DIR [engine flags]   # validate, run, checkpoint
     qllm-jax job resume DIR [--recompute] [engine flags]        # after a kill or a restart
@@ -17,9 +19,12 @@ job write a checkpoint and exit 0; ``job resume`` continues it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,8 +119,9 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def build_engine(flags: dict[str, Any]):
-    """An ``Engine`` from engine flags (``engine_flags``' form)."""
+def build_engine(flags: dict[str, Any], cluster=None):
+    """An ``Engine`` from engine flags (``engine_flags``' form); with a ``multiprocess.Cluster``,
+    its weights and KV cache on the cluster's global mesh."""
     import qllm_jax
 
     kw = {k: v for k, v in flags.items() if k in _ENGINE_FLAGS}
@@ -134,7 +140,9 @@ def build_engine(flags: dict[str, Any]):
         )
     else:
         model = spec
-    return qllm_jax.Engine(model, dtype=dtype, **kw)
+    if cluster is None:
+        return qllm_jax.Engine(model, dtype=dtype, **kw)
+    return cluster.engine(model, dtype=dtype, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,7 +183,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info")
     add_engine_args(serve)
+    add_cluster_args(serve)
     serve.set_defaults(func=_serve)
+
+    launch = sub.add_parser(
+        "launch", help="start the N processes of a multi-process serve on this machine"
+    )
+    launch.add_argument("--num-processes", type=int, required=True)
+    launch.add_argument("--coordinator-port", type=int, help="default: a free port")
+    launch.add_argument(
+        "--devices-per-process",
+        type=int,
+        help="simulated CPU devices per process (XLA_FLAGS host platform device count)",
+    )
+    launch.add_argument("command", nargs=argparse.REMAINDER, help="-- serve [serve flags]")
+    launch.set_defaults(func=_launch)
 
     gen = sub.add_parser("generate", help="one completion from the shell")
     gen.add_argument("prompt")
@@ -221,6 +243,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (one process per host; process 0 serves HTTP)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator service")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=30,
+        help="seconds before a silent process counts as dead and all processes stop",
+    )
+
+
+def _join_cluster(args: argparse.Namespace):
+    """``multiprocess.initialize`` from the cluster flags (None without ``--coordinator``)."""
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if all(x is None for x in given):
+        return None
+    if any(x is None for x in given):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    from qllm_jax import multiprocess
+
+    return multiprocess.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+    )
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints"
@@ -251,14 +303,20 @@ def _serve(args: argparse.Namespace) -> int:
     # CPython's 5 ms keeps the event loop from waiting that long behind the engine's host code.
     sys.setswitchinterval(0.0005)
     try:
-        engine = build_engine(flags)
+        cluster = _join_cluster(args)
+        engine = build_engine(flags, cluster)
+        if cluster is not None and not cluster.leader:
+            return _follow(cluster, engine)
+        if cluster is not None:
+            cluster.lead(engine)
         state = server.build_state(
             engine,
             args.state_dir,
             args.served_model_name,
             max_waiting_ls=args.max_waiting_ls,
             max_upload_bytes=args.max_upload_bytes,
-            checkpoint_every=args.checkpoint_every,
+            # a multi-process engine cannot export KV to one host: batches run, undurable
+            checkpoint_every=args.checkpoint_every if cluster is None else None,
         )
     except (ValueError, OSError) as e:
         print(f"qllm-jax: {e}", file=sys.stderr)
@@ -282,8 +340,81 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     app = server.create_app(state)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    if cluster is None:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+        return 0
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return _serve_cluster(uvicorn.Server(config), state.loop, cluster)
+
+
+def _serve_cluster(http, loop, cluster) -> int:
+    """Process 0 of a multi-process engine: serve until SIGINT/SIGTERM or until the engine
+    loop dies (its processes no longer agree, so it cannot serve again), then stop the
+    followers. uvicorn's own signal handling would re-raise the signal after its shutdown
+    and kill the process before the followers are told; these handlers only ask it to exit."""
+    from qllm_jax import multiprocess
+
+    def exit_(signum=None, frame=None) -> None:
+        http.should_exit = True
+
+    http.capture_signals = contextlib.nullcontext
+    old = {s: signal.signal(s, exit_) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def watch() -> None:
+        while loop.error is None and not http.should_exit:
+            time.sleep(0.2)
+        exit_()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        http.run()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    try:
+        if isinstance(loop.error, multiprocess.ClusterError):
+            raise loop.error
+        cluster.stop()
+    except multiprocess.ClusterError as e:
+        # the followers are gone or disagree: waiting for them in the runtime's shutdown
+        # barrier would only delay the exit
+        print(f"qllm-jax: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    if loop.error is not None:
+        print(f"qllm-jax: the engine loop died: {loop.error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _follow(cluster, engine) -> int:
+    """A follower process: run process 0's plans until it stops. On an error, leave at once
+    (process 0 finds the report at its next barrier, or misses the heartbeats) rather than
+    wait in the runtime's shutdown barrier."""
+    try:
+        n = cluster.follow(engine)
+    except Exception as e:  # noqa: BLE001 -- follow() has reported it to process 0
+        print(f"qllm-jax: process {cluster.process_id}: {e!r}", file=sys.stderr, flush=True)
+        os._exit(1)
+    cluster.stop()
+    print(f"qllm-jax: process {cluster.process_id} ran {n} plans; stopped", file=sys.stderr)
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``multiprocess.launch`` of ``qllm-jax serve ...`` (the words after ``--``)."""
+    from qllm_jax import multiprocess
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if command[:1] != ["serve"]:
+        print("qllm-jax: launch runs serve: qllm-jax launch ... -- serve [flags]", file=sys.stderr)
+        return 2
+    try:
+        return multiprocess.launch(
+            command, args.num_processes, args.coordinator_port, args.devices_per_process
+        )
+    except ValueError as e:
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 2
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from scheduler import Scheduler, SchedulerConfig, segment_layout
 from scheduler.core import PRESETS
-from scheduler.plan import Chunk, Plan, PlanError, SampleSpec
+from scheduler.plan import Chunk, Plan, PlanError, SampleSpec, decode_plan, encode_plan
 from scheduler.simulator import (
     PROFILES,
     CostModel,
@@ -570,7 +570,8 @@ def _plain(x) -> bool:
 
 def test_plans_are_plain_snapshots():
     """Every plan of a preemptive run (splits, absorbs, aborts) is made of plain values, pickles,
-    and does not change after it is issued."""
+    survives a JSON round trip (what a multi-process engine broadcasts), and does not change
+    after it is issued."""
     clock = VirtualClock()
     sched = Scheduler(
         SchedulerConfig(page_size=4, num_pages=64, max_model_len=64, max_batch_size=4,
@@ -592,6 +593,7 @@ def test_plans_are_plain_snapshots():
     assert any(p.split_seq_ids for p, _ in plans) and any(p.finished_seq_ids for p, _ in plans)
     for plan, pickled in plans:
         assert _plain(plan) and pickle.loads(pickled) == plan
+        assert decode_plan(json.loads(json.dumps(encode_plan(plan)))) == plan
 
 
 # -- anti-starvation that never inverts the classes --------------------------------------------
