@@ -297,7 +297,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         flags["model"] = args.model_dir
     flags.setdefault("grow_pages", True)  # clients often omit max_tokens
-    flags.setdefault("swap_space", 4.0)  # evicted requests swap their KV (vLLM's default)
+    if args.coordinator is None:  # (KV swap does not work across processes yet)
+        flags.setdefault("swap_space", 4.0)  # evicted requests swap their KV (vLLM's default)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     # The engine thread and the event loop share the GIL: a shorter switch interval than
     # CPython's 5 ms keeps the event loop from waiting that long behind the engine's host code.

@@ -174,6 +174,17 @@ class LeaderExecutor:
     export_kv = import_kv = export_rows = import_rows = _single_host
 
 
+# engine options that copy device state to one host: KV swap, expert placement; and int8
+# (loaded replicated here without it)
+_SINGLE_PROCESS_OPTIONS = (
+    "swap_space",
+    "swap_pages",
+    "redundant_experts",
+    "rebalance_every",
+    "quantize",
+)
+
+
 class Cluster:
     """This process's place in a multi-process engine (from ``initialize``)."""
 
@@ -198,6 +209,9 @@ class Cluster:
         from qllm_jax.engine import Engine
         from qllm_jax.models import load
 
+        for name in _SINGLE_PROCESS_OPTIONS:  # each reads device arrays back into one host
+            if engine_kw.get(name):
+                raise ValueError(f"{name} is not supported across processes yet")
         parallel = engine_kw.get("expert_parallel", 1) * engine_kw.get("tensor_parallel", 1)
         if parallel > 1 or engine_kw.get("mesh") is not None:
             return Engine(model, **engine_kw)  # sharded over jax.devices(): every process's
