@@ -44,7 +44,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from qllm_jax import openai_api
+from qllm_jax import compile_log, openai_api
 from qllm_jax.scheduler import dispatch
 from qllm_jax.scheduler.pages import extend_hashes, reusable_pages
 
@@ -91,18 +91,22 @@ class EngineReplica:
         self.state = server.build_state(self.engine, state_dir, max_waiting_ls=max_waiting_ls)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.step_s = 0.0  # EWMA of the wall time of a busy engine step
-        self._last_step: float | None = None
+        self._last_step: float | None = None  # when the last step ended, if more work followed
+        self._compiles = compile_log.count()
         self.engine.add_step_hook(self._on_step)
         self.state.loop.start()
 
     def _on_step(self) -> None:  # the engine thread, between two steps
-        now = time.monotonic()
-        if self._last_step is not None and now - self._last_step < 1.0:  # (not idle between)
+        """Time the step that just ended into ``step_s``, unless the engine was idle before it
+        or it compiled (a compile's seconds say nothing of the replica's speed)."""
+        now, compiles = time.monotonic(), compile_log.count()
+        if self._last_step is not None and compiles == self._compiles:
             dt = now - self._last_step
             self.step_s = (
                 dt if self.step_s == 0 else (1 - _STEP_EWMA) * self.step_s + _STEP_EWMA * dt
             )
         self._last_step = now if self.engine.has_unfinished() else None
+        self._compiles = compiles
 
     async def generate(self, hint: RouteHint, endpoint: str, body: dict[str, Any]):
         """Validate and queue ``body``, then stream: ``("error", status, error_json)``, or
@@ -235,7 +239,7 @@ class DispatchRouter(FIFOMixin, RequestRouter):
             return [candidate_replicas]
         order = self._ordered(candidate_replicas)
         board = self._board(order)
-        snaps = board.view(time.monotonic())
+        snaps = assume_unmeasured_slowest(board.view(time.monotonic()))
         req = dispatch.DispatchRequest(
             request_id=hint.request_id,
             prompt_len=len(hint.prompt_token_ids),
@@ -262,6 +266,14 @@ def snapshot_from_stats(index: int, stats: dict[str, Any] | None) -> dispatch.Sn
     if not stats or "signals" not in stats:
         return dispatch.Snapshot(replica=index)
     return dispatch.Snapshot(replica=index, **stats["signals"])
+
+
+def assume_unmeasured_slowest(snaps: list[dispatch.Snapshot]) -> list[dispatch.Snapshot]:
+    """A replica that has not stepped yet (a new or replaced one) publishes no per-token time;
+    it is taken as the slowest measured one's (else it would look infinitely fast, and a
+    per-token wait would pull every request, sticky users' too, onto it)."""
+    slowest = max((s.token_s for s in snaps), default=0.0)
+    return [s if s.token_s else dataclasses.replace(s, token_s=slowest) for s in snaps]
 
 
 def prefix_matches(
