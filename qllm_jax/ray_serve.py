@@ -82,8 +82,14 @@ class EngineReplica:
     before serving (Ray Serve sends no request before the constructor returns)."""
 
     def __init__(self, flags: dict[str, Any], warmup: bool = True, max_waiting_ls: int = 256):
+        import sys
+
         from qllm_jax import cli, server
 
+        # As in `qllm-jax serve`: the engine thread shares the GIL with the replica's event loop,
+        # which answers Ray's queue-length probes; CPython's 5 ms switch interval would make
+        # those miss their deadline (and Ray would route past the policy's choice).
+        sys.setswitchinterval(0.0005)
         self.engine = cli.build_engine(flags)
         if warmup:
             self.engine.warmup()
@@ -195,6 +201,13 @@ class DispatchRouter(FIFOMixin, RequestRouter):
     keep pointing at the same replica while the set does not change; while one is missing, the
     present ones are numbered densely in slot order."""
 
+    # Ray probes the chosen replica's queue length before sending (to respect
+    # max_ongoing_requests) and falls back to the next rank when the answer is late; its
+    # 0.1 s default deadline is often missed by a replica whose host is busy stepping, which
+    # would override the policy. Ours: 0.5 s, growing to 2 s on repeated misses.
+    queue_len_response_deadline_s = 0.5
+    max_queue_len_response_deadline_s = 2.0
+
     def initialize_state(
         self,
         policy: str = DEFAULT_ROUTER,
@@ -256,9 +269,15 @@ class DispatchRouter(FIFOMixin, RequestRouter):
 
 
 def _hint_of(pending: PendingRequest | None) -> RouteHint | None:
-    if pending is None or not pending.args or not isinstance(pending.args[0], RouteHint):
+    """The request's ``RouteHint`` (None: a call without one, e.g. ``info``). Compared by
+    name, not ``isinstance``: Ray Serve ships the ingress class by value, so the front's
+    hints are instances of its own copy of the class."""
+    if pending is None or not pending.args:
         return None
-    return pending.args[0]
+    hint = pending.args[0]
+    if type(hint).__name__ != RouteHint.__name__ or not dataclasses.is_dataclass(hint):
+        return None
+    return hint
 
 
 def snapshot_from_stats(index: int, stats: dict[str, Any] | None) -> dispatch.Snapshot:

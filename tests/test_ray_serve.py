@@ -14,8 +14,11 @@ of an unchanged deployment). Every wait is bounded (client timeouts, deadlines).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import dataclasses
 import time
+import types
 
 import httpx
 import pytest
@@ -24,6 +27,8 @@ ray = pytest.importorskip("ray", reason="the 'ray' extra (ray[serve]) is not ins
 from ray import serve  # noqa: E402
 
 from qllm_jax import ray_serve  # noqa: E402
+from qllm_jax.scheduler import dispatch  # noqa: E402
+from qllm_jax.scheduler.pages import extend_hashes, reusable_pages  # noqa: E402
 
 ENGINE = dict(
     dtype="float32",
@@ -80,7 +85,7 @@ def sessions(client: httpx.Client, users: int = 3, turns: int = 4) -> dict[str, 
             assert r.status_code == 200, r.text
             cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
             out[user].append((r.headers["x-qllm-replica"], cached))
-            time.sleep(0.15)  # (one routing-stats period: the router sees the new pages)
+            time.sleep(0.5)  # (> the stats period and its broadcast: the router sees the pages)
     return out
 
 
@@ -166,3 +171,64 @@ def test_sticky_users_get_more_prefix_hits_than_round_robin(cluster):
         name: sum(c for t in s.values() for _, c in t) for name, s in (("ours", ours), ("rr", rr))
     }
     assert hits["ours"] > hits["rr"], hits
+
+
+# -- the router alone (no cluster) ---------------------------------------------------------------
+
+
+class _Replica:
+    """What ``DispatchRouter`` reads of a Ray Serve ``RunningReplica``."""
+
+    def __init__(self, uid: str, stats: dict | None = None) -> None:
+        self.replica_id = types.SimpleNamespace(unique_id=uid)
+        self.routing_stats = stats or {}
+
+
+def _stats(cached=(), waiting=(0, 0), page_size=16) -> dict:
+    return {"signals": {"waiting": waiting}, "cached": list(cached), "page_size": page_size}
+
+
+def _route(router, replicas, prompt, user=None):
+    hint = ray_serve.RouteHint("r", tuple(prompt), 4, 0, user)
+    pending = types.SimpleNamespace(args=[hint, "/v1/completions", {}], kwargs={})
+    return asyncio.run(router.choose_replicas(replicas, pending))
+
+
+def _router(policy: str) -> ray_serve.DispatchRouter:
+    router = ray_serve.DispatchRouter.__new__(ray_serve.DispatchRouter)  # (no Ray internals)
+    router.initialize_state(policy=policy, staleness_s=0.0)
+    return router
+
+
+def test_router_ranks_the_policys_choice_first_from_published_prefix_hashes():
+    prompt = list(range(100, 150))  # 3 reusable pages of 16
+    chain = extend_hashes([], prompt, 16, reusable_pages(len(prompt), 16))
+    a, b = _Replica("a", _stats()), _Replica("b", _stats(cached=chain[:2]))
+    router = _router("cache_aware")  # 32 of 50 tokens cached on b: above the 0.3 threshold
+    assert _route(router, [a, b], prompt) == [[b], [a]]
+    assert ray_serve.prefix_matches(tuple(prompt), [a.routing_stats, b.routing_stats]) == (0, 32)
+    none = types.SimpleNamespace(args=[], kwargs={})  # a control call: any replica
+    assert asyncio.run(router.choose_replicas([a, b], none)) == [[a, b]]
+
+
+def test_router_slots_survive_a_replacement():
+    router = _router("round_robin")
+    a, b, c = _Replica("a"), _Replica("b"), _Replica("c")
+    assert [_route(router, [a, b], [1, 2])[0][0] for _ in range(2)] == [a, b]
+    assert _route(router, [a], [1, 2]) == [[a], []]  # b died: a alone
+    assert router.slots["a"] == 0 and "c" not in router.slots
+    _route(router, [c, a], [1, 2])  # c replaces b: it takes b's free slot, after a
+    assert router.slots == {"a": 0, "b": 1, "c": 1}
+    unmeasured = ray_serve.assume_unmeasured_slowest(
+        [dispatch.Snapshot(replica=0, token_s=0.002), dispatch.Snapshot(replica=1)]
+    )
+    assert [s.token_s for s in unmeasured] == [0.002, 0.002]
+
+
+def test_a_hint_from_a_by_value_copy_of_its_class_is_read():
+    """Ray Serve ships the ingress class by value: its hints are of a copy of ``RouteHint``."""
+    fields = [(f.name, f.type) for f in dataclasses.fields(ray_serve.RouteHint)]
+    copy = dataclasses.make_dataclass("RouteHint", fields, frozen=True)
+    pending = types.SimpleNamespace(args=[copy("r", (1, 2), 4, 0, None)], kwargs={})
+    assert ray_serve._hint_of(pending) is pending.args[0]
+    assert ray_serve._hint_of(types.SimpleNamespace(args=["RouteHint"], kwargs={})) is None
