@@ -232,3 +232,14 @@ def test_a_hint_from_a_by_value_copy_of_its_class_is_read():
     pending = types.SimpleNamespace(args=[copy("r", (1, 2), 4, 0, None)], kwargs={})
     assert ray_serve._hint_of(pending) is pending.args[0]
     assert ray_serve._hint_of(types.SimpleNamespace(args=["RouteHint"], kwargs={})) is None
+
+
+def test_replica_flags_need_replicas_and_are_checked(capsys):
+    from qllm_jax import cli
+
+    assert cli.main(["serve", "--router", "llmd"]) == 2
+    assert "--router needs --replicas" in capsys.readouterr().err
+    assert cli.main(["serve", "--replicas", "0", "--no-warmup"]) == 2
+    assert "replicas must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown router 'fastest'"):
+        ray_serve.ReplicaOptions(router="fastest")
