@@ -242,15 +242,18 @@ def _serve_replicas(args: argparse.Namespace, flags: dict[str, Any]) -> int:
         file=sys.stderr,
         flush=True,
     )
-    ray_serve.start(
-        flags,
-        opts,
-        host=args.host,
-        port=args.port,
-        ray_address=args.ray_address,
-        served_model_name=args.served_model_name,
-        blocking=True,
-    )
+    try:
+        ray_serve.start(
+            flags,
+            opts,
+            host=args.host,
+            port=args.port,
+            ray_address=args.ray_address,
+            served_model_name=args.served_model_name,
+            blocking=True,
+        )
+    except KeyboardInterrupt:  # (Ctrl-C / SIGINT: the app goes down with the process)
+        ray_serve.stop()
     return 0
 
 

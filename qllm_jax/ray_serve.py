@@ -28,6 +28,7 @@ Unsupported here (the single-engine server has them): ``/v1/files``, ``/v1/batch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -656,3 +657,12 @@ def start(
     serve.start(http_options={"host": host, "port": port})
     app = build_app(flags, opts, served_model_name)
     return serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
+
+
+def stop() -> None:
+    """Delete the app and disconnect from Ray (a local Ray started by ``start`` stops too)."""
+    import ray
+
+    with contextlib.suppress(Exception):  # (already down: nothing to stop)
+        serve.delete(APP_NAME)
+    ray.shutdown()
