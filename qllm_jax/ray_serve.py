@@ -23,7 +23,7 @@ Three pieces, all Ray Serve's own machinery (no home-made runtime):
   event; every failure is an OpenAI error JSON, none is silent.
 
 Unsupported here (the single-engine server has them): ``/v1/files``, ``/v1/batches`` and
-``/metrics`` (each replica's scheduler metrics are in its routing stats).
+``/metrics`` (a replica's queues, KV use and row counters by class are in its routing stats).
 """
 
 from __future__ import annotations
@@ -141,12 +141,15 @@ class EngineReplica:
             if not finished:
                 self.state.loop.abort(hint.request_id)
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """The load signals the router reads (Ray Serve polls this every stats period)."""
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """The load signals the router reads (Ray Serve polls this every stats period), read
+        on the engine thread between two steps (nothing else touches the engine)."""
+        return await self.state.loop.run(self._routing_stats)
+
+    def _routing_stats(self) -> dict[str, Any]:  # the engine thread
         s, cfg = self.engine.scheduler, self.engine.config
         busy = self.engine.has_unfinished()
-        preemptive = cfg.policy == "qllm" and cfg.preempt
-        signals = dispatch.queue_signals(list(s.waiting), list(s.admitted)) | dict(
+        signals = dispatch.queue_signals(s.waiting, s.admitted) | dict(
             kv_used=s.allocator.num_used,
             kv_total=s.allocator.num_pages - 1,
             # Estimates from the recent step times (the engine has no cost model): a busy
@@ -154,29 +157,28 @@ class EngineReplica:
             pass_left_s=self.step_s if busy else 0.0,
             segment_s=self.step_s / max(1, len(self.engine.executor.segments)) if busy else 0.0,
             token_s=self.step_s / cfg.max_num_batched_tokens,
-            preemptive=preemptive,
+            preemptive=cfg.policy == "qllm" and cfg.preempt,
         )
         return {
             "replica": self.replica_id,
-            "stamp": time.monotonic(),
             "signals": signals,
             "cached": s.allocator.cached_keys(),
             "page_size": cfg.page_size,
             "rows": {"ls": s.counters["rows_ls"], "be": s.counters["rows_be"]},
-            "alive": self.state.loop.alive,
         }
 
-    def info(self) -> dict[str, Any]:
-        """The replica's identity and model (the front's ``/v1/models``; tests)."""
+    async def info(self) -> dict[str, Any]:
+        """The replica's identity, model and engine counters (the front's ``/v1/models``)."""
         import qllm_jax
 
+        stats = await self.state.loop.run(self.engine.stats)
         return {
             "replica": self.replica_id,
             "model_name": self.state.model_name,
             "system_fingerprint": self.state.system_fingerprint,
             "max_model_len": self.engine.config.max_model_len,
             "qllm_jax": str(Path(qllm_jax.__file__).parent),
-            "stats": self.engine.stats(),
+            "stats": stats,
         }
 
     def check_health(self) -> None:
