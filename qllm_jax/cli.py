@@ -182,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         help="compile every executable before serving",
     )
     serve.add_argument("--log-level", default="info")
+    _add_replica_args(serve)
     add_engine_args(serve)
     add_cluster_args(serve)
     serve.set_defaults(func=_serve)
@@ -273,6 +274,77 @@ def _join_cluster(args: argparse.Namespace):
     )
 
 
+def _add_replica_args(p: argparse.ArgumentParser) -> None:
+    """``serve --replicas N``: N engine replicas on Ray Serve (``qllm_jax.ray_serve``)."""
+    from qllm_jax.scheduler.dispatch import POLICIES
+
+    g = p.add_argument_group("replicas (Ray Serve; needs the 'ray' extra)")
+    g.add_argument("--replicas", type=int, help="engine replicas behind one HTTP front")
+    g.add_argument(
+        "--router", choices=sorted(POLICIES), help="dispatch policy over replicas (default: ours)"
+    )
+    g.add_argument(
+        "--ray-address", help="join this Ray cluster (e.g. 'auto'); default: start a local one"
+    )
+    g.add_argument("--replica-cpus", type=float, help="CPUs each replica reserves (default 1)")
+    g.add_argument("--replica-gpus", type=float, help="GPUs each replica reserves (default 0)")
+    g.add_argument(
+        "--stats-period", type=float, help="seconds between load-signal reads (default 0.1)"
+    )
+    g.add_argument(
+        "--retries", type=int, help="re-sends of a request whose replica died (default 2)"
+    )
+
+
+_REPLICA_FLAGS = {
+    "router": "router",
+    "replica_cpus": "replica_cpus",
+    "replica_gpus": "replica_gpus",
+    "stats_period": "stats_period_s",
+    "retries": "retries",
+}
+
+
+def _serve_replicas(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    """``serve --replicas N``: the Ray Serve app, until interrupted."""
+    try:
+        from qllm_jax import ray_serve
+    except ImportError as e:
+        print(f"qllm-jax: --replicas needs Ray Serve: pip install 'qllm-jax[ray]' ({e})",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    given = {v: getattr(args, k) for k, v in _REPLICA_FLAGS.items() if getattr(args, k) is not None}
+    try:
+        opts = ray_serve.ReplicaOptions(
+            num_replicas=args.replicas,
+            warmup=args.warmup,
+            max_waiting_ls=args.max_waiting_ls,
+            **given,
+        )
+    except ValueError as e:
+        print(f"qllm-jax: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"qllm-jax: {opts.num_replicas} replicas on Ray Serve, router={opts.router}, "
+        f"at http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        ray_serve.start(
+            flags,
+            opts,
+            host=args.host,
+            port=args.port,
+            ray_address=args.ray_address,
+            served_model_name=args.served_model_name,
+            blocking=True,
+        )
+    except KeyboardInterrupt:  # (Ctrl-C / SIGINT: the app goes down with the process)
+        ray_serve.stop()
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-every", type=float, default=60.0, help="seconds between checkpoints"
@@ -299,6 +371,15 @@ def _serve(args: argparse.Namespace) -> int:
     flags.setdefault("grow_pages", True)  # clients often omit max_tokens
     if args.coordinator is None:  # (KV swap does not work across processes yet)
         flags.setdefault("swap_space", 4.0)  # evicted requests swap their KV (vLLM's default)
+    if args.replicas is not None:
+        if args.coordinator is not None:
+            print("qllm-jax: --replicas or --coordinator, not both", file=sys.stderr)
+            return 2
+        return _serve_replicas(args, flags)
+    ray_only = [k for k in ("ray_address", *_REPLICA_FLAGS) if getattr(args, k) is not None]
+    if ray_only:
+        print(f"qllm-jax: --{ray_only[0].replace('_', '-')} needs --replicas", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     # The engine thread and the event loop share the GIL: a shorter switch interval than
     # CPython's 5 ms keeps the event loop from waiting that long behind the engine's host code.

@@ -110,15 +110,24 @@ def prepare(
     if model is not None and not isinstance(model, str):
         raise BadRequest("model must be a string", "model")
     chat = endpoint == CHAT
-    ids = _chat_prompt(engine, body) if chat else _completion_prompt(engine, body)
+    ids = prompt_token_ids(engine, endpoint, body)
     sampling = _sampling(engine, endpoint, body, len(ids), default_seed)
-    priority, tier = _priority(body)
+    priority, tier = priority_of(body)
     stream, include_usage = _stream(body, allow_stream)
     try:
         engine.make_request(ids, sampling, priority=priority)  # every limit the engine checks
     except (ValueError, TypeError) as e:
         raise BadRequest(str(e), "messages" if chat else "prompt") from e
     return Prepared(endpoint, ids, sampling, model, priority, tier, stream, include_usage)
+
+
+def prompt_token_ids(engine: Engine, endpoint: str, body: Mapping[str, Any]) -> list[int]:
+    """The prompt of ``body`` as token ids (``BadRequest`` if it is bad). Needs of ``engine``
+    only ``encode`` and ``tokenizer``: a router that tokenizes for prefix matching passes an
+    object with just those (``qllm_jax.ray_serve``)."""
+    if endpoint == CHAT:
+        return _chat_prompt(engine, body)
+    return _completion_prompt(engine, body)
 
 
 def response_body(
@@ -238,7 +247,7 @@ def _check_fields(endpoint: str, body: Mapping[str, Any]) -> None:
         raise BadRequest(f"unrecognized request argument: {key}", key, "unknown_parameter")
 
 
-def _priority(body: Mapping[str, Any]) -> tuple[int, str]:
+def priority_of(body: Mapping[str, Any]) -> tuple[int, str]:
     """The engine priority of a request and the tier its response echoes: ``service_tier``
     maps to a class, vLLM's integer ``priority`` (lower is more urgent) overrides it."""
     tier = body.get("service_tier")

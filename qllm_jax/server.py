@@ -850,6 +850,31 @@ async def _generate(state: ServerState, request: Request, endpoint: str) -> Resp
     model = body.get("model")
     if model is not None and model != state.model_name:
         raise _unknown_model(model)
+    response_id = uuid.uuid4().hex
+    prepared, stream = await submit_body(state, endpoint, body, response_id, arrival)
+    created = int(time.time())
+    if prepared.stream:
+        return StreamingResponse(
+            _sse(state, prepared, stream, response_id, created),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _complete(state, request, prepared, stream, response_id, created)
+
+
+async def submit_body(
+    state: ServerState,
+    endpoint: str,
+    body: dict[str, Any],
+    response_id: str,
+    arrival: float | None = None,
+) -> tuple[openai_api.Prepared, OutputStream]:
+    """Validate a request body and queue it on the engine as ``response_id``: its outputs come
+    on the returned stream. ``BadRequest`` or ``APIError`` (429: the LS queue is full) if it
+    cannot be queued. The HTTP server and a Ray Serve replica (``qllm_jax.ray_serve``) share
+    it."""
+    if arrival is None:
+        arrival = state.engine.clock()
     prepared = openai_api.prepare(state.engine, endpoint, body, allow_stream=True)
     cls = _class(prepared.priority)
     if not state.loop.reserve(cls):
@@ -860,7 +885,6 @@ async def _generate(state: ServerState, request: Request, endpoint: str) -> Resp
             "rate_limit_exceeded",
             code="rate_limit_exceeded",
         )
-    response_id = uuid.uuid4().hex
     try:
         req = state.engine.make_request(
             prepared.prompt_token_ids,
@@ -874,14 +898,7 @@ async def _generate(state: ServerState, request: Request, endpoint: str) -> Resp
         raise openai_api.BadRequest(str(e)) from e
     stream = OutputStream(asyncio.get_running_loop())
     await asyncio.wrap_future(state.loop.submit(req, stream))
-    created = int(time.time())
-    if prepared.stream:
-        return StreamingResponse(
-            _sse(state, prepared, stream, response_id, created),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    return await _complete(state, request, prepared, stream, response_id, created)
+    return prepared, stream
 
 
 async def _complete(state, request, prepared, stream, response_id, created) -> Response:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 # -- the signals -------------------------------------------------------------------------------
 
@@ -141,6 +141,43 @@ class LoadBoard:
             prefill_left=s.prefill_left + req.prompt_len - (req.match[r] if req.match else 0),
             kv_used=s.kv_used + req.kv_pages,
         )
+
+
+def queue_signals(waiting: Iterable, admitted: Iterable) -> dict:
+    """The queue part of a ``Snapshot`` (its keyword arguments) from a scheduler's waiting and
+    admitted requests: counts and tokens by class and the prefill left. The N-engine simulator
+    and a real replica (``qllm_jax.ray_serve``) publish the same numbers."""
+    w, wtok, run, rtok = [0, 0], [0, 0], [0, 0], [0, 0]
+    prefill = 0
+    for req in waiting:
+        c = 0 if req.priority <= 0 else 1
+        w[c] += 1
+        wtok[c] += req.num_tokens - req.num_computed
+        prefill += len(req.prompt_token_ids) - req.num_computed
+    for req in admitted:
+        c = 0 if req.priority <= 0 else 1
+        run[c] += 1
+        rtok[c] += req.num_tokens
+        prefill += max(0, len(req.prompt_token_ids) - req.num_computed)
+    return dict(
+        waiting=tuple(w),
+        running=tuple(run),
+        waiting_tokens=tuple(wtok),
+        running_tokens=tuple(rtok),
+        prefill_left=prefill,
+    )
+
+
+def cached_match(chain: Sequence[int], cached: Collection[int], page_size: int) -> int:
+    """Leading tokens a replica's prefix cache holds for a prompt, from the prompt's page hash
+    chain (``pages.extend_hashes`` over its reusable pages) and the set of page hashes the
+    replica published: what ``Engine.match_length`` answers there, as of the publication."""
+    n = 0
+    for h in chain:
+        if h not in cached:
+            break
+        n += 1
+    return n * page_size
 
 
 def _least(

@@ -27,7 +27,7 @@ import math
 from collections import Counter
 
 from .core import Scheduler, SchedulerConfig
-from .dispatch import DispatchRequest, LoadBoard, Snapshot
+from .dispatch import DispatchRequest, LoadBoard, Snapshot, queue_signals
 from .experts import ExpertParallel, ExpertState
 from .pages import extend_hashes, reusable_pages
 from .plan import Plan, Segment, StepResult
@@ -105,27 +105,11 @@ class MultiSimulator:
     def snapshot(self, r: int) -> Snapshot:
         rep = self.replicas[r]
         s = rep.sched
-        waiting, wtok, running, rtok = [0, 0], [0, 0], [0, 0], [0, 0]
-        prefill = 0
-        for req in (*s.waiting, *rep.inbox):
-            c = 0 if req.priority <= 0 else 1
-            waiting[c] += 1
-            wtok[c] += req.num_tokens - req.num_computed
-            prefill += len(req.prompt_token_ids) - req.num_computed
-        for req in s.admitted:
-            c = 0 if req.priority <= 0 else 1
-            running[c] += 1
-            rtok[c] += req.num_tokens
-            prefill += max(0, len(req.prompt_token_ids) - req.num_computed)
         left, seg = self._pass_left(rep)
         return Snapshot(
             replica=r,
             time=self.now,
-            waiting=tuple(waiting),
-            running=tuple(running),
-            waiting_tokens=tuple(wtok),
-            running_tokens=tuple(rtok),
-            prefill_left=prefill,
+            **queue_signals((*s.waiting, *rep.inbox), s.admitted),
             kv_used=s.allocator.num_used,
             kv_total=s.allocator.num_pages - 1,
             pass_left_s=left,

@@ -110,6 +110,10 @@ class PageAllocator:
         """Cached pages nobody holds: kept until the room is needed."""
         return len(self._evictable)
 
+    def cached_keys(self) -> list[PageHash]:
+        """The content keys of every cached page (a replica publishes them for routers)."""
+        return list(self._page_of)
+
     def refcount(self, page: int) -> int:
         return self._refs.get(page, 0)
 

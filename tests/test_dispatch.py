@@ -385,3 +385,21 @@ def test_every_policy_returns_a_replica_and_never_a_saturated_one_if_avoidable(
     avoidable = any(s.kv_use <= d.DPLB_KV_SATURATED for s in snaps)
     if avoidable and (name == "dplb" or (name == "ours" and prio)):
         assert snaps[r].kv_use <= d.DPLB_KV_SATURATED
+
+
+def test_cached_match_over_published_hashes_equals_the_allocators_match_length():
+    """A router's prefix match from a replica's published page hashes is what the replica's
+    own ``match_length`` answers (whole pages, never the last token's)."""
+    from qllm_jax.scheduler.pages import PageAllocator, extend_hashes, reusable_pages
+
+    ps = 4
+    alloc = PageAllocator(16, ps, enable_caching=True)
+    tokens = list(range(23))
+    chain = extend_hashes([], tokens, ps, 5)
+    for page, h in zip(alloc.allocate(3), chain[:3]):
+        alloc.register(page, h)
+    published = set(alloc.cached_keys())
+    for probe in (tokens, tokens[:13], tokens[:12], tokens[:9], [99, *tokens[1:]], tokens[:4]):
+        mine = extend_hashes([], probe, ps, reusable_pages(len(probe), ps))
+        assert d.cached_match(mine, published, ps) == alloc.match_length(probe), probe
+    assert alloc.match_length(tokens) == 12  # (the probes reach the cached run's end)
