@@ -37,16 +37,36 @@ Array = jax.Array
 
 
 def norm(x: Array, p: NormParams, cfg: ModelConfig) -> Array:
-    """RMSNorm (most families) or LayerNorm with bias (PhiMoE) over the last axis, in f32."""
+    """RMSNorm (most families) or LayerNorm with bias (PhiMoE) over the last axis, in f32.
+
+    The means are ``row_mean``'s, not ``jnp.mean``'s: a row's norm must not depend on how many
+    rows its pass holds (see ``row_mean``)."""
     xf = x.astype(jnp.float32)
     if cfg.norm == "layer":
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        mean = row_mean(xf)
+        var = row_mean(jnp.square(xf - mean))
         y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
         y = y * p.weight.astype(jnp.float32) + p.bias.astype(jnp.float32)
         return y.astype(x.dtype)
-    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps)
+    y = xf * jax.lax.rsqrt(row_mean(jnp.square(xf)) + cfg.norm_eps)
     return p.weight * y.astype(x.dtype)
+
+
+def row_mean(x: Array) -> Array:
+    """Mean over the last axis (kept, size 1), summed in a fixed pairwise order.
+
+    x [..., D] → [..., 1]. Elementwise adds of the two halves, then of their halves, ...: the
+    order of the sum is fixed by D alone. A ``reduce`` is not: XLA:CPU sums a small array's
+    rows in windows of 32 and a larger one's with YNNPACK, in another order, so with
+    ``jnp.mean`` a row's RMSNorm (hence its K/V, logits and tokens) changed in the last bit
+    between a pass of 8 rows and one of 16 (hidden size 256: 2048 vs 4096 elements).
+    """
+    d = x.shape[-1]
+    while x.shape[-1] > 1:
+        w = x.shape[-1]
+        half = x[..., : w // 2] + x[..., w // 2 : w // 2 * 2]
+        x = half if w % 2 == 0 else jnp.concatenate([half, x[..., w - 1 :]], axis=-1)
+    return x / jnp.asarray(d, x.dtype)
 
 
 @functools.lru_cache(maxsize=32)
