@@ -53,20 +53,25 @@ def norm(x: Array, p: NormParams, cfg: ModelConfig) -> Array:
 
 
 def row_mean(x: Array) -> Array:
-    """Mean over the last axis (kept, size 1), summed in a fixed pairwise order.
+    """Mean over the last axis, kept (size 1), in ``row_sum``'s order. x [..., D] → [..., 1]."""
+    return row_sum(x)[..., None] / jnp.asarray(x.shape[-1], x.dtype)
 
-    x [..., D] → [..., 1]. Elementwise adds of the two halves, then of their halves, ...: the
-    order of the sum is fixed by D alone. A ``reduce`` is not: XLA:CPU sums a small array's
-    rows in windows of 32 and a larger one's with YNNPACK, in another order, so with
-    ``jnp.mean`` a row's RMSNorm (hence its K/V, logits and tokens) changed in the last bit
-    between a pass of 8 rows and one of 16 (hidden size 256: 2048 vs 4096 elements).
+
+def row_sum(x: Array) -> Array:
+    """Sum over the last axis in a fixed pairwise order: x [..., D] → [...].
+
+    Elementwise adds of the two halves, then of their halves, ...: the order is fixed by D
+    alone, so a row's sum never depends on the other rows. A ``reduce`` does: XLA:CPU sums an
+    array of fewer than 4096 elements in windows of 32, a larger one with YNNPACK, in another
+    order. With ``jnp.mean`` a row's RMSNorm (hence its K/V, logits and tokens) changed in the
+    last bit between a pass of 8 rows and one of 16 (hidden size 256), and so did the softmax
+    sum of paged attention with small pages.
     """
-    d = x.shape[-1]
     while x.shape[-1] > 1:
         w = x.shape[-1]
         half = x[..., : w // 2] + x[..., w // 2 : w // 2 * 2]
         x = half if w % 2 == 0 else jnp.concatenate([half, x[..., w - 1 :]], axis=-1)
-    return x / jnp.asarray(d, x.dtype)
+    return x[..., 0]
 
 
 @functools.lru_cache(maxsize=32)
@@ -223,7 +228,7 @@ def paged_attention(
         r, e = jnp.exp(mx - mx_new), jnp.exp(s - mx_new[..., None])
         vals = v_cache[slots]  # [N, M, Hkv, hd]
         acc = acc * r[..., None] + jnp.einsum("nhgm,nmhd->nhgd", e.astype(q.dtype), vals)
-        return mx_new, total * r + e.sum(-1), acc
+        return mx_new, total * r + row_sum(e), acc  # not e.sum: see row_sum
 
     shape = (n, cfg.num_kv_heads, groups)
     init = (

@@ -190,10 +190,10 @@ def test_paged_attention_of_a_row_does_not_depend_on_its_pass():
 def test_a_rows_logits_and_kv_do_not_depend_on_its_pass():
     """Bitwise, through the whole model (the fused step: every model function the segments
     run): 32 decode rows of 32 sequences give the same logits and write the same K/V in every
-    layer in one pass of 32 rows, two of 16 or four of 8. Hidden size 128 puts the passes on
-    both sides of XLA:CPU's switch between two reductions of different order (4096 elements:
-    32 rows), which once made RMSNorm, hence K/V and tokens, depend on the pass
-    (``models.model.row_mean``)."""
+    layer in one pass of 32 rows, two of 16 or four of 8. XLA:CPU reduces arrays of under and
+    over 4096 elements in different orders; with hidden size 128 RMSNorm's mean, and with
+    pages of 8 the attention softmax's sum (Hkv*G*32 keys a row), cross that size at 32 rows.
+    Either, as a reduce, made a row's tokens depend on its pass (``models.model.row_sum``)."""
     import dataclasses
 
     from qllm_jax.models.random_init import MODEL_PRESETS, random_model
@@ -202,7 +202,7 @@ def test_a_rows_logits_and_kv_do_not_depend_on_its_pass():
     cfg = dataclasses.replace(MODEL_PRESETS["mixtral-tiny"], hidden_size=128)
     model = random_model(cfg, dtype="float32", seed=3)
     rng = np.random.default_rng(5)
-    n, ps, pb = 32, 4, 4  # rows (one per sequence), page size, pages per row
+    n, ps, pb = 32, 8, 4  # rows (one per sequence), page size, pages per row
     slots = (1 + n * pb) * ps
     kv_shape = (slots, cfg.num_kv_heads, cfg.head_dim)
     k0 = [rng.normal(size=kv_shape).astype(np.float32) for _ in range(cfg.num_layers)]
