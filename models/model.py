@@ -40,7 +40,7 @@ def norm(x: Array, p: NormParams, cfg: ModelConfig) -> Array:
     """RMSNorm (most families) or LayerNorm with bias (PhiMoE) over the last axis, in f32.
 
     The means are ``row_mean``'s, not ``jnp.mean``'s: a row's norm must not depend on how many
-    rows its pass holds (see ``row_mean``)."""
+    rows its pass holds (see ``row_sum``)."""
     xf = x.astype(jnp.float32)
     if cfg.norm == "layer":
         mean = row_mean(xf)
@@ -65,8 +65,12 @@ def row_sum(x: Array) -> Array:
     array of fewer than 4096 elements in windows of 32, a larger one with YNNPACK, in another
     order. With ``jnp.mean`` a row's RMSNorm (hence its K/V, logits and tokens) changed in the
     last bit between a pass of 8 rows and one of 16 (hidden size 256), and so did the softmax
-    sum of paged attention with small pages.
+    sum of paged attention with small pages. On accelerators it stays a reduce: only XLA:CPU's
+    switch is known, and there a pairwise sum may well cost a thread per row (unmeasured; the
+    CPU cost is in ``experiments/row_sum_order.py``).
     """
+    if jax.default_backend() != "cpu":
+        return x.sum(-1)
     while x.shape[-1] > 1:
         w = x.shape[-1]
         half = x[..., : w // 2] + x[..., w // 2 : w // 2 * 2]
