@@ -40,16 +40,45 @@ Array = jax.Array
 
 
 def norm(x: Array, p: NormParams, cfg: ModelConfig) -> Array:
-    """RMSNorm (most families) or LayerNorm with bias (PhiMoE) over the last axis, in f32."""
+    """RMSNorm (most families) or LayerNorm with bias (PhiMoE) over the last axis, in f32.
+
+    The means are ``row_mean``'s, not ``jnp.mean``'s: a row's norm must not depend on how many
+    rows its pass holds (see ``row_sum``)."""
     xf = x.astype(jnp.float32)
     if cfg.norm == "layer":
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        mean = row_mean(xf)
+        var = row_mean(jnp.square(xf - mean))
         y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
         y = y * p.weight.astype(jnp.float32) + p.bias.astype(jnp.float32)
         return y.astype(x.dtype)
-    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps)
+    y = xf * jax.lax.rsqrt(row_mean(jnp.square(xf)) + cfg.norm_eps)
     return p.weight * y.astype(x.dtype)
+
+
+def row_mean(x: Array) -> Array:
+    """Mean over the last axis, kept (size 1), in ``row_sum``'s order. x [..., D] → [..., 1]."""
+    return row_sum(x)[..., None] / jnp.asarray(x.shape[-1], x.dtype)
+
+
+def row_sum(x: Array) -> Array:
+    """Sum over the last axis in a fixed pairwise order: x [..., D] → [...].
+
+    Elementwise adds of the two halves, then of their halves, ...: the order is fixed by D
+    alone, so a row's sum never depends on the other rows. A ``reduce`` does: XLA:CPU sums an
+    array of fewer than 4096 elements in windows of 32, a larger one with YNNPACK, in another
+    order. With ``jnp.mean`` a row's RMSNorm (hence its K/V, logits and tokens) changed in the
+    last bit between a pass of 8 rows and one of 16 (hidden size 256), and so did the softmax
+    sum of paged attention with small pages. On accelerators it stays a reduce: only XLA:CPU's
+    switch is known, and there a pairwise sum may well cost a thread per row (unmeasured; the
+    CPU cost is in ``experiments/row_sum_order.py``).
+    """
+    if jax.default_backend() != "cpu":
+        return x.sum(-1)
+    while x.shape[-1] > 1:
+        w = x.shape[-1]
+        half = x[..., : w // 2] + x[..., w // 2 : w // 2 * 2]
+        x = half if w % 2 == 0 else jnp.concatenate([half, x[..., w - 1 :]], axis=-1)
+    return x[..., 0]
 
 
 @functools.lru_cache(maxsize=32)
@@ -236,7 +265,7 @@ def paged_attention(
         r, e = jnp.exp(mx - mx_new), jnp.exp(s - mx_new[..., None])
         vals = v_cache[slots]  # [N, M, Hkv, hd]
         acc = acc * r[..., None] + jnp.einsum("nhgm,nmhd->nhgd", e.astype(q.dtype), vals)
-        return mx_new, total * r + e.sum(-1), acc
+        return mx_new, total * r + row_sum(e), acc  # not e.sum: see row_sum
 
     shape = (n, cfg.num_kv_heads, groups)
     init = (

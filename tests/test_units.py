@@ -187,6 +187,80 @@ def test_paged_attention_of_a_row_does_not_depend_on_its_pass():
         np.testing.assert_array_equal(out(rows, num_pages, offset, start), base)
 
 
+def test_a_rows_logits_and_kv_do_not_depend_on_its_pass():
+    """Bitwise, through the whole model (the fused step: every model function the segments
+    run): 32 decode rows of 32 sequences give the same logits and write the same K/V in every
+    layer in one pass of 32 rows, two of 16 or four of 8. XLA:CPU reduces arrays of under and
+    over 4096 elements in different orders; RMSNorm's mean (hidden size 128) and, with pages
+    of 8, the attention softmax's sum (2 KV heads x 2 groups x 32 keys a row) cross that size
+    at 32 rows. Either, as a reduce, made a row's tokens depend on its pass
+    (``models.model.row_sum``)."""
+    import dataclasses
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("row_sum's fixed order is XLA:CPU's (a reduce elsewhere)")
+
+    from qllm_jax.models.random_init import MODEL_PRESETS, random_model
+    from qllm_jax.segments import SampleInputs, fused_step, head_params
+
+    cfg = dataclasses.replace(MODEL_PRESETS["mixtral-tiny"], hidden_size=128)
+    model = random_model(cfg, dtype="float32", seed=3)
+    rng = np.random.default_rng(5)
+    n, ps, pb = 32, 8, 4  # rows (one per sequence), page size, pages per row
+    slots = (1 + n * pb) * ps
+    kv_shape = (slots, cfg.num_kv_heads, cfg.head_dim)
+    k0 = [rng.normal(size=kv_shape).astype(np.float32) for _ in range(cfg.num_layers)]
+    v0 = [rng.normal(size=kv_shape).astype(np.float32) for _ in range(cfg.num_layers)]
+    tokens = rng.integers(0, cfg.vocab_size, n).astype(np.int32)
+    positions = rng.integers(0, pb * ps, n).astype(np.int32)
+    pages = (1 + np.arange(n * pb, dtype=np.int32)).reshape(n, pb)  # each row its own pages
+    write_slot = pages[np.arange(n), positions // ps] * ps + positions % ps
+    head = head_params(model.params)
+
+    def run(rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits [n, V] and the written K, V [layers, n, Hkv, hd], in passes of ``rows``."""
+        lg, ks, vs = [], [], []
+        for r in range(0, n, rows):
+            mine = slice(r, r + rows)
+            meta = dict(
+                positions=positions[mine],
+                valid=np.ones(rows, bool),
+                write_slot=write_slot[mine],
+                pages=pages[mine],
+            )
+            s = SampleInputs(
+                np.arange(rows, dtype=np.int32),
+                np.zeros(rows, np.float32),
+                np.zeros(rows, np.int32),
+                np.ones(rows, np.float32),
+                np.zeros((rows, 2), np.uint32),
+                np.zeros(rows, np.int32),
+            )
+            out, k, v = fused_step(
+                model.params,
+                head,
+                tuple(jnp.asarray(x) for x in k0),  # fresh copies: the step donates them
+                tuple(jnp.asarray(x) for x in v0),
+                tokens[mine],
+                meta,
+                s,
+                cfg=cfg,
+                page_size=ps,
+                dtype=jnp.float32,
+                want_logits=True,
+            )
+            lg.append(np.asarray(out))
+            ks.append(np.stack([np.asarray(x)[write_slot[mine]] for x in k]))
+            vs.append(np.stack([np.asarray(x)[write_slot[mine]] for x in v]))
+        return np.concatenate(lg), np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
+
+    base = run(8)
+    assert np.isfinite(base[0]).all() and np.abs(base[1]).max() > 0
+    for rows in (16, 32):
+        for got, want in zip(run(rows), base, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def _tiny_attention_config():
     from qllm_jax.models.config import ModelConfig
 
