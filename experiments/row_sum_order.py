@@ -136,8 +136,9 @@ def compiled(model, x: Pass, row_sum) -> dict:
             fresh(S.fused_step.__wrapped__),
             static_argnames=("cfg", "page_size", "dtype", "want_logits"),
         )
+        counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)  # routed tokens
         fused = fused.lower(
-            params, head, tuple(x.k), tuple(x.v), x.tokens, x.meta, x.samples,
+            params, head, tuple(x.k), tuple(x.v), x.tokens, x.meta, x.samples, counts, None,
             cfg=cfg, page_size=PAGE_SIZE, dtype=jnp.float32,
         ).compile()  # fmt: skip
 
@@ -157,7 +158,9 @@ def compiled(model, x: Pass, row_sum) -> dict:
         "attention_segment": (attention, attention_rows),
         "head_logits": (lambda p: hl(head, p.h, p.acc, p.samples.rows), host),
         "fused_step": (
-            lambda p: fused(params, head, tuple(p.k), tuple(p.v), p.tokens, p.meta, p.samples),
+            lambda p: fused(
+                params, head, tuple(p.k), tuple(p.v), p.tokens, p.meta, p.samples, counts, None
+            ),
             lambda p, out: host(p, out[0]),
         ),
     }

@@ -236,7 +236,7 @@ def test_a_rows_logits_and_kv_do_not_depend_on_its_pass():
                 np.zeros((rows, 2), np.uint32),
                 np.zeros(rows, np.int32),
             )
-            out, k, v = fused_step(
+            out, k, v, _ = fused_step(
                 model.params,
                 head,
                 tuple(jnp.asarray(x) for x in k0),  # fresh copies: the step donates them
@@ -244,6 +244,8 @@ def test_a_rows_logits_and_kv_do_not_depend_on_its_pass():
                 tokens[mine],
                 meta,
                 s,
+                jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32),  # routed-token counts
+                None,  # no expert slots
                 cfg=cfg,
                 page_size=ps,
                 dtype=jnp.float32,
