@@ -268,9 +268,13 @@ def test_a_dropped_stream_is_aborted_and_frees_its_pages(server):
         got = 0
         while got < 3:
             got += next(lines).startswith("data: ")
-        m = server.metrics()
-        assert sample(m, "qllm:kv_pages_used") >= 1  # (pages grow with the sequence)
-        assert sample(m, "qllm:num_requests_running", priority_class="ls") == 1
+        # (the gauges are a snapshot at most 50 ms old: the first tokens can come sooner)
+        _wait(
+            lambda: (
+                sample(m := server.metrics(), "qllm:kv_pages_used") >= 1  # pages grow
+                and sample(m, "qllm:num_requests_running", priority_class="ls") == 1
+            )
+        )
     t0 = time.monotonic()  # the connection is closed here
     m = {}
 
