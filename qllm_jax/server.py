@@ -186,51 +186,43 @@ class _SnapshotCollector:
             g = GaugeMetricFamily(f"qllm:{key}", doc, labels=["model_name"])
             g.add_metric([name], snap[key])
             yield g
-        c = CounterMetricFamily(
-            "qllm:num_preemptions",
-            "In-pass preemptions by granularity.",
-            labels=["model_name", "granularity"],
-        )
-        for gran in ("layer", "expert"):
-            c.add_metric([name, gran], snap["preemptions"][gran])
-        yield c
-        c = CounterMetricFamily(
-            "qllm:num_evictions",
-            "Requests evicted from their KV pages for more urgent work (swapped or recomputed).",
-            labels=["model_name"],
-        )
-        c.add_metric([name], snap["evictions"])
-        yield c
-        c = CounterMetricFamily(
-            "qllm:kv_swapped_pages",
-            "KV pages copied to host memory (out) and back (in).",
-            labels=["model_name", "direction"],
-        )
-        for direction in ("out", "in"):
-            c.add_metric([name, direction], snap["swapped"][direction])
-        yield c
-        c = CounterMetricFamily(
-            "qllm:scheduled_rows",
-            "Token rows the scheduler put in passes.",
-            labels=["model_name", "priority_class"],
-        )
-        for cls in (LS, BE):
-            c.add_metric([name, cls], snap["rows"][cls])
-        yield c
-        c = CounterMetricFamily(
-            "qllm:engine_steps", "Engine steps (plans run).", labels=["model_name"]
-        )
-        c.add_metric([name], snap["steps"])
-        yield c
-        c = CounterMetricFamily(
-            "qllm:compilations",
-            "XLA executables created in the server process (after warm-up: none, normally).",
-            labels=["model_name"],
-        )
-        c.add_metric([name], snap["compiles"])
-        yield c
+        for metric, doc, label, key in _COUNTERS:
+            if label is None:
+                c = CounterMetricFamily(metric, doc, labels=["model_name"])
+                c.add_metric([name], snap[key])
+            else:  # the snapshot holds the counts by label value
+                c = CounterMetricFamily(metric, doc, labels=["model_name", label])
+                for value, n in snap[key].items():
+                    c.add_metric([name, value], n)
+            yield c
         if snap["expert_load"] is not None:
             yield _expert_load_metric(name, snap["expert_load"])
+
+
+# counters from the engine thread's snapshot: (metric, help, label or None, snapshot key)
+_COUNTERS = (
+    ("qllm:num_preemptions", "In-pass preemptions by granularity.", "granularity", "preemptions"),
+    (
+        "qllm:num_evictions",
+        "Requests evicted from their KV pages for more urgent work (swapped or recomputed).",
+        None,
+        "evictions",
+    ),
+    (
+        "qllm:kv_swapped_pages",
+        "KV pages copied to host memory (out) and back (in).",
+        "direction",
+        "swapped",
+    ),
+    ("qllm:scheduled_rows", "Token rows the scheduler put in passes.", "priority_class", "rows"),
+    ("qllm:engine_steps", "Engine steps (plans run).", None, "steps"),
+    (
+        "qllm:compilations",
+        "XLA executables created in the server process (after warm-up: none, normally).",
+        None,
+        "compiles",
+    ),
+)
 
 
 def _expert_load_metric(name: str, load: list[list[int]]) -> CounterMetricFamily:
