@@ -84,9 +84,9 @@ class Engine:
 
     ``scheduler_options`` are ``SchedulerConfig`` fields (``policy``, ``granularity``,
     ``max_batch_size``, ``max_num_batched_tokens``, ``prefill_chunk``, ``aging_s``,
-    ``max_park_s``, ``absorb_be``, ``preempt_prefill``, ``mix_classes``, ``rejoin_parked``,
-    ``split_mixed``, ``prefill_first``, ``enable_prefix_caching``, ``queue_order``,
-    ``age_after_s``, ``grow_pages``, ``swap_pages``) plus ``preset`` (a named set of them;
+    ``max_park_s``, ``absorb_be``, ``preempt_prefill``, ``mix_classes``, ``mix_decodes``,
+    ``rejoin_parked``, ``split_mixed``, ``prefill_first``, ``enable_prefix_caching``,
+    ``queue_order``, ``age_after_s``, ``grow_pages``, ``swap_pages``) plus ``preset`` (a named set of them;
     explicit options win); their defaults are ``SchedulerConfig``'s. ``swap_space``: GiB of
     host memory for the KV pages of evicted requests (vLLM's name; sets ``swap_pages``): they
     are copied back when the request is readmitted instead of recomputed.

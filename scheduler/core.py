@@ -97,8 +97,15 @@ class SchedulerConfig:
     absorb_be: bool = False  # LS passes also absorb parked BE passes (the paper does)
     preempt_prefill: bool = True  # the paper never preempts a prefill pass
     # New passes top LS rows up with BE rows (split off again when another LS request waits);
-    # False: one priority class per pass
+    # False: one priority class per pass (but see mix_decodes)
     mix_classes: bool = False
+    # A new pass whose most urgent class has only decode rows free (no prompt of that class to
+    # protect) is topped up with less urgent rows, as an iteration-level batch is: a pass of a
+    # few LS decode rows costs nearly what a full BE pass does (the same weight reads, segment
+    # calls and head), so running it alone loses most of a pass of BE work per LS token. The
+    # first token of an LS request (its prompt) still runs in a pass of its class; when an LS
+    # prompt arrives, the mixed pass splits (split_mixed) or, without preemption, ends first.
+    mix_decodes: bool = True
     # A parked pass whose class has free requests waiting is rejoined by a new pass of them
     # (absorbed at its cursor) rather than resumed alone
     rejoin_parked: bool = True
@@ -205,6 +212,10 @@ class PassState:
     # runs to its end, never parked again: it holds rows parked past max_park_s, or it is a
     # pass of BE work on its turn (be_share)
     held: bool = False
+    # the least urgent class the pass was started to carry (mix_classes, mix_decodes), so that
+    # it absorbs parked rows of that class on its way even while its own rows are all more
+    # urgent; None: the classes of its rows
+    accepts: int | None = None
 
     _snapshot: tuple[Chunk, ...] = ()
 
@@ -608,14 +619,18 @@ class Scheduler:
                 turn = True
         best_parked = min(parked, key=lambda p: self._parked_key(p, now), default=None)
         top = self.effective_priority(free[0], now) if free else 0
+        least = top  # the least urgent class the new pass takes, from free or parked rows
         if self.config.paper_order:
             free = self._paper_order(free, now)
-        elif free and not self.config.mix_classes:
-            # one priority class per new pass: BE rows never slow down an LS pass
+        elif free and not self._mixes(free, top, now):
+            # one priority class per new pass: BE rows never slow down an LS prompt
             free = [r for r in free if self.effective_priority(r, now) == top]
+        elif free:
+            least = max(self._pass_priority(p, now) for p in parked) if parked else top
+            least = max(least, self.effective_priority(free[-1], now))
         free = self._one_kind(free)
         # parked rows this pass will absorb on its way keep their seats ahead of younger rows
-        on_the_way = [p for p in parked if free and self._welcome(top, top, p, now)]
+        on_the_way = [p for p in parked if free and self._welcome(top, least, p, now)]
         chunks = self._chunks(free, now, on_the_way)
         resume = best_parked is not None and (
             not chunks or self._parked_key(best_parked, now) <= self.key(free[0], now)
@@ -630,9 +645,21 @@ class Scheduler:
         if not chunks:
             return None
         ps = self._new_pass(chunks)
-        ps.held = turn
+        ps.held, ps.accepts = turn, least
         self.active = ps.pass_id
         return ps
+
+    def _mixes(self, free: list[Request], top: int, now: float) -> bool:
+        """Whether a new pass from ``free`` (in row order; ``top`` its most urgent class) takes
+        less urgent rows after that class's: always with ``mix_classes``; with ``mix_decodes``
+        when every free row of class ``top`` is a decode (one token to feed: no prompt, and no
+        output being recomputed after an eviction)."""
+        if self.config.mix_classes:
+            return True
+        if not self.config.mix_decodes:
+            return False
+        urgent = (r for r in free if self.effective_priority(r, now) == top)
+        return all(r.num_tokens - r.num_computed == 1 for r in urgent)
 
     def _rejoin(
         self, parked: PassState, free_head: Request, chunks: list[Chunk], now: float
@@ -708,7 +735,7 @@ class Scheduler:
         best = min(self.effective_priority(self.seqs[s], now) for s in ps.seq_ids)
         keep = [c for c in ps.chunks if self.effective_priority(self.seqs[c.seq_id], now) == best]
         moved = [c for c in ps.chunks if self.effective_priority(self.seqs[c.seq_id], now) != best]
-        cursor, ps.chunks = ps.cursor, keep
+        cursor, ps.chunks, ps.accepts = ps.cursor, keep, best  # it sheds the rest on its way too
         # before the split-off pass exists (it must not absorb it); one split per plan
         plan = self._advance(ps, now, partial=False)
         parked = self._new_pass(moved)
@@ -846,6 +873,7 @@ class Scheduler:
             return [], []
         mine = self._pass_priority(ps, now)
         least = max(self.effective_priority(self.seqs[s], now) for s in ps.seq_ids)
+        least = max(least, ps.accepts) if ps.accepts is not None else least
         rows, seqs = sum(c.num_tokens for c in ps.chunks), len(ps.chunks)
         out, left = [], []
         for other in sorted(waiting, key=lambda p: self._parked_key(p, now)):

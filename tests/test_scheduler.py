@@ -125,13 +125,21 @@ def test_ls_behind_be_prefill(policy, granularity, group, ls_first, be_tokens_at
         assert be.parked_time == ls_first - (4.0 if granularity == "layer" else 3.0)
 
 
-def test_parked_be_resumes_after_ls_finishes():
-    # The BE parks at t=4, cursor 4. The LS prefill ends at 21 and its two decodes at 38, 55:
-    # each new LS pass outranks the parked BE pass. At 55 the BE pass resumes: 55 + 13 = 68.
-    records, _, _ = simulate(be_then_ls(be_tokens=1, ls_tokens=3), policy="qllm")
+@pytest.mark.parametrize(
+    "mix_decodes, be_first, resumed", [(False, 68.0, 55.0), (True, 38.0, 25.0)]
+)
+def test_parked_be_resumes_after_ls_finishes(mix_decodes, be_first, resumed):
+    # The BE parks at t=4, cursor 4. The LS prefill ends at 21 and its two decodes at 38, 55.
+    # One class per pass: each new LS pass outranks the parked BE pass, which resumes at 55:
+    # 55 + 13 = 68. mix_decodes: the first LS decode pass (21 -> 38, no LS prompt left) absorbs
+    # the BE rows at cursor 4 (t=25) and they sample with it at 38, the LS timeline unchanged.
+    records, stats, _ = simulate(
+        be_then_ls(be_tokens=1, ls_tokens=3), policy="qllm", mix_decodes=mix_decodes
+    )
     assert [records["ls"].first_token, records["ls"].finish] == [21.0, 55.0]
-    assert records["be"].first_token == 68.0
-    assert records["be"].parked_time == 55.0 - 4.0
+    assert records["be"].first_token == be_first
+    assert records["be"].parked_time == resumed - 4.0
+    assert stats["absorbed_passes"] == int(mix_decodes)
 
 
 def test_abort_of_a_parked_request_drops_its_carry():
@@ -201,16 +209,55 @@ def test_aging_makes_a_mixed_pass_that_splits():
     assert records["b"].finish == 102.0 and records["b"].output_len == 4
 
 
+# -- LS decodes topped up with BE rows (mix_decodes) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mix_decodes, be_first, end",
+    [
+        # the LS prompt runs alone (0 -> 17); from t=17 its decode rows carry the BE prompt
+        # along: one pass 17 -> 34 gives LS its second token and BE its first
+        (True, 34.0, 51.0),
+        # one class per pass: BE waits for the LS decodes (17 -> 34 -> 51), then 51 -> 68
+        (False, 68.0, 68.0),
+    ],
+)
+def test_ls_decodes_are_topped_up_with_be(mix_decodes, be_first, end):
+    events = [req("ls", 0, 4, 3, LS), req("be", 1, 4, 1, BE)]
+    records, stats, _ = simulate(events, policy="qllm", mix_decodes=mix_decodes)
+    assert records["ls"].first_token == 17.0 and records["ls"].finish == 51.0
+    assert records["be"].first_token == be_first
+    assert stats["end_time"] == end and stats["passes_ls"] == 3 and stats["passes_be"] == 1
+
+
+def test_ls_prompt_splits_a_mixed_decode_pass_and_a_later_one_absorbs_its_be_rows():
+    # Layer granularity, 2 units a layer, 8 layers + head = 17 a pass.
+    # 0 -> 17: LS `a`'s prompt alone. 17: a's decode + the BE prompt, mixed. LS `b` arrives at
+    # 20; at the t=21 boundary (cursor 2) the pass splits: `a` goes on alone (21 -> 34), the BE
+    # row parks at cursor 2. 34 -> 51: a's last decode with b's prompt (a prompt: LS only).
+    # 51: b's decode starts a pass that accepts BE rows; at cursor 2 (t=55) it absorbs the
+    # parked BE row, which samples with it at 68 (resumed alone after it, it would be 81), then
+    # decodes 68 -> 85.
+    events = [req("a", 0, 4, 3, LS), req("be", 1, 4, 2, BE), req("b", 2, 4, 2, LS, at=20.0)]
+    records, stats, _ = simulate(events, policy="qllm")
+    assert stats["splits"] == 1 and stats["absorbed_passes"] == 1
+    assert [records["a"].first_token, records["a"].finish] == [17.0, 51.0]
+    assert [records["b"].first_token, records["b"].finish] == [51.0, 68.0]
+    assert [records["be"].first_token, records["be"].finish] == [68.0, 85.0]
+    assert records["be"].parked_time == 55.0 - 21.0
+
+
 # -- bounded BE delay ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("aging_s, be_first", [(None, 357.0), (10.0, 34.0)])
 def test_aging_lets_a_starving_be_request_run(aging_s, be_first):
-    # An LS request decodes 20 tokens, one 17-unit pass each (0 -> 340). A new qllm pass takes
-    # one priority class only, so without aging the BE request waits for all of them
-    # (340 + 17 = 357). With aging_s=10 it is priority 0 at t=17 and joins the LS pass: 34.
+    # An LS request decodes 20 tokens, one 17-unit pass each (0 -> 340). With mix_decodes off a
+    # new qllm pass takes one priority class only, so without aging the BE request waits for all
+    # of them (340 + 17 = 357). With aging_s=10 it is priority 0 at t=17 and joins the LS pass:
+    # 34 (with mix_decodes on it would join it anyway: test_ls_decodes_are_topped_up_with_be)
     events = [req("ls", 0, 4, 20, LS), req("be", 1, 4, 1, BE)]
-    records, _, _ = simulate(events, policy="qllm", aging_s=aging_s)
+    records, _, _ = simulate(events, policy="qllm", aging_s=aging_s, mix_decodes=False)
     assert records["ls"].finish == 340.0
     assert records["be"].first_token == be_first
 
@@ -222,8 +269,11 @@ def test_expired_parked_pass_resumes_first_and_runs_to_its_end(max_park_s, be_fi
     # The BE pass parks at t=4, cursor 4; the LS prefill ends at 21. No limit: the LS decodes
     # (21 -> 38 -> 55 -> 72 -> 89) go first, then the BE pass (89 + 13). max_park_s=5: at t=21
     # the BE pass has been parked 17 > 5, so it resumes first and is not parked again although
-    # LS work is runnable: 21 + 12 + 1 = 34. The LS decodes follow: 34 + 4 * 17 = 102.
-    records, stats, _ = simulate(be_then_ls(be_tokens=1, ls_tokens=5), max_park_s=max_park_s)
+    # LS work is runnable: 21 + 12 + 1 = 34. The LS decodes follow: 34 + 4 * 17 = 102. (One
+    # class per pass: with mix_decodes the first LS decode pass would absorb the BE rows.)
+    records, stats, _ = simulate(
+        be_then_ls(be_tokens=1, ls_tokens=5), max_park_s=max_park_s, mix_decodes=False
+    )
     assert records["be"].first_token == be_first
     assert records["be"].num_preemptions == 1 and stats["preemptions_layer"] == 1
     assert records["ls"].finish == ls_finish
@@ -542,8 +592,9 @@ def test_parked_pass_is_rejoined_by_a_new_pass_of_its_class():
 
 def test_free_ls_work_goes_before_a_parked_be_pass():
     """While an LS request still decodes, every new pass is its decode, never the parked BE
-    pass: LS prefill 4 -> 21, decodes 21 -> 38 -> 55; only then does BE resume (55 -> 68)."""
-    records, _, _ = simulate(be_then_ls(be_tokens=1, ls_tokens=3))
+    pass: LS prefill 4 -> 21, decodes 21 -> 38 -> 55; only then does BE resume (55 -> 68).
+    (One class per pass; with mix_decodes the decodes absorb it: see the test above.)"""
+    records, _, _ = simulate(be_then_ls(be_tokens=1, ls_tokens=3), mix_decodes=False)
     assert records["ls"].finish == 55.0
     assert records["be"].first_token == 68.0
 
@@ -611,8 +662,11 @@ def test_plans_are_plain_snapshots():
     ],
 )
 def test_starving_be_gets_a_turn_without_outranking_ls(be_share, be_first, ls_finish):
+    # (mix_decodes off: one class per pass, else the BE prompt rides the first LS decode pass)
     events = [req("ls", 0, 4, 20, LS), req("be", 1, 4, 1, BE)]
-    records, stats, _ = simulate(events, policy="qllm", be_share=be_share, be_starve_s=10.0)
+    records, stats, _ = simulate(
+        events, policy="qllm", be_share=be_share, be_starve_s=10.0, mix_decodes=False
+    )
     assert records["be"].first_token == be_first
     assert records["ls"].finish == ls_finish
     assert stats["be_turns"] == (1 if be_share else 0)
