@@ -86,10 +86,11 @@ class Engine:
     ``max_batch_size``, ``max_num_batched_tokens``, ``prefill_chunk``, ``aging_s``,
     ``max_park_s``, ``absorb_be``, ``preempt_prefill``, ``mix_classes``, ``mix_decodes``,
     ``rejoin_parked``, ``split_mixed``, ``prefill_first``, ``enable_prefix_caching``,
-    ``queue_order``, ``age_after_s``, ``grow_pages``, ``swap_pages``) plus ``preset`` (a named set of them;
-    explicit options win); their defaults are ``SchedulerConfig``'s. ``swap_space``: GiB of
-    host memory for the KV pages of evicted requests (vLLM's name; sets ``swap_pages``): they
-    are copied back when the request is readmitted instead of recomputed.
+    ``queue_order``, ``age_after_s``, ``grow_pages``, ``swap_pages``) plus ``preset`` (a named
+    set of them; explicit options win); their defaults are ``SchedulerConfig``'s.
+    ``swap_space``: GiB of host memory for the KV pages of evicted requests (vLLM's name; sets
+    ``swap_pages``): they are copied back when the request is readmitted instead of
+    recomputed.
 
     Expert load (``qllm_jax.eplb``): routed-token counts per layer and expert are kept on the
     device and read back every ``expert_stats_every`` steps (0: never; ``stats()["expert_load"]``).

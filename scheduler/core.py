@@ -15,9 +15,12 @@ Policies, all over the same segments:
 - ``qllm``: preemptive. Passes advance one segment (``granularity="expert"``) or one layer
   (``"layer"``) per plan. When more urgent work is runnable, the active pass is parked at its
   cursor and the urgent work runs. Parked passes wait in per-cursor queues; a later pass that
-  reaches a parked pass's cursor absorbs its rows (LS rows always, BE rows when that pass is BE
-  or ``absorb_be``). A mixed pass is split when an LS request waits: its LS rows continue,
-  its BE rows park. Aging and a maximum park time bound how long BE work can be held back.
+  reaches a parked pass's cursor absorbs its rows (LS rows always, BE rows when that pass
+  carries or was started to take BE rows, or with ``absorb_be``). A new pass holds one
+  priority class, except that LS decode rows with no LS prompt among them are topped up with
+  BE rows (``mix_decodes``; every pass with ``mix_classes``). A mixed pass is split when an LS
+  request waits: its LS rows continue, its BE rows park. Aging and a maximum park time bound
+  how long BE work can be held back.
 
 Priority keys are ``(effective priority, arrival time, seq_id)``; lower sorts first. Inside a
 priority class, requests fill passes (and get admitted) in ``queue_order``: ``fcfs`` (arrival),
