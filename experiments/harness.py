@@ -171,11 +171,19 @@ class Run:
 
 
 def run_real(
-    model, arm: str, items: list[Item], base: dict, seed: int, until=None, options=None
+    model,
+    arm: str,
+    items: list[Item],
+    base: dict,
+    seed: int,
+    until=None,
+    options=None,
+    observe=None,
 ) -> Run:
     """Serve ``items`` on this machine with ``arm``'s engine, arrivals on the wall clock.
     ``until``: stop feeding BE at that time and end once every LS request is done (a standing
-    backlog); else run until every request finishes."""
+    backlog); else run until every request finishes. ``observe(engine)``: called once the
+    engine is warm, before the measured window (to instrument it)."""
     import numpy as np
 
     import qllm_jax
@@ -190,6 +198,8 @@ def run_real(
         max_rows=engine.config.max_num_batched_tokens,
         max_context=max(it.prompt_len + it.output_len for it in pending),
     )
+    if observe is not None:
+        observe(engine)
     rng = np.random.default_rng(seed)
     vocab = engine.model.config.vocab_size
     prompts = {it.request_id: rng.integers(3, vocab, it.prompt_len).tolist() for it in pending}
