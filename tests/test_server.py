@@ -479,6 +479,33 @@ def test_200_concurrent_clients_mixing_tiers(server, reference):
     assert sample(m, "qllm:request_success_total", priority_class="be") >= 50
 
 
+def test_the_bench_client_reads_the_stream_the_openai_client_reads(server, reference):
+    """``experiments/serve_bench.py``'s ``StreamClient`` (httpx's request bytes on asyncio
+    streams, the one that times the HTTP arm) parses the chunked SSE stream to the same
+    text, and reuses its keep-alive connection for the next request."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import serve_bench
+
+    prompt = PROMPTS[0]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}
+    lines: list[bytes] = []
+
+    async def two_requests() -> int:
+        client = serve_bench.StreamClient(server.url)
+        await client.stream("/v1/completions", body, lines.append)
+        await client.stream("/v1/completions", body, lines.append)
+        idle = len(client._idle)
+        await client.aclose()
+        return idle
+
+    assert asyncio.run(two_requests()) == 1
+    data = [line[6:] for line in lines if line.startswith(b"data: ")]
+    assert data.count(b"[DONE]") == 2
+    events = [json.loads(d) for d in data if d != b"[DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events) == reference[prompt] * 2
+    assert sum(serve_bench._is_token_event(line) for line in lines) >= 2
+
+
 def test_metrics_parse_and_name_every_series(server):
     server.client.completions.create(model=MODEL, prompt="metrics", max_tokens=2)
     names = {name for name, _ in server.metrics()}
