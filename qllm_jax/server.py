@@ -446,7 +446,11 @@ class EngineLoop:
         self._on_output(tracked, out)
 
     def _on_output(self, tracked: _Tracked, out: RequestOutput) -> None:
-        """A server request advanced or ended: metrics, then hand it to its stream."""
+        """A server request advanced or ended: its stream gets new tokens before the metrics
+        are updated (they are on the client's latency path; the metrics can wait some
+        microseconds), the end after them (a client that has seen the end sees it counted)."""
+        if tracked.stream is not None and not out.finished:
+            tracked.stream.push(out)
         m, labels = self.metrics, self.metrics.label(tracked.cls)
         now = self.engine.clock()
         n = len(out.token_ids)
@@ -467,8 +471,8 @@ class EngineLoop:
             m.e2e.labels(**labels).observe(max(0.0, finish - tracked.arrival))
             m.success.labels(**labels, finished_reason=out.finish_reason or "abort").inc()
             self._tracked.pop(out.request_id, None)
-        if tracked.stream is not None:
-            tracked.stream.push(out)
+            if tracked.stream is not None:
+                tracked.stream.push(out)
 
     def _snapshot(self, force: bool = False) -> None:
         """The scheduler's queue sizes and counters for the gauges, at most every
