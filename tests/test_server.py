@@ -621,6 +621,25 @@ def _full_ls_queue_is_429(srv: Server) -> None:
     assert srv.client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices
 
 
+def test_an_idle_engine_loop_runs_a_command_at_once():
+    """The engine thread waits on an event when idle, not on a poll: with a 30 s idle wait a
+    command (what a new request is) still runs at once, and so does one sent mid-run."""
+    from qllm_jax import jobs, server
+
+    engine = qllm_jax.Engine(qllm_jax.random_model("mixtral-tiny", "float32"), kv_pages=16)
+    runner = jobs.JobRunner(engine, checkpoint_every=None)
+    loop = server.EngineLoop(engine, runner, server.Metrics("m"), idle_wait_s=30.0)
+    loop.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.2)  # idle again: waiting
+            sent = time.monotonic()
+            assert loop.call(time.monotonic).result(timeout=10) - sent < 5.0
+    finally:
+        loop.stop()
+    assert not loop.alive and loop.error is None
+
+
 def test_generate_from_the_shell(cache, reference):
     prompt = PROMPTS[1]
     out = subprocess.run(
