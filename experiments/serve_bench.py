@@ -170,21 +170,28 @@ class StreamClient:
         head += [k + b": " + v for k, v in req.headers.raw]
         return b"\r\n".join(head) + b"\r\n\r\n" + req.content
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _send(self, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        """Send ``data`` on an idle keep-alive connection, or a new one; the response head.
+        A reused connection that the server closed meanwhile (its keep-alive timeout) is
+        dropped and the request sent again on a new one."""
         while self._idle:
             reader, writer = self._idle.pop()
-            if not writer.is_closing() and not reader.at_eof():
-                return reader, writer
-            writer.close()
-        return await asyncio.open_connection(self.host, self.port)
+            if writer.is_closing() or reader.at_eof():
+                writer.close()
+                continue
+            writer.write(data)
+            try:
+                return reader, writer, await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.write(data)
+        return reader, writer, await reader.readuntil(b"\r\n\r\n")
 
     async def stream(self, path: str, body: dict, on_line: Callable[[bytes], None]) -> None:
         """POST ``body`` and call ``on_line`` with every line of the SSE response as it
         arrives; raises on a status other than 200."""
-        data = self.request_bytes(path, body)
-        reader, writer = await self._connection()
-        writer.write(data)
-        head = await reader.readuntil(b"\r\n\r\n")
+        reader, writer, head = await self._send(self.request_bytes(path, body))
         status = int(head.split(b" ", 2)[1])
         headers = dict(
             (k.strip().lower(), v.strip())
@@ -441,6 +448,13 @@ def main(argv=None) -> dict:
         help="HTTP client of the measured requests: raw (StreamClient: httpx's request bytes "
         "on asyncio streams) or httpx (its AsyncClient)",
     )
+    ap.add_argument(
+        "--also-client",
+        action="append",
+        default=[],
+        choices=("raw", "httpx"),
+        help="one more HTTP arm per window with this client (arm http-CLIENT; repeatable)",
+    )
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--out", help="output JSON path")
     args = ap.parse_args(argv)
@@ -462,21 +476,26 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as state:
         proc, url = start_server(args, state)
         try:
-            asyncio.run(run_http(url, warm_items, args.client))
+            for client in {args.client, *args.also_client}:
+                asyncio.run(run_http(url, warm_items, client))
             rounds = []
+            also = [f"http-{c}" for c in args.also_client]
+            for arm in also:
+                compiles[arm] = 0.0
             for k, part in enumerate(windows(items, args.duration, args.rounds)):
                 with compile_log.Window() as window:
-                    e = run_engine(eng, part)
+                    r = {"engine": run_engine(eng, part)}
                 compiles["engine"] += window.compiles
-                h = http_arm(url, part, compiles, "http", args.client)
-                rounds.append({"engine": e, "http": h})
-                print(
-                    f"round {k}: LS TTFT p90 engine {1e3 * percentile(e['ls_ttft'], 90):.1f} ms, "
-                    f"http {1e3 * percentile(h['ls_ttft'], 90):.1f} ms; "
-                    f"load average {os.getloadavg()[0]:.2f}"
+                r["http"] = http_arm(url, part, compiles, "http", args.client)
+                for arm, client in zip(also, args.also_client, strict=True):
+                    r[arm] = http_arm(url, part, compiles, arm, client)
+                rounds.append(r)
+                p90s = ", ".join(
+                    f"{a} {1e3 * percentile(v['ls_ttft'], 90):.1f}" for a, v in r.items()
                 )
+                print(f"round {k}: LS TTFT p90 (ms) {p90s}; load average {os.getloadavg()[0]:.2f}")
             del eng
-            arms = {arm: merged([r[arm] for r in rounds]) for arm in ("engine", "http")}
+            arms = {arm: merged([r[arm] for r in rounds]) for arm in rounds[0]}
             for arm in arms:
                 print(f"{arm}: LS TTFT p90 {1e3 * percentile(arms[arm]['ls_ttft'], 90):.1f} ms")
             batch_id = start_batch(url, args, vocab)
@@ -513,8 +532,9 @@ def main(argv=None) -> dict:
         "ls_ttft_p90_ratio_http_vs_engine": p90["http"] / p90["engine"],
         "meets_target_1_15": p90["http"] / p90["engine"] <= 1.15,
         "rounds_ls_ttft_p90_s": [
-            {arm: percentile(r[arm]["ls_ttft"], 90) for arm in ("engine", "http")} for r in rounds
+            {arm: percentile(res["ls_ttft"], 90) for arm, res in r.items()} for r in rounds
         ],
+        "ls_ttft_p90_ratio_vs_engine": {arm: v / p90["engine"] for arm, v in p90.items()},
         "ls_ttft_p90_ratio_batch_vs_none": p90["http+batch"] / p90["http"],
         "batch_progress_during_window": batch["request_counts"],
         "burst": burst,
