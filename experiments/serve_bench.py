@@ -15,8 +15,8 @@ each window runs through the engine, then over HTTP (both stay up meanwhile), so
 the machine's load falls on both arms alike; the per-window p90s show the spread. The HTTP
 client (``--client``) is ``raw`` by default: ``StreamClient``, which sends the bytes httpx
 sends (its headers and JSON) on asyncio streams and reads the chunked SSE stream, because
-httpx's async machinery costs 1-2 ms a request on the same 2 cores as the server;
-``--client httpx`` times its ``AsyncClient`` instead.
+httpx's async machinery cost about 1-2 ms a request (p50, loaded machine) on the same 2
+cores as the server; ``--client httpx`` times its ``AsyncClient`` instead.
 
 Reported: LS TTFT p50/p90 of each arm, the ratio http / engine of the LS TTFT p90 (target
 <= 1.15), http+batch / http, completed requests/s. Each arm is preceded by a short warm-up
@@ -154,7 +154,7 @@ class StreamClient:
     """A lean HTTP/1.1 client on asyncio streams for the streamed completions: the same
     request bytes as ``httpx`` sends (built by an ``httpx.Client``: its headers, its JSON),
     keep-alive connections reused as ``httpx`` reuses them, the chunked SSE response read to
-    its end. It exists because httpx's async machinery costs 1-2 ms a request on this 2-core
+    its end. It exists because httpx's async machinery cost about 1-2 ms a request on this 2-core
     box, on the same cores as the server: that is the client's cost, not the server's."""
 
     def __init__(self, url: str) -> None:
