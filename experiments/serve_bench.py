@@ -10,6 +10,14 @@ default tier, best-effort ones on ``flex``) is run four ways:
 4. ``burst``: ``--burst`` concurrent requests at once, for the requests/s the server sustains
    and the concurrency reached (requests holding KV pages at once, from ``/metrics``).
 
+``engine`` and ``http`` alternate: the workload is cut into ``--rounds`` windows of time and
+each window runs through the engine, then over HTTP (both stay up meanwhile), so a change in
+the machine's load falls on both arms alike; the per-window p90s show the spread. The HTTP
+client (``--client``) is ``raw`` by default: ``StreamClient``, which sends the bytes httpx
+sends (its headers and JSON) on asyncio streams and reads the chunked SSE stream, because
+httpx's async machinery cost about 1-2 ms a request (p50, loaded machine) on the same 2
+cores as the server; ``--client httpx`` times its ``AsyncClient`` instead.
+
 Reported: LS TTFT p50/p90 of each arm, the ratio http / engine of the LS TTFT p90 (target
 <= 1.15), http+batch / http, completed requests/s. Each arm is preceded by a short warm-up
 run of the same workload so no window compiles (the server also warms up at start); the
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -111,8 +121,8 @@ def run_engine(eng: qllm_jax.Engine, items: list[dict]) -> dict:
     }
 
 
-async def _one(client: httpx.AsyncClient, url: str, it: dict, t_send: float) -> float:
-    body = {
+def completion_body(it: dict) -> dict:
+    return {
         "model": MODEL_NAME,
         "prompt": it["prompt"],
         "max_tokens": it["max_tokens"],
@@ -121,26 +131,134 @@ async def _one(client: httpx.AsyncClient, url: str, it: dict, t_send: float) -> 
         "stream": True,
         "service_tier": "default" if it["cls"] == "ls" else "flex",
     }
+
+
+def _is_token_event(line: str | bytes) -> bool:
+    """An SSE line of a completion chunk that carries text (the first one ends the TTFT)."""
+    if isinstance(line, bytes):
+        return line.startswith(b"data: ") and b'"text": "' in line
+    return line.startswith("data: ") and '"text": "' in line
+
+
+async def _one_httpx(client: httpx.AsyncClient, url: str, it: dict, t_send: float) -> float:
     first = None
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+    async with client.stream("POST", url + "/v1/completions", json=completion_body(it)) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if first is None and line.startswith("data: ") and '"text": "' in line:
+            if first is None and _is_token_event(line):
                 first = time.monotonic() - t_send
     return first if first is not None else float("nan")
 
 
-async def run_http(url: str, items: list[dict]) -> dict:
+class StreamClient:
+    """A lean HTTP/1.1 client on asyncio streams for the streamed completions: the same
+    request bytes as ``httpx`` sends (built by an ``httpx.Client``: its headers, its JSON),
+    keep-alive connections reused as ``httpx`` reuses them, the chunked SSE response read to
+    its end. It exists because httpx's async machinery cost about 1-2 ms a request on this 2-core
+    box, on the same cores as the server: that is the client's cost, not the server's."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        split = httpx.URL(url)
+        self.host, self.port = split.host, split.port
+        self._build = httpx.Client()  # only builds requests (headers, body); sends nothing
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def request_bytes(self, path: str, body: dict) -> bytes:
+        req = self._build.build_request("POST", self.url + path, json=body)
+        head = [f"POST {req.url.raw_path.decode()} HTTP/1.1".encode()]
+        head += [k + b": " + v for k, v in req.headers.raw]
+        return b"\r\n".join(head) + b"\r\n\r\n" + req.content
+
+    async def _send(self, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        """Send ``data`` on an idle keep-alive connection, or a new one; the response head.
+        A reused connection that the server closed meanwhile (its keep-alive timeout) is
+        dropped and the request sent again on a new one."""
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if writer.is_closing() or reader.at_eof():
+                writer.close()
+                continue
+            writer.write(data)
+            try:
+                return reader, writer, await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.write(data)
+        return reader, writer, await reader.readuntil(b"\r\n\r\n")
+
+    async def stream(self, path: str, body: dict, on_line: Callable[[bytes], None]) -> None:
+        """POST ``body`` and call ``on_line`` with every line of the SSE response as it
+        arrives; raises on a status other than 200."""
+        reader, writer, head = await self._send(self.request_bytes(path, body))
+        status = int(head.split(b" ", 2)[1])
+        headers = dict(
+            (k.strip().lower(), v.strip())
+            for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:] if h)
+        )
+        if status != 200 or headers.get(b"transfer-encoding") != b"chunked":
+            writer.close()
+            raise RuntimeError(f"{path}: HTTP {status} {head[:200]!r}")
+        buf = b""
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")  # no trailers
+                break
+            buf += (await reader.readexactly(size + 2))[:-2]
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                on_line(line)
+        if headers.get(b"connection") == b"close":
+            writer.close()
+        else:
+            self._idle.append((reader, writer))
+
+    async def aclose(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+        self._build.close()
+
+
+async def _one_raw(client: StreamClient, it: dict, t_send: float) -> float:
+    first = None
+
+    def on_line(line: bytes) -> None:
+        nonlocal first
+        if first is None and _is_token_event(line):
+            first = time.monotonic() - t_send
+
+    await client.stream("/v1/completions", completion_body(it), on_line)
+    return first if first is not None else float("nan")
+
+
+@contextlib.asynccontextmanager
+async def streamer(url: str, kind: str):
+    """``send(it, t_send) -> TTFT`` over the chosen client (``raw``: ``StreamClient``)."""
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            yield lambda it, t: _one_httpx(client, url, it, t)
+        return
+    client = StreamClient(url)
+    try:
+        yield lambda it, t: _one_raw(client, it, t)
+    finally:
+        await client.aclose()
+
+
+async def run_http(url: str, items: list[dict], client: str) -> dict:
     """The workload over HTTP, open loop: each request is sent at its arrival time."""
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with streamer(url, client) as send:
         t0 = time.monotonic()
         tasks = []
         for it in items:
             delay = t0 + it["t"] - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append((it["cls"], asyncio.create_task(_one(client, url, it, time.monotonic()))))
+            tasks.append((it["cls"], asyncio.create_task(send(it, time.monotonic()))))
         results = [(c, await task) for c, task in tasks]
         wall = time.monotonic() - t0
     return {
@@ -151,23 +269,22 @@ async def run_http(url: str, items: list[dict]) -> dict:
     }
 
 
-async def run_burst(url: str, items: list[dict]) -> dict:
+async def run_burst(url: str, items: list[dict], client: str) -> dict:
     """Every request at once: completed requests per second, and the most requests running
     at once (admitted, holding KV pages) that ``/metrics`` showed meanwhile."""
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     most = 0
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600) as scraper, streamer(url, client) as send:
 
         async def watch():
             nonlocal most
             while True:
-                text = (await client.get(url + "/metrics")).text
+                text = (await scraper.get(url + "/metrics")).text
                 most = max(most, int(metric(text, "qllm:num_requests_running")))
                 await asyncio.sleep(0.05)
 
         watcher = asyncio.create_task(watch())
         t0 = time.monotonic()
-        await asyncio.gather(*(_one(client, url, it, t0) for it in items))
+        await asyncio.gather(*(send(it, t0) for it in items))
         wall = time.monotonic() - t0
         watcher.cancel()
     return {
@@ -175,6 +292,28 @@ async def run_burst(url: str, items: list[dict]) -> dict:
         "wall_s": wall,
         "requests_per_s": len(items) / wall,
         "max_running": most,
+    }
+
+
+def windows(items: list[dict], duration: float, rounds: int) -> list[list[dict]]:
+    """The workload cut into ``rounds`` consecutive windows of time, each re-based to start
+    at 0: the engine and HTTP arms alternate window by window, so a change in the machine's
+    load (other processes on the same cores) falls on both alike."""
+    span = duration / rounds
+    out: list[list[dict]] = [[] for _ in range(rounds)]
+    for it in items:
+        k = min(int(it["t"] // span), rounds - 1)
+        out[k].append(dict(it, t=it["t"] - k * span))
+    return out
+
+
+def merged(results: list[dict]) -> dict:
+    """One arm's results over its windows."""
+    return {
+        "ls_ttft": [v for r in results for v in r["ls_ttft"]],
+        "be_ttft": [v for r in results for v in r["be_ttft"]],
+        "completed": sum(r["completed"] for r in results),
+        "wall_s": sum(r["wall_s"] for r in results),
     }
 
 
@@ -191,11 +330,11 @@ def server_compiles(url: str) -> float:
     return metric(httpx.get(url + "/metrics").text, "qllm:compilations_total")
 
 
-def http_arm(url: str, items: list[dict], compiles: dict, arm: str) -> dict:
+def http_arm(url: str, items: list[dict], compiles: dict, arm: str, client: str) -> dict:
     """``run_http``, recording the server's compilations inside the window."""
     before = server_compiles(url)
-    out = asyncio.run(run_http(url, items))
-    compiles[arm] = server_compiles(url) - before
+    out = asyncio.run(run_http(url, items, client))
+    compiles[arm] += server_compiles(url) - before
     return out
 
 
@@ -295,13 +434,34 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-requests", type=int, default=400)
     ap.add_argument("--burst", type=int, default=200, help="concurrent requests of the burst")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per arm")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="windows the workload is cut into; the engine and HTTP arms alternate by window",
+    )
     ap.add_argument("--warm", type=float, default=4.0, help="seconds of the warm-up run")
+    ap.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="HTTP client of the measured requests: raw (StreamClient: httpx's request bytes "
+        "on asyncio streams) or httpx (its AsyncClient)",
+    )
+    ap.add_argument(
+        "--also-client",
+        action="append",
+        default=[],
+        choices=("raw", "httpx"),
+        help="one more HTTP arm per window with this client (arm http-CLIENT; repeatable)",
+    )
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--out", help="output JSON path")
     args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.warm, args.batch_requests, args.burst = 8.0, 3.0, 120, 64
 
+    load_start = os.getloadavg()[0]
     spec = args.model or str(qllm_jax.builtin_model_dir())
     model = qllm_jax.load(spec, dtype=args.dtype)
     vocab = model.config.vocab_size
@@ -312,20 +472,34 @@ def main(argv=None) -> dict:
     eng = qllm_jax.Engine(model, **engine_flags(args))
     eng.warmup()
     run_engine(eng, warm_items)
-    with compile_log.Window() as window:
-        arms = {"engine": run_engine(eng, items)}
-    compiles = {"engine": window.compiles}
-    del eng
-    print(f"engine: LS TTFT p90 {1e3 * percentile(arms['engine']['ls_ttft'], 90):.1f} ms")
-
+    compiles = {"engine": 0, "http": 0.0, "http+batch": 0.0}
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as state:
         proc, url = start_server(args, state)
         try:
-            asyncio.run(run_http(url, warm_items))
-            arms["http"] = http_arm(url, items, compiles, "http")
-            print(f"http: LS TTFT p90 {1e3 * percentile(arms['http']['ls_ttft'], 90):.1f} ms")
+            for client in {args.client, *args.also_client}:
+                asyncio.run(run_http(url, warm_items, client))
+            rounds = []
+            also = [f"http-{c}" for c in args.also_client]
+            for arm in also:
+                compiles[arm] = 0.0
+            for k, part in enumerate(windows(items, args.duration, args.rounds)):
+                with compile_log.Window() as window:
+                    r = {"engine": run_engine(eng, part)}
+                compiles["engine"] += window.compiles
+                r["http"] = http_arm(url, part, compiles, "http", args.client)
+                for arm, client in zip(also, args.also_client, strict=True):
+                    r[arm] = http_arm(url, part, compiles, arm, client)
+                rounds.append(r)
+                p90s = ", ".join(
+                    f"{a} {1e3 * percentile(v['ls_ttft'], 90):.1f}" for a, v in r.items()
+                )
+                print(f"round {k}: LS TTFT p90 (ms) {p90s}; load average {os.getloadavg()[0]:.2f}")
+            del eng
+            arms = {arm: merged([r[arm] for r in rounds]) for arm in rounds[0]}
+            for arm in arms:
+                print(f"{arm}: LS TTFT p90 {1e3 * percentile(arms[arm]['ls_ttft'], 90):.1f} ms")
             batch_id = start_batch(url, args, vocab)
-            arms["http+batch"] = http_arm(url, items, compiles, "http+batch")
+            arms["http+batch"] = http_arm(url, items, compiles, "http+batch", args.client)
             batch = httpx.get(url + f"/v1/batches/{batch_id}").json()
             print(
                 f"http+batch: LS TTFT p90 "
@@ -334,7 +508,7 @@ def main(argv=None) -> dict:
             )
             httpx.post(url + f"/v1/batches/{batch_id}/cancel")
             burst_items = [dict(items[i % len(items)], cls="ls") for i in range(args.burst)]
-            burst = asyncio.run(run_burst(url, burst_items))
+            burst = asyncio.run(run_burst(url, burst_items, args.client))
             print(
                 f"burst: {burst['requests']} requests in {burst['wall_s']:.1f} s = "
                 f"{burst['requests_per_s']:.1f} req/s, at most {burst['max_running']} running"
@@ -350,12 +524,17 @@ def main(argv=None) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "model": spec,
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "args": vars(args),
         "arms": sums,
         "compiles_in_window": compiles,
         "valid": not any(compiles.values()),
         "ls_ttft_p90_ratio_http_vs_engine": p90["http"] / p90["engine"],
         "meets_target_1_15": p90["http"] / p90["engine"] <= 1.15,
+        "rounds_ls_ttft_p90_s": [
+            {arm: percentile(res["ls_ttft"], 90) for arm, res in r.items()} for r in rounds
+        ],
+        "ls_ttft_p90_ratio_vs_engine": {arm: v / p90["engine"] for arm, v in p90.items()},
         "ls_ttft_p90_ratio_batch_vs_none": p90["http+batch"] / p90["http"],
         "batch_progress_during_window": batch["request_counts"],
         "burst": burst,

@@ -341,15 +341,19 @@ class Engine:
 
         Outputs of requests added with an ``on_output`` callback go to it instead of the list;
         then every step hook runs (``add_step_hook``), still between two plans."""
-        outs, self._ended = self._ended, []
+        ended, self._ended = self._ended, []
+        outs: list[RequestOutput] = []
         plan = self.scheduler.schedule()
         if plan is not None:
             result = self.executor.execute(plan)
             self.num_steps += plan.runs
-            outs += [self._advanced(r) for r in self.scheduler.update(plan, result)]
+            for req in self.scheduler.update(plan, result):
+                # routed one by one: a streamed request's tokens leave before the next
+                # request of the step is detokenised
+                outs += self._route([self._advanced(req)])
             if plan.runs:
                 self._expert_upkeep()
-        outs = self._route(outs)
+        outs = self._route(ended) + outs
         for hook in list(self._step_hooks):
             hook()
         return outs

@@ -306,6 +306,7 @@ class EngineLoop:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
+        self._unadmitted: dict[str, _Tracked] = {}  # the server's not yet admitted (ditto)
         self._waiting_lock = threading.Lock()
         self._waiting = {LS: 0, BE: 0}  # accepted, not yet admitted
         self._last_snapshot = 0.0
@@ -363,11 +364,11 @@ class EngineLoop:
         tracked = _Tracked(stream, cls, req.arrival_time, req)
 
         def add() -> str:
-            self._tracked[req.request_id] = tracked
+            self._tracked[req.request_id] = self._unadmitted[req.request_id] = tracked
             try:
                 return self.engine.add(req, on_output=lambda out: self._on_output(tracked, out))
             except BaseException:
-                del self._tracked[req.request_id]
+                del self._tracked[req.request_id], self._unadmitted[req.request_id]
                 self.unreserve(cls)
                 raise
 
@@ -421,13 +422,14 @@ class EngineLoop:
 
     def _after_step(self) -> None:
         now = self.engine.clock()
-        for tracked in list(self._tracked.values()):
-            if not tracked.admitted and tracked.request.status is not Status.WAITING:
+        for tracked in list(self._unadmitted.values()):  # (not every tracked one, each step)
+            if tracked.request.status is not Status.WAITING:
                 self._admitted(tracked, now)
         self._snapshot()
 
     def _admitted(self, tracked: _Tracked, now: float) -> None:
         tracked.admitted = True
+        self._unadmitted.pop(tracked.request.request_id, None)
         self.unreserve(tracked.cls)
         if tracked.request.status is not Status.ABORTED:
             self.metrics.queue.labels(**self.metrics.label(tracked.cls)).observe(
@@ -446,7 +448,11 @@ class EngineLoop:
         self._on_output(tracked, out)
 
     def _on_output(self, tracked: _Tracked, out: RequestOutput) -> None:
-        """A server request advanced or ended: metrics, then hand it to its stream."""
+        """A server request advanced or ended: its stream gets new tokens before the metrics
+        are updated (they are on the client's latency path; the metrics can wait some
+        microseconds), the end after them (a client that has seen the end sees it counted)."""
+        if tracked.stream is not None and not out.finished:
+            tracked.stream.push(out)
         m, labels = self.metrics, self.metrics.label(tracked.cls)
         now = self.engine.clock()
         n = len(out.token_ids)
@@ -467,8 +473,8 @@ class EngineLoop:
             m.e2e.labels(**labels).observe(max(0.0, finish - tracked.arrival))
             m.success.labels(**labels, finished_reason=out.finish_reason or "abort").inc()
             self._tracked.pop(out.request_id, None)
-        if tracked.stream is not None:
-            tracked.stream.push(out)
+            if tracked.stream is not None:
+                tracked.stream.push(out)
 
     def _snapshot(self, force: bool = False) -> None:
         """The scheduler's queue sizes and counters for the gauges, at most every

@@ -479,6 +479,33 @@ def test_200_concurrent_clients_mixing_tiers(server, reference):
     assert sample(m, "qllm:request_success_total", priority_class="be") >= 50
 
 
+def test_the_bench_client_reads_the_stream_the_openai_client_reads(server, reference):
+    """``experiments/serve_bench.py``'s ``StreamClient`` (httpx's request bytes on asyncio
+    streams, the one that times the HTTP arm) parses the chunked SSE stream to the same
+    text, and reuses its keep-alive connection for the next request."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import serve_bench
+
+    prompt = PROMPTS[0]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}
+    lines: list[bytes] = []
+
+    async def two_requests() -> int:
+        client = serve_bench.StreamClient(server.url)
+        await client.stream("/v1/completions", body, lines.append)
+        await client.stream("/v1/completions", body, lines.append)
+        idle = len(client._idle)
+        await client.aclose()
+        return idle
+
+    assert asyncio.run(two_requests()) == 1
+    data = [line[6:] for line in lines if line.startswith(b"data: ")]
+    assert data.count(b"[DONE]") == 2
+    events = [json.loads(d) for d in data if d != b"[DONE]"]
+    assert "".join(e["choices"][0]["text"] for e in events) == reference[prompt] * 2
+    assert sum(serve_bench._is_token_event(line) for line in lines) >= 2
+
+
 def test_metrics_parse_and_name_every_series(server):
     server.client.completions.create(model=MODEL, prompt="metrics", max_tokens=2)
     names = {name for name, _ in server.metrics()}
@@ -592,6 +619,25 @@ def _full_ls_queue_is_429(srv: Server) -> None:
         assert r is None or r.status_code == 200
     _wait(lambda: sample(srv.metrics(), "qllm:kv_pages_used") == 0)
     assert srv.client.completions.create(model=MODEL, prompt="x", max_tokens=2).choices
+
+
+def test_an_idle_engine_loop_runs_a_command_at_once():
+    """The engine thread waits on an event when idle, not on a poll: with a 30 s idle wait a
+    command (what a new request is) still runs at once, and so does one sent mid-run."""
+    from qllm_jax import jobs, server
+
+    engine = qllm_jax.Engine(qllm_jax.random_model("mixtral-tiny", "float32"), kv_pages=16)
+    runner = jobs.JobRunner(engine, checkpoint_every=None)
+    loop = server.EngineLoop(engine, runner, server.Metrics("m"), idle_wait_s=30.0)
+    loop.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.2)  # idle again: waiting
+            sent = time.monotonic()
+            assert loop.call(time.monotonic).result(timeout=10) - sent < 5.0
+    finally:
+        loop.stop()
+    assert not loop.alive and loop.error is None
 
 
 def test_generate_from_the_shell(cache, reference):
