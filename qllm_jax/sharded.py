@@ -43,12 +43,15 @@ from qllm_jax.models.model import (
     add_weighted,
     dense_expert,
     embed,
+    expert_at,
     expert_group,
     logits,
+    matmul,
     moe_input,
     norm,
     paged_attention,
     qkv,
+    slice_experts,
 )
 from qllm_jax.models.params import AttentionParams, ExpertParams, Params
 from qllm_jax.sampling import sample
@@ -61,9 +64,9 @@ REP = P()
 def _specs(tree, prefix: str):
     """A PartitionSpec tree for a params subtree at ``prefix`` (e.g. ``"layers.0.attn"``)."""
 
-    def spec(keypath, _):
+    def spec(keypath, x):
         rest = ".".join(str(getattr(k, "name", getattr(k, "idx", k))) for k in keypath)
-        return param_spec(f"{prefix}.{rest}" if prefix else rest)
+        return param_spec(f"{prefix}.{rest}" if prefix else rest, x.ndim)
 
     return jax.tree_util.tree_map_with_path(spec, tree)
 
@@ -106,7 +109,7 @@ def _attention_body(p: AttentionParams, k_cache, v_cache, c: Carry, cfg, window,
     out = paged_attention(
         q, k_cache, v_cache, c.pages, c.positions, c.valid, window, lcfg, page_size
     )  # [N, Hq/tp * hd]
-    y = _gather(_gather(out, TENSOR, 1) @ p.wo, TENSOR, 1)  # [N, D]: whole dot products
+    y = _gather(matmul(_gather(out, TENSOR, 1), p.wo), TENSOR, 1)  # [N, D]: whole dot products
     h, moe_in, weights, ids = moe_input(p, cfg, h + (y if p.bo is None else y + p.bo))
     ids = jnp.where(c.valid[:, None], ids, cfg.num_experts)  # padding rows visit no expert
     return h, moe_in, weights, ids, k_cache, v_cache
@@ -123,14 +126,16 @@ def _experts_body(ep_local: ExpertParams, x, weights, ids, acc, group_start, gro
     experts ``start/ep ..`` (the group's ids ``start .. start + G`` are strided over devices)."""
     per = group_size // ep
     first = group_start // ep  # the group's first local slot, the same on every device
-    w_gu = jax.lax.dynamic_slice_in_dim(ep_local.w_gate_up, first, per, axis=0)
-    w_d = jax.lax.dynamic_slice_in_dim(ep_local.w_down, first, per, axis=0)
+    w_gu = slice_experts(ep_local.w_gate_up, first, per)  # float or int8 (both leaves)
+    w_d = slice_experts(ep_local.w_down, first, per)
     if impl == "ragged":  # this device's rows only, its partial sum added over devices
         device, slot = expert_home(ids, ep)
         local = jnp.where(device == jax.lax.axis_index(EXPERT), slot - first, -1)  # [N, k]
         part = expert_group(ExpertParams(w_gu, w_d), x, weights, local, 0, per, "ragged")
         return acc + jax.lax.psum(part, EXPERT)
-    mine = jnp.stack([dense_expert(x, w_gu[j], w_d[j]) for j in range(per)])  # [G/ep, N, D]
+    mine = jnp.stack(
+        [dense_expert(x, expert_at(w_gu, j), expert_at(w_d, j)) for j in range(per)]
+    )  # [G/ep, N, D]
     every = jax.lax.all_gather(mine, EXPERT)  # [ep, G/ep, N, D]: expert start + j*ep + d
     # weighted and added in expert-id order on every device, the very expressions one device
     # evaluates (a psum of per-device sums would add in another order, and a weighted output

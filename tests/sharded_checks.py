@@ -7,12 +7,15 @@ A collective that hangs (2 loaded cores, many queued sharded calls) fails within
 terminate timeout instead of stalling the suite.
 
 Checks:
-- ``parity:FAMILY[:POLICY]``: greedy tokens of two prompts on ep=8, tp=2 x ep=4 and tp=4 x ep=2
-  equal one device's, fused (``priority``) and segmented at expert granularity (``qllm``);
+- ``parity:FAMILY[:POLICY][:int8][:EPxTP...]``: greedy tokens of two prompts on ep=8, tp=2 x
+  ep=4 and tp=4 x ep=2 (or the meshes named) equal one device's, fused (``priority``) and
+  segmented at expert granularity (``qllm``), float or int8 weights (``int8``: against int8
+  on one device);
   last-position logits within 1e-4 of their scale (column blocks of the LM head and of the attention
   projections round differently on XLA:CPU: see qllm_jax/sharded.py).
-- ``experts:FAMILY``: the expert segment on each mesh is bitwise one device's (the dense CPU
-  path), and the ragged path (accelerators: a psum of partial sums) is close to it.
+- ``experts:FAMILY[:int8][:EPxTP...]``: the expert segment on each mesh is bitwise one
+  device's (the dense CPU path), and the ragged path (accelerators: a psum of partial sums) is
+  close to it.
 - ``preemption:EPxTP``: under ``qllm`` with mixed priorities (BE prompts in flight, LS
   arrivals landing inside their passes, an abort), every request's tokens equal its solo
   single-device run, and no KV page, pass or carry is left behind.
@@ -80,17 +83,28 @@ def _last_logits(llm: qllm_jax.LLM) -> np.ndarray:
 RUNS = {"priority": "layer", "qllm": "expert"}  # policy -> granularity
 
 
+def _options(what: str) -> tuple[str, set[str], str | None, tuple[tuple[int, int], ...]]:
+    """``FAMILY[:OPTION...]`` → (family, the options, quantize: ``"int8"`` if named, the
+    meshes: those named as ``EPxTP``, else all of ``MESHES``)."""
+    family, *rest = what.split(":")
+    named = tuple(m for m in MESHES if f"{m[0]}x{m[1]}" in rest)
+    return family, set(rest), "int8" if "int8" in rest else None, named or MESHES
+
+
 def parity(what: str) -> dict:
-    family, _, only = what.partition(":")
+    """``FAMILY[:POLICY][:int8][:EPxTP...]``: with ``int8``, int8 weights on one device are
+    the reference (the same quantized leaves, placed shard by shard on the mesh)."""
+    family, rest, quantize, meshes = _options(what)
     path = checkpoint(family)
     out = {}
     for policy, granularity in RUNS.items():
-        if only and policy != only:
+        if rest & set(RUNS) and policy not in rest:
             continue
-        opts = dict(policy=policy, granularity=granularity, dtype="float32", **KW)
+        opts = dict(policy=policy, granularity=granularity, dtype="float32", quantize=quantize)
+        opts |= KW
         ref = qllm_jax.LLM(path, **opts)
         want, want_logits = _greedy(ref), _last_logits(ref)
-        for ep, tp in MESHES:
+        for ep, tp in meshes:
             llm = qllm_jax.LLM(path, expert_parallel=ep, tensor_parallel=tp, **opts)
             got = _greedy(llm)
             assert got == want, f"{family} ep={ep} tp={tp} {policy}: {got} != {want}"
@@ -101,9 +115,9 @@ def parity(what: str) -> dict:
     return out
 
 
-def experts(family: str) -> dict:
-    """The expert segment on each expert-axis width, bitwise against one device: whole experts
-    per device, their outputs added in one device's order."""
+def experts(what: str) -> dict:
+    """``FAMILY[:int8]``: the expert segment on each expert-axis width, bitwise against one
+    device: whole experts per device, their outputs added in one device's order."""
     import jax
     import jax.numpy as jnp
 
@@ -111,7 +125,8 @@ def experts(family: str) -> dict:
     from qllm_jax.segments import experts_segment
     from qllm_jax.sharded import MeshSegments
 
-    model = qllm_jax.load(checkpoint(family), dtype="float32")
+    family, _, quantize, meshes = _options(what)
+    model = qllm_jax.load(checkpoint(family), dtype="float32", quantize=quantize)
     cfg, rng = model.config, np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(16, cfg.hidden_size)).astype(np.float32))
     logits = jnp.asarray(rng.normal(size=(16, cfg.num_experts)).astype(np.float32))
@@ -125,7 +140,7 @@ def experts(family: str) -> dict:
         layer, x, weights, ids, acc, np.int32(0), cfg.num_experts, *extra
     )
     out = {}
-    for ep, tp in MESHES:
+    for ep, tp in meshes:
         mesh = mesh_lib.make_mesh(ep, tp)
         sharded = mesh_lib.shard_params(model.params, mesh).layers[0].experts
         kernel = MeshSegments(mesh).kernels()["experts"]
