@@ -137,11 +137,6 @@ class Engine:
         if not is_int(expert_stats_every) or expert_stats_every < 0:
             raise ValueError(f"expert_stats_every must be an int >= 0, got {expert_stats_every!r}")
         self.mesh = _engine_mesh(model, expert_parallel, tensor_parallel, mesh)
-        if self.mesh is not None and (redundant_experts or rebalance_every):
-            raise ValueError(
-                "expert placement (redundant_experts, rebalance_every) is not supported on a "
-                "device mesh yet"
-            )
         self.model = _placed_model(model, dtype, quantize, self.mesh)
         cfg = self.model.config
         check_eplb_options(cfg.num_experts, redundant_experts, rebalance_every, eplb_ranks)

@@ -130,6 +130,25 @@ def check_divides(cfg: ModelConfig, ep: int, tp: int) -> None:
             )
 
 
+def slot_ranks(num_experts: int, redundant_experts: int, eplb_ranks: int, ep: int) -> int:
+    """The ranks of an expert placement (``redundant_experts`` / ``rebalance_every``) on a mesh:
+    the ``ep`` devices of its 'expert' axis, each holding its block of the E + R slots.
+    ``ValueError`` naming the axis unless ``ep`` divides them (or naming ``eplb_ranks`` when
+    it asks for other ranks than the axis)."""
+    if eplb_ranks not in (1, ep):
+        raise ValueError(
+            f"eplb_ranks={eplb_ranks!r} on a mesh must be 1 or expert_parallel={ep}: the "
+            "'expert' axis's devices are the placement's ranks"
+        )
+    slots = num_experts + redundant_experts
+    if slots % ep:
+        raise ValueError(
+            f"the 'expert' axis (expert_parallel={ep}) must divide the {slots} expert slots "
+            f"per layer (num_experts={num_experts} + redundant_experts={redundant_experts})"
+        )
+    return ep
+
+
 def make_mesh(ep: int, tp: int, mesh: Mesh | None = None) -> Mesh | None:
     """The mesh of ``ep`` x ``tp`` devices (the first ones jax sees), ``mesh`` itself if given,
     or None for one device (today's single-device path)."""
