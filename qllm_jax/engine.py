@@ -99,7 +99,9 @@ class Engine:
 
     ``expert_parallel`` / ``tensor_parallel``: shard the model over that many devices on the
     mesh's ``"expert"`` and ``"tensor"`` axes (``qllm_jax.mesh``), or pass ``mesh=`` (a
-    ``jax.sharding.Mesh`` with those axis names). 1 and 1 is the single-device path.
+    ``jax.sharding.Mesh`` with those axis names). 1 and 1 is the single-device path. int8
+    weights and expert placement work on a mesh too; there the placement's ranks are the
+    ``"expert"`` axis's devices, which must divide ``num_experts + redundant_experts``.
     """
 
     def __init__(

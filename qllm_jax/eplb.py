@@ -10,13 +10,14 @@ and re-prefilled) count again; padding rows never do.
 
 Placement (``redundant_experts`` / ``rebalance_every``): each layer holds S = E + R physical
 expert slots, rank-major over ``ranks`` ranks of S / ranks slots (slot ``s`` lives on rank
-``s // (S / ranks)``: the slot axis is what an ``expert`` mesh axis shards), with copies of the
-hottest experts in the R extra slots. The placement is DeepSeek's EPLB greedy
-(``scheduler.experts.eplb_placement``: copies to the experts of highest load per copy, then
-copies heaviest first onto the least-loaded rank), recomputed from the counts routed since the
-last re-placement; weights move with one gather per layer between steps. Routing ids stay
-logical, so a parked pass resumes across a re-placement, and the expert kernels are
-placement-invariant (``models.model._expert_group_slots``), so moving a copy changes no token.
+``s // (S / ranks)``; on a device mesh the ranks are its ``expert`` axis, which shards the slot
+axis in those blocks), with copies of the hottest experts in the R extra slots. The placement
+is DeepSeek's EPLB greedy (``scheduler.experts.eplb_placement``: copies to the experts of
+highest load per copy, then copies heaviest first onto the least-loaded rank), recomputed from
+the counts routed since the last re-placement; weights move with one gather per layer between
+steps. Routing ids stay logical, so a parked pass resumes across a re-placement, and the expert
+kernels are placement-invariant (``models.model._expert_group_slots``; on a mesh
+``qllm_jax.sharded._experts_slots_body``), so moving a copy changes no token.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class ExpertSlots:
 
     The stacked layout's slots are the executor's own arrays [S, ...] (a copy: the model's
     logical arrays stay referenced by its ``Model``); the split layout's are the model's arrays.
+    On a ``mesh`` (``ranks`` = its 'expert' axis) the model's arrays are in the mesh's strided
+    order (``mesh_rows``) and the slots are sharded over the axis, rank r's block on rank r.
 
     ``params(layer)`` is what an expert kernel takes: the physical slots and their ``SlotMap``
     (stacked layout), or, for the split layout (a CPU's tuples of per-expert arrays), a logical

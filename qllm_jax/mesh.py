@@ -16,7 +16,11 @@ names (scripts may rely on them):
 
 Everything else (norms, router, shared expert, the carry's row state) is replicated. Weights
 are placed shard by shard from host buffers (``placer``): no device ever holds a whole sharded
-tensor. ``expert_parallel = tensor_parallel = 1`` builds no mesh: the single-device code path.
+tensor. An int8 weight (``models/quant.py``) is two leaves: its values are sharded as the float
+weight would be, its per-output-channel scales on the axis of those channels (``scale_spec``).
+An expert placement with redundant slots (``qllm_jax.eplb``) has the 'expert' axis as its
+ranks: its [E + R, ...] slot arrays are sharded in blocks over it (``slot_ranks``).
+``expert_parallel = tensor_parallel = 1`` builds no mesh: the single-device code path.
 """
 
 from __future__ import annotations

@@ -22,6 +22,11 @@ Same results as one device:
   greedy tokens are identical on every tested family and mesh shape: a property shown by the
   tests, not a guarantee.
 
+int8 weights (``models/quant.py``) go through the same ``matmul`` helper as on one device, on
+each device's own columns or experts. Expert placement (``qllm_jax.eplb``): each device holds its
+rank's block of the physical slots, copies included; ``_experts_slots_body`` keeps the dense
+path bitwise one device's without slots under any placement.
+
 The ``ragged`` expert path (accelerators) adds the devices' partial sums with a ``psum``
 instead: less traffic, not bitwise equal to one device.
 """
