@@ -122,8 +122,8 @@ def parity(what: str) -> dict:
 
 
 def experts(what: str) -> dict:
-    """``FAMILY[:int8]``: the expert segment on each expert-axis width, bitwise against one
-    device: whole experts per device, their outputs added in one device's order."""
+    """``FAMILY[:int8][:EPxTP...]``: the expert segment on each expert-axis width, bitwise
+    against one device: whole experts per device, their outputs added in one device's order."""
     import jax
     import jax.numpy as jnp
 
