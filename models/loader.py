@@ -39,7 +39,7 @@ from .params import (
     Params,
     SharedExpertParams,
 )
-from .quant import check_quantize, is_quantized_path, quantize_host
+from .quant import check_quantize, int8_host, is_quantized_path, quantize_host
 from .safetensors_io import DTYPES, TensorInfo, checkpoint_files, iter_file_order, read_tensor
 
 ALL = "*"  # the unit that a whole-tensor placement covers
@@ -361,7 +361,8 @@ def resolve_dtype(dtype: str | Any, cfg: ModelConfig) -> np.dtype:
     return resolved
 
 
-Place = Callable[[str, np.ndarray], Any]  # (params path, complete host array) -> device value
+# (params path, complete host array, or a host QuantizedWeight for an int8 matrix) -> device value
+Place = Callable[[str, Any], Any]
 
 
 def load_params(
@@ -378,14 +379,13 @@ def load_params(
     it is complete, so the device only ever receives its int8 values (``models/quant.py``).
 
     ``place`` puts each complete host array on the device(s) as the caller wants it (a mesh
-    places it shard by shard: ``qllm_jax.mesh.placer``); by default one device holds it."""
+    places it shard by shard: ``qllm_jax.mesh.placer``); by default one device holds it. With
+    ``quantize`` it receives an int8 matrix as a ``QuantizedWeight`` of host arrays."""
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
     check_quantize(quantize)
     if place is not None and expert_layout != "stacked":
         raise ValueError("placing params on a mesh needs expert_layout='stacked'")
-    if place is not None and quantize is not None:
-        raise ValueError("int8 weights on a device mesh are not supported yet: quantize=None")
     tensors = checkpoint_files(Path(model_dir))
     shapes = target_shapes(cfg)
     writes = plan(tensors, cfg, shapes)
@@ -409,13 +409,13 @@ def load_params(
         del data
         remaining[w.path] -= 1
         if remaining[w.path] == 0:  # complete: hand it to JAX, drop the host buffer
-            to_device = _to_device(quantize is not None and is_quantized_path(w.path))
-            if place is not None:
-                flat[w.path] = place(w.path, buf)
+            quantized = quantize is not None and is_quantized_path(w.path)
+            if place is not None:  # a host QuantizedWeight for an int8 one: placed leaf by leaf
+                flat[w.path] = place(w.path, int8_host(buf) if quantized else buf)
             elif expert_layout == "split" and w.path.endswith(_ROUTED):
-                flat[w.path] = tuple(to_device(x) for x in buf)
+                flat[w.path] = tuple(_to_device(quantized)(x) for x in buf)
             else:
-                flat[w.path] = to_device(buf)
+                flat[w.path] = _to_device(quantized)(buf)
             buffers.pop(w.path, None)
             del buf
     if cfg.tie_word_embeddings:

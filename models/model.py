@@ -346,12 +346,12 @@ def dispatch(ids: Array, group_start: Array | int, group_size: int):
     return order, group_sizes, in_group[order]
 
 
-def _slice_experts(w: Weight, start: Array | int, size: int) -> Weight:
+def slice_experts(w: Weight, start: Array | int, size: int) -> Weight:
     """Experts [start, start + size) of a stacked [E, ...] weight (both leaves of an int8 one)."""
     return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), w)
 
 
-def _expert(w: Weight | tuple[Weight, ...], g: int) -> Weight:
+def expert_at(w: Weight | tuple[Weight, ...], g: int) -> Weight:
     """Expert ``g`` of a group: a tuple entry (split) or index ``g`` of a stacked weight."""
     return w[g] if isinstance(w, tuple) else jax.tree.map(lambda a: a[g], w)
 
@@ -432,8 +432,8 @@ def expert_group(
             raise ValueError(f"split experts: got {len(ep.w_gate_up)} for a group of {group_size}")
         w_gu, w_d = ep.w_gate_up, ep.w_down
     else:
-        w_gu = _slice_experts(ep.w_gate_up, group_start, group_size)
-        w_d = _slice_experts(ep.w_down, group_start, group_size)
+        w_gu = slice_experts(ep.w_gate_up, group_start, group_size)
+        w_d = slice_experts(ep.w_down, group_start, group_size)
     if impl == "dense":
         return _expert_group_dense(x, weights, ids, group_start, group_size, w_gu, w_d)
     if ep.layout == "split":  # grouped matmuls want one [G, ...] array: a copy per call
@@ -452,7 +452,7 @@ def _expert_group_dense(x, weights, ids, group_start, group_size, w_gate_up, w_d
     local = ids - group_start  # [N, k]
     out = jnp.zeros_like(x)
     for g in range(group_size):  # static
-        y = dense_expert(x, _expert(w_gate_up, g), _expert(w_down, g))
+        y = dense_expert(x, expert_at(w_gate_up, g), expert_at(w_down, g))
         out = add_weighted(out, y, weights, local == g)
     return out
 

@@ -72,7 +72,8 @@ class ExpertParams:
 
     Either layout may hold ``QuantizedWeight``s instead of arrays (``quantize="int8"``).
     On a device mesh (``qllm_jax.mesh``) experts are always stacked, sharded on the expert
-    axis, and held in slot order (``mesh.expert_slots``), not expert-id order.
+    axis, and held in slot order (``mesh.expert_slots``), not expert-id order (an expert
+    placement's physical slots, ``qllm_jax.eplb``, are sharded on it too).
     """
 
     w_gate_up: Weight | tuple[Weight, ...]

@@ -59,14 +59,20 @@ def int8_channels(w, xp=np):
     return q, scale
 
 
-def quantize_host(w: np.ndarray) -> QuantizedWeight:
+def int8_host(w: np.ndarray) -> QuantizedWeight:
     """Quantize a host array, one [in, out] matrix at a time (a float32 temporary of one
-    expert, not of a whole stacked layer), and hand the int8 result to JAX."""
+    expert, not of a whole stacked layer); the result's leaves stay numpy (host) arrays, for
+    a caller that places them itself (a mesh, shard by shard: ``qllm_jax.mesh.placer``)."""
     q = np.empty(w.shape, np.int8)
     scale = np.empty(w.shape[:-2] + w.shape[-1:], np.float32)
     for idx in np.ndindex(w.shape[:-2]):
         q[idx], scale[idx] = int8_channels(w[idx])
-    return QuantizedWeight(jnp.asarray(q), jnp.asarray(scale))
+    return QuantizedWeight(q, scale)
+
+
+def quantize_host(w: np.ndarray) -> QuantizedWeight:
+    """``int8_host``, handed to JAX (one device)."""
+    return jax.tree.map(jnp.asarray, int8_host(w))
 
 
 @jax.jit

@@ -94,7 +94,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--rebalance-every", type=int, help="re-place experts from their load every N steps"
     )
-    g.add_argument("--eplb-ranks", type=int, help="expert-axis ranks the placement packs onto")
+    g.add_argument(
+        "--eplb-ranks",
+        type=int,
+        help="expert-axis ranks the placement packs onto (on a mesh: 1 or --expert-parallel)",
+    )
     g.add_argument(
         "--expert-stats-every", type=int, help="read expert load back every N steps (0: never)"
     )

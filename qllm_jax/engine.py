@@ -100,7 +100,9 @@ class Engine:
 
     ``expert_parallel`` / ``tensor_parallel``: shard the model over that many devices on the
     mesh's ``"expert"`` and ``"tensor"`` axes (``qllm_jax.mesh``), or pass ``mesh=`` (a
-    ``jax.sharding.Mesh`` with those axis names). 1 and 1 is the single-device path.
+    ``jax.sharding.Mesh`` with those axis names). 1 and 1 is the single-device path. int8
+    weights and expert placement work on a mesh too; there the placement's ranks are the
+    ``"expert"`` axis's devices, which must divide ``num_experts + redundant_experts``.
     """
 
     def __init__(
@@ -138,11 +140,6 @@ class Engine:
         if not is_int(expert_stats_every) or expert_stats_every < 0:
             raise ValueError(f"expert_stats_every must be an int >= 0, got {expert_stats_every!r}")
         self.mesh = _engine_mesh(model, expert_parallel, tensor_parallel, mesh)
-        if self.mesh is not None and (quantize or redundant_experts or rebalance_every):
-            raise ValueError(
-                "int8 weights and expert placement (redundant_experts, rebalance_every) are not "
-                "supported on a device mesh yet"
-            )
         self.model = _placed_model(model, dtype, quantize, self.mesh)
         cfg = self.model.config
         check_eplb_options(cfg.num_experts, redundant_experts, rebalance_every, eplb_ranks)
@@ -518,7 +515,7 @@ def _placed_model(model, dtype: str, quantize: str | None, mesh: Mesh | None) ->
         return model if mesh is None else mesh_lib.shard_model(model, mesh)
     if mesh is None:
         return load(model, dtype=dtype, quantize=quantize)
-    return load(model, dtype=dtype, place=mesh_lib.placer(mesh))
+    return load(model, dtype=dtype, quantize=quantize, place=mesh_lib.placer(mesh))
 
 
 def _check_engine_args(max_model_len, kv_pages, kv_bytes, page_size, swap_space) -> None:

@@ -10,23 +10,28 @@ and re-prefilled) count again; padding rows never do.
 
 Placement (``redundant_experts`` / ``rebalance_every``): each layer holds S = E + R physical
 expert slots, rank-major over ``ranks`` ranks of S / ranks slots (slot ``s`` lives on rank
-``s // (S / ranks)``: the slot axis is what an ``expert`` mesh axis shards), with copies of the
-hottest experts in the R extra slots. The placement is DeepSeek's EPLB greedy
-(``scheduler.experts.eplb_placement``: copies to the experts of highest load per copy, then
-copies heaviest first onto the least-loaded rank), recomputed from the counts routed since the
-last re-placement; weights move with one gather per layer between steps. Routing ids stay
-logical, so a parked pass resumes across a re-placement, and the expert kernels are
-placement-invariant (``models.model._expert_group_slots``), so moving a copy changes no token.
+``s // (S / ranks)``; on a device mesh the ranks are its ``expert`` axis, which shards the slot
+axis in those blocks), with copies of the hottest experts in the R extra slots. The placement
+is DeepSeek's EPLB greedy (``scheduler.experts.eplb_placement``: copies to the experts of
+highest load per copy, then copies heaviest first onto the least-loaded rank), recomputed from
+the counts routed since the last re-placement; weights move with one gather per layer between
+steps. Routing ids stay logical, so a parked pass resumes across a re-placement, and the expert
+kernels are placement-invariant (``models.model._expert_group_slots``; on a mesh
+``qllm_jax.sharded._experts_slots_body``), so moving a copy changes no token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from qllm_jax.mesh import EXPERT, expert_slots
 from qllm_jax.models import Model
 from qllm_jax.models.model import reference_routing
 from qllm_jax.models.params import ExpertParams, SlotMap
@@ -112,6 +117,8 @@ class ExpertSlots:
 
     The stacked layout's slots are the executor's own arrays [S, ...] (a copy: the model's
     logical arrays stay referenced by its ``Model``); the split layout's are the model's arrays.
+    On a ``mesh`` (``ranks`` = its 'expert' axis) the model's arrays are in the mesh's strided
+    order (``mesh_rows``) and the slots are sharded over the axis, rank r's block on rank r.
 
     ``params(layer)`` is what an expert kernel takes: the physical slots and their ``SlotMap``
     (stacked layout), or, for the split layout (a CPU's tuples of per-expert arrays), a logical
@@ -119,17 +126,22 @@ class ExpertSlots:
     runs every expert on every row anyway, and a copy is the same array object.
     """
 
-    def __init__(self, experts: list[ExpertParams], redundant: int, ranks: int) -> None:
+    def __init__(
+        self, experts: list[ExpertParams], redundant: int, ranks: int, mesh: Mesh | None = None
+    ) -> None:
         w_down = experts[0].w_down  # a tuple (split layout) or one stacked [E, ...] weight
         self.num_experts = len(w_down) if isinstance(w_down, tuple) else _leading(w_down)
         self.ranks = ranks
         self.num_slots = self.num_experts + redundant
         self.per_rank = self.num_slots // ranks
         self.layout = experts[0].layout
+        self._take, rows = _take, list(range(self.num_experts))  # rows: expert -> its row
+        if mesh is not None:  # ranks are the 'expert' axis: rank r holds its slots' block
+            self._take, rows = _mesh_take(mesh), mesh_rows(self.num_experts, ranks)
         uniform = [1.0] * self.num_experts  # no counts yet: copies of the lowest ids
         first = slot_experts(eplb_placement(uniform, ranks, self.per_rank))
         self.slot_expert = [list(first) for _ in experts]  # layer -> slot -> expert
-        self._slots = [self._gather(ep, first) for ep in experts]
+        self._slots = [self._gather(ep, [rows[e] for e in first]) for ep in experts]
         self._maps: list[SlotMap | None] = [self._slot_map(s) for s in self.slot_expert]
         self.loads_at_rebalance = np.zeros((len(experts), self.num_experts), np.int64)
         self.num_rebalances = 0
@@ -172,8 +184,8 @@ class ExpertSlots:
             return ExpertParams(
                 tuple(ep.w_gate_up[s] for s in sources), tuple(ep.w_down[s] for s in sources)
             )
-        idx = jnp.asarray(sources, jnp.int32)
-        return ExpertParams(_take(ep.w_gate_up, idx), _take(ep.w_down, idx))
+        idx = np.asarray(sources, np.int32)
+        return ExpertParams(self._take(ep.w_gate_up, idx), self._take(ep.w_down, idx))
 
     def warmup(self) -> None:
         """Compile the gather a re-placement moves weights with (slots to slots: another shape
@@ -222,5 +234,34 @@ def routing_trace(model: Model, token_ids: list[int]) -> np.ndarray:
     return np.asarray(reference_routing(model, np.asarray(token_ids, np.int32)))
 
 
-# slots ``idx`` of a stacked [S, ...] weight (both leaves of an int8 one)
-_take = jax.jit(lambda w, idx: jax.tree.map(lambda a: jnp.take(a, idx, axis=0), w))
+def _take_slots(w, idx):
+    """Slots ``idx`` of a stacked [S, ...] weight (both leaves of an int8 one)."""
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), w)
+
+
+_take = jax.jit(_take_slots)
+
+
+@functools.cache
+def _mesh_take(mesh: Mesh):
+    """``_take`` on a mesh, its result sharded on the 'expert' axis (slot block r on rank r).
+    The copies move between ranks by gathering the layer's slots on every device for the
+    duration of the call (between steps, one layer at a time), then keeping each rank's block:
+    simple, and a layer's worth of transient memory per device."""
+
+    whole, blocks = NamedSharding(mesh, P()), NamedSharding(mesh, P(EXPERT))
+
+    def take(w, idx):
+        moved = _take_slots(jax.tree.map(lambda a: jax.sharding.reshard(a, whole), w), idx)
+        return jax.tree.map(lambda a: jax.sharding.reshard(a, blocks), moved)
+
+    return jax.jit(take, out_shardings=blocks)
+
+
+def mesh_rows(num_experts: int, ep: int) -> list[int]:
+    """Expert -> its row in a mesh's stacked arrays, which hold experts in the strided order of
+    ``mesh.expert_slots`` (not in id order)."""
+    rows = [0] * num_experts
+    for row, e in enumerate(expert_slots(num_experts, ep).tolist()):
+        rows[e] = row
+    return rows

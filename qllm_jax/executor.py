@@ -44,7 +44,7 @@ from qllm_jax.carry import (
 )
 from qllm_jax.eplb import ExpertLoad, ExpertSlots, Rebalance, check_eplb_options
 from qllm_jax.kv_cache import PAGE_IO_BUCKET_MIN, KVCache
-from qllm_jax.mesh import KV_SPEC, replicated
+from qllm_jax.mesh import EXPERT, KV_SPEC, replicated, slot_ranks
 from qllm_jax.models import Model
 from qllm_jax.models.params import ExpertParams, Params, SlotMap
 from qllm_jax.sampling import split_seeds
@@ -102,17 +102,17 @@ class Signature:
 class Executor:
     """Runs plans of one model over its paged KV cache.
 
-        ``max_batch_size``, ``max_num_batched_tokens`` and ``max_model_len`` bound the shapes a
-        plan can produce (the scheduler enforces them); they only serve to enumerate executables.
-        ``mode``: a plan that runs a whole pass (``plan.fused``) runs as one jit (``"fused"``) or
-        segment by segment (``"segmented"``, what preemptive plans always do). ``swap_pages``: the
-        host slots the scheduler may swap KV pages into (only to warm the page copies up).
-        ``eplb``: hold each layer's experts in ``num_experts + redundant_experts`` physical slots
-        over ``eplb_ranks`` ranks, re-placed by ``rebalance`` (``qllm_jax.eplb``); routed-token
-        counts are kept either way (``expert_load``).
-    ``mesh``: the
-        params are sharded on it (``qllm_jax.mesh``) and the kernels are ``qllm_jax.sharded``'s;
-        None is one device.
+    ``max_batch_size``, ``max_num_batched_tokens`` and ``max_model_len`` bound the shapes a
+    plan can produce (the scheduler enforces them); they only serve to enumerate executables.
+    ``mode``: a plan that runs a whole pass (``plan.fused``) runs as one jit (``"fused"``) or
+    segment by segment (``"segmented"``, what preemptive plans always do). ``swap_pages``: the
+    host slots the scheduler may swap KV pages into (only to warm the page copies up).
+    ``eplb``: hold each layer's experts in ``num_experts + redundant_experts`` physical slots
+    over ``eplb_ranks`` ranks, re-placed by ``rebalance`` (``qllm_jax.eplb``); routed-token
+    counts are kept either way (``expert_load``).
+    ``mesh``: the params are sharded on it (``qllm_jax.mesh``) and the kernels are
+    ``qllm_jax.sharded``'s; None is one device. On a mesh the placement's ranks are the
+    devices of its 'expert' axis (``eplb_ranks`` 1 or that size).
     """
 
     def __init__(
@@ -135,6 +135,9 @@ class Executor:
     ) -> None:
         cfg = model.config
         check_eplb_options(cfg.num_experts, redundant_experts, 0, eplb_ranks)
+        if mesh is not None and (eplb or redundant_experts):  # the ranks: the 'expert' axis
+            ep = mesh.shape[EXPERT]
+            eplb_ranks = slot_ranks(cfg.num_experts, redundant_experts, eplb_ranks, ep)
         if mode not in ("fused", "segmented"):
             raise ValueError(f"mode must be 'fused' or 'segmented', got {mode!r}")
         group = cfg.num_experts if expert_group_size is None else expert_group_size
@@ -169,7 +172,7 @@ class Executor:
         self.expert_slots: ExpertSlots | None = None
         if eplb or redundant_experts:
             experts = [lp.experts for lp in model.params.layers]
-            self.expert_slots = ExpertSlots(experts, redundant_experts, eplb_ranks)
+            self.expert_slots = ExpertSlots(experts, redundant_experts, eplb_ranks, mesh)
         self._params, self._slot_maps = self._placed_params()
         self.carries: dict[int, Carry] = {}  # device state of every pass in the ledger
         mesh_segments = None if mesh is None else MeshSegments(mesh)

@@ -16,7 +16,11 @@ names (scripts may rely on them):
 
 Everything else (norms, router, shared expert, the carry's row state) is replicated. Weights
 are placed shard by shard from host buffers (``placer``): no device ever holds a whole sharded
-tensor. ``expert_parallel = tensor_parallel = 1`` builds no mesh: the single-device code path.
+tensor. An int8 weight (``models/quant.py``) is two leaves: its values are sharded as the float
+weight would be, its per-output-channel scales on the axis of those channels (``scale_spec``).
+An expert placement with redundant slots (``qllm_jax.eplb``) has the 'expert' axis as its
+ranks: its [E + R, ...] slot arrays are sharded in blocks over it (``slot_ranks``).
+``expert_parallel = tensor_parallel = 1`` builds no mesh: the single-device code path.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qllm_jax.models import Model, ModelConfig
-from qllm_jax.models.params import ExpertParams, Params
+from qllm_jax.models.params import ExpertParams, Params, QuantizedWeight
 from qllm_jax.scheduler.plan import default_group_size
 from qllm_jax.scheduler.sampling_params import is_int
 
@@ -57,17 +61,31 @@ _SPECS: dict[str, P] = {
 }
 
 
-def param_spec(path: str) -> P:
+def param_spec(path: str, ndim: int | None = None) -> P:
     """The PartitionSpec of a params path (``"layers.3.attn.wq"``, ``"embed"``, ...). A leaf
-    below a listed path (a weight wrapped in a pytree, e.g. ``attn.wq.values``) gets that
-    path's spec, so wrapping a weight never silently replicates it."""
+    below a listed path (a weight wrapped in a pytree, e.g. ``attn.wq.q``) gets that path's
+    spec, so wrapping a weight never silently replicates it; ``ndim`` (the leaf's rank) is
+    needed for an int8 weight's scales (``scale_spec``)."""
     parts = path.split(".")
     parts = parts[2:] if parts[0] == "layers" else parts
     for n in range(len(parts), 0, -1):
         spec = _SPECS.get(".".join(parts[:n]))
         if spec is not None:
+            if parts[n:] == ["scale"]:
+                if ndim is None:
+                    raise ValueError(f"param_spec({path!r}) needs the scale's ndim")
+                return scale_spec(spec, ndim)
             return spec
     return P()
+
+
+def scale_spec(weight: P, ndim: int) -> P:
+    """The spec of an int8 weight's per-output-channel scales [..., out] (``ndim`` dims) from
+    its values' spec over [..., in, out]: the values' spec without the ``in`` axis, so each
+    scale lives with its output channel (wq's columns over ``tensor``: its scales too; stacked
+    experts over ``expert``: their scales too)."""
+    full = tuple(weight) + (None,) * (ndim + 1 - len(weight))  # over [..., in, out]
+    return P(*full[: ndim - 1], *full[ndim:])
 
 
 def is_routed(path: str) -> bool:
@@ -116,6 +134,25 @@ def check_divides(cfg: ModelConfig, ep: int, tp: int) -> None:
             )
 
 
+def slot_ranks(num_experts: int, redundant_experts: int, eplb_ranks: int, ep: int) -> int:
+    """The ranks of an expert placement (``redundant_experts`` / ``rebalance_every``) on a mesh:
+    the ``ep`` devices of its 'expert' axis, each holding its block of the E + R slots.
+    ``ValueError`` naming the axis unless ``ep`` divides them (or naming ``eplb_ranks`` when
+    it asks for other ranks than the axis)."""
+    if eplb_ranks not in (1, ep):
+        raise ValueError(
+            f"eplb_ranks={eplb_ranks!r} on a mesh must be 1 or expert_parallel={ep}: the "
+            "'expert' axis's devices are the placement's ranks"
+        )
+    slots = num_experts + redundant_experts
+    if slots % ep:
+        raise ValueError(
+            f"the 'expert' axis (expert_parallel={ep}) must divide the {slots} expert slots "
+            f"per layer (num_experts={num_experts} + redundant_experts={redundant_experts})"
+        )
+    return ep
+
+
 def make_mesh(ep: int, tp: int, mesh: Mesh | None = None) -> Mesh | None:
     """The mesh of ``ep`` x ``tp`` devices (the first ones jax sees), ``mesh`` itself if given,
     or None for one device (today's single-device path)."""
@@ -161,11 +198,14 @@ def expert_slots(num_experts: int, ep: int) -> np.ndarray:
 
 
 def placer(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
-    """``models.load``'s ``place``: a complete host array → a sharded array, each device
-    receiving only its own block (routed experts are reordered into slot order on the way)."""
+    """``models.load``'s ``place``: a complete host array (or a host ``QuantizedWeight``: its
+    int8 values and scales) → a sharded array, each device receiving only its own block
+    (routed experts are reordered into slot order on the way)."""
     ep = mesh.shape[EXPERT]
 
-    def place(path: str, buf: np.ndarray) -> jax.Array:
+    def place(path: str, buf: np.ndarray | QuantizedWeight) -> jax.Array | QuantizedWeight:
+        if isinstance(buf, QuantizedWeight):  # host int8 values and scales: each its own spec
+            return QuantizedWeight(place(f"{path}.q", buf.q), place(f"{path}.scale", buf.scale))
         rows = expert_slots(buf.shape[0], ep) if is_routed(path) else None
 
         def block(index: tuple[slice, ...]) -> np.ndarray:
@@ -173,7 +213,7 @@ def placer(mesh: Mesh) -> Callable[[str, np.ndarray], jax.Array]:
                 return np.ascontiguousarray(buf[index])
             return np.ascontiguousarray(buf[rows[index[0]]][(slice(None), *index[1:])])
 
-        sharding = NamedSharding(mesh, param_spec(path))
+        sharding = NamedSharding(mesh, param_spec(path, buf.ndim))
         return jax.make_array_from_callback(buf.shape, sharding, block)
 
     return place
@@ -188,9 +228,8 @@ def _stacked(lp):
     if lp.experts.layout == "stacked":
         return lp
     ex = lp.experts
-    return dataclasses.replace(
-        lp, experts=ExpertParams(jnp.stack(ex.w_gate_up), jnp.stack(ex.w_down))
-    )
+    stack = lambda ws: jax.tree.map(lambda *a: jnp.stack(a), *ws)  # noqa: E731 -- int8 too
+    return dataclasses.replace(lp, experts=ExpertParams(stack(ex.w_gate_up), stack(ex.w_down)))
 
 
 def shard_params(params: Params, mesh: Mesh) -> Params:
@@ -205,7 +244,7 @@ def shard_params(params: Params, mesh: Mesh) -> Params:
         path = _dotted(keypath)
         if is_routed(path):
             x = x[expert_slots(x.shape[0], ep)]
-        return jax.device_put(x, NamedSharding(mesh, param_spec(path)))
+        return jax.device_put(x, NamedSharding(mesh, param_spec(path, x.ndim)))
 
     return jax.tree_util.tree_map_with_path(put, params)
 

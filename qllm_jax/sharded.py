@@ -22,6 +22,11 @@ Same results as one device:
   greedy tokens are identical on every tested family and mesh shape: a property shown by the
   tests, not a guarantee.
 
+int8 weights (``models/quant.py``) go through the same ``matmul`` helper as on one device, on
+each device's own columns or experts. Expert placement (``qllm_jax.eplb``): each device holds its
+rank's block of the physical slots, copies included; ``_experts_slots_body`` keeps the dense
+path bitwise one device's without slots under any placement.
+
 The ``ragged`` expert path (accelerators) adds the devices' partial sums with a ``psum``
 instead: less traffic, not bitwise equal to one device.
 """
@@ -43,14 +48,17 @@ from qllm_jax.models.model import (
     add_weighted,
     dense_expert,
     embed,
+    expert_at,
     expert_group,
     logits,
+    matmul,
     moe_input,
     norm,
     paged_attention,
     qkv,
+    slice_experts,
 )
-from qllm_jax.models.params import AttentionParams, ExpertParams, Params
+from qllm_jax.models.params import AttentionParams, ExpertParams, Params, SlotMap
 from qllm_jax.sampling import sample
 from qllm_jax.segments import HeadParams, SampleInputs, count_routed, empty_state, shared_fn
 
@@ -61,9 +69,9 @@ REP = P()
 def _specs(tree, prefix: str):
     """A PartitionSpec tree for a params subtree at ``prefix`` (e.g. ``"layers.0.attn"``)."""
 
-    def spec(keypath, _):
+    def spec(keypath, x):
         rest = ".".join(str(getattr(k, "name", getattr(k, "idx", k))) for k in keypath)
-        return param_spec(f"{prefix}.{rest}" if prefix else rest)
+        return param_spec(f"{prefix}.{rest}" if prefix else rest, x.ndim)
 
     return jax.tree_util.tree_map_with_path(spec, tree)
 
@@ -106,7 +114,7 @@ def _attention_body(p: AttentionParams, k_cache, v_cache, c: Carry, cfg, window,
     out = paged_attention(
         q, k_cache, v_cache, c.pages, c.positions, c.valid, window, lcfg, page_size
     )  # [N, Hq/tp * hd]
-    y = _gather(_gather(out, TENSOR, 1) @ p.wo, TENSOR, 1)  # [N, D]: whole dot products
+    y = _gather(matmul(_gather(out, TENSOR, 1), p.wo), TENSOR, 1)  # [N, D]: whole dot products
     h, moe_in, weights, ids = moe_input(p, cfg, h + (y if p.bo is None else y + p.bo))
     ids = jnp.where(c.valid[:, None], ids, cfg.num_experts)  # padding rows visit no expert
     return h, moe_in, weights, ids, k_cache, v_cache
@@ -123,14 +131,16 @@ def _experts_body(ep_local: ExpertParams, x, weights, ids, acc, group_start, gro
     experts ``start/ep ..`` (the group's ids ``start .. start + G`` are strided over devices)."""
     per = group_size // ep
     first = group_start // ep  # the group's first local slot, the same on every device
-    w_gu = jax.lax.dynamic_slice_in_dim(ep_local.w_gate_up, first, per, axis=0)
-    w_d = jax.lax.dynamic_slice_in_dim(ep_local.w_down, first, per, axis=0)
+    w_gu = slice_experts(ep_local.w_gate_up, first, per)  # float or int8 (both leaves)
+    w_d = slice_experts(ep_local.w_down, first, per)
     if impl == "ragged":  # this device's rows only, its partial sum added over devices
         device, slot = expert_home(ids, ep)
         local = jnp.where(device == jax.lax.axis_index(EXPERT), slot - first, -1)  # [N, k]
         part = expert_group(ExpertParams(w_gu, w_d), x, weights, local, 0, per, "ragged")
         return acc + jax.lax.psum(part, EXPERT)
-    mine = jnp.stack([dense_expert(x, w_gu[j], w_d[j]) for j in range(per)])  # [G/ep, N, D]
+    mine = jnp.stack(
+        [dense_expert(x, expert_at(w_gu, j), expert_at(w_d, j)) for j in range(per)]
+    )  # [G/ep, N, D]
     every = jax.lax.all_gather(mine, EXPERT)  # [ep, G/ep, N, D]: expert start + j*ep + d
     # weighted and added in expert-id order on every device, the very expressions one device
     # evaluates (a psum of per-device sums would add in another order, and a weighted output
@@ -141,6 +151,58 @@ def _experts_body(ep_local: ExpertParams, x, weights, ids, acc, group_start, gro
         for d in range(ep):
             out = add_weighted(out, every[d, j], weights, rel == j * ep + d)
     return acc + out
+
+
+def _experts_slots_body(
+    ep_local: ExpertParams, slots: SlotMap, x, weights, ids, acc, group_start, group_size, ep, impl
+):
+    """``_experts_body`` over physical expert slots (``qllm_jax.eplb``): this device holds slots
+    [d*P, (d+1)*P) of the layer's S (its block on the 'expert' axis), some of them copies of hot
+    experts; ``slots`` (replicated) says which, and ids stay logical. A row routed to expert e
+    goes to copy ``row % copies[e]`` (as on one device), wherever the placement put it.
+
+    "dense" (CPU): each local slot whose expert is in the group runs on every row; a row takes
+    the output of its own copy (the copies are bit-identical, so the choice changes no bit) and
+    every device adds the experts in id order with one device's expressions: bitwise one
+    device's, under any placement. "ragged": a device runs only the rows sent to its slots,
+    partial sums added with a ``psum`` (not bitwise)."""
+    per = jax.tree.leaves(ep_local.w_down)[0].shape[0]  # P local slots
+    me = jax.lax.axis_index(EXPERT)
+    n = ids.shape[0]
+    row = jnp.arange(n, dtype=jnp.int32)
+    rel = ids - group_start  # [N, k]
+    in_group = (rel >= 0) & (rel < group_size)
+    if impl == "ragged":
+        e = jnp.clip(ids, 0, slots.copies.shape[0] - 1)  # padding rows' id E: masked below
+        phys = slots.slot[e, row[:, None] % slots.copies[e]]  # [N, k] each pick's slot
+        local = jnp.where(in_group & (phys // per == me), phys % per, -1)
+        part = expert_group(ep_local, x, weights, local, 0, per, "ragged")
+        return acc + jax.lax.psum(part, EXPERT)
+    holds = slot_holders(slots, per * ep)  # [S] slot -> expert
+
+    def run(j):
+        e = holds[me * per + j]
+        wanted = (e >= group_start) & (e < group_start + group_size)
+        w_gu, w_d = expert_at(ep_local.w_gate_up, j), expert_at(ep_local.w_down, j)
+        return jax.lax.cond(wanted, lambda: dense_expert(x, w_gu, w_d), lambda: jnp.zeros_like(x))
+
+    mine = jnp.stack([run(j) for j in range(per)])  # [P, N, D]
+    every = _gather(mine, EXPERT, 0)  # [S, N, D] by slot
+    out = jnp.zeros_like(acc)
+    for g in range(group_size):  # static: the group's experts in id order
+        e = group_start + g
+        y = every[slots.slot[e, row % slots.copies[e]], row]  # [N, D] each row's own copy
+        out = add_weighted(out, y, weights, rel == g)
+    return acc + out
+
+
+def slot_holders(slots: SlotMap, num_slots: int) -> Array:
+    """[S] int32: the expert each physical slot holds (the inverse of ``slots.slot``; a row's
+    padding entries repeat copy 0, so every write to a slot writes the same expert)."""
+    experts = jnp.broadcast_to(
+        jnp.arange(slots.slot.shape[0], dtype=jnp.int32)[:, None], slots.slot.shape
+    )
+    return jnp.zeros(num_slots, jnp.int32).at[slots.slot].set(experts)
 
 
 def _head_logits_body(hp: HeadParams, h, acc, rows, cfg):
@@ -181,14 +243,20 @@ class MeshSegments:
         self, ep_params, moe_in, weights, ids, acc, group_start, group_size, counts, layer, slots
     ):
         """``segments.experts_fn``: the accumulator and the routed-token counts (counted
-        replicated, from the replicated ids). Expert placement (``slots``) is not supported on
-        a mesh (the engine refuses it)."""
-        if slots is not None:
-            raise ValueError("expert slots (redundant_experts) are not supported on a mesh")
-        body = functools.partial(_experts_body, group_size=group_size, ep=self.ep, impl=self.impl)
-        specs = (_specs(ep_params, "layers.0.experts"), REP, REP, REP, REP, REP)
-        args = (ep_params, moe_in, weights, ids, acc, group_start)
-        acc = _smap(self.mesh, body, specs, REP)(*args)
+        replicated, from the replicated ids). ``slots``: ``ep_params`` holds an expert
+        placement's physical slots [S, ...], S / ep per device (``_experts_slots_body``)."""
+        args = (moe_in, weights, ids, acc, group_start)
+        if slots is None:
+            body = functools.partial(
+                _experts_body, group_size=group_size, ep=self.ep, impl=self.impl
+            )
+        else:
+            body = functools.partial(
+                _experts_slots_body, group_size=group_size, ep=self.ep, impl=self.impl
+            )
+            args = (slots, *args)
+        specs = (_specs(ep_params, "layers.0.experts"), *(REP,) * len(args))
+        acc = _smap(self.mesh, body, specs, REP)(ep_params, *args)
         return acc, count_routed(counts, ids, layer, group_start, group_size)
 
     def head_logits_fn(self, hp: HeadParams, h, acc, rows, cfg) -> Array:
@@ -225,9 +293,10 @@ class MeshSegments:
             h, moe_in, weights, ids, ks[layer], vs[layer] = self.attention_fn(
                 lp.attn, ks[layer], vs[layer], c, cfg, window, page_size
             )
+            sm = None if slots is None else slots[layer]
             zero = jnp.zeros_like(h)
             acc, counts = self.experts_fn(
-                lp.experts, moe_in, weights, ids, zero, 0, cfg.num_experts, counts, layer, None
+                lp.experts, moe_in, weights, ids, zero, 0, cfg.num_experts, counts, layer, sm
             )
             if lp.shared is not None:
                 acc = shared_fn(lp.shared, moe_in, acc)

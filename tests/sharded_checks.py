@@ -7,12 +7,21 @@ A collective that hangs (2 loaded cores, many queued sharded calls) fails within
 terminate timeout instead of stalling the suite.
 
 Checks:
-- ``parity:FAMILY[:POLICY]``: greedy tokens of two prompts on ep=8, tp=2 x ep=4 and tp=4 x ep=2
-  equal one device's, fused (``priority``) and segmented at expert granularity (``qllm``);
+- ``parity:FAMILY[:POLICY][:int8][:EPxTP...]``: greedy tokens of two prompts on ep=8, tp=2 x
+  ep=4 and tp=4 x ep=2 (or the meshes named) equal one device's, fused (``priority``) and
+  segmented at expert granularity (``qllm``), float or int8 weights (``int8``: against int8
+  on one device);
   last-position logits within 1e-4 of their scale (column blocks of the LM head and of the attention
   projections round differently on XLA:CPU: see qllm_jax/sharded.py).
-- ``experts:FAMILY``: the expert segment on each mesh is bitwise one device's (the dense CPU
-  path), and the ragged path (accelerators: a psum of partial sums) is close to it.
+- ``experts:FAMILY[:int8][:EPxTP...]``: the expert segment on each mesh is bitwise one
+  device's (the dense CPU path), and the ragged path (accelerators: a psum of partial sums) is
+  close to it.
+- ``slots:FAMILY[:int8][:EPxTP...]``: the expert segment over EPLB slots (one redundant per
+  rank), whole layer and one expert group, bitwise one device's without slots before and after
+  re-placements that move copies between ranks; the ragged path close to it.
+- ``eplb:FAMILY[:POLICY][:int8][:EPxTP...]``: the engine with EPLB on the mesh, re-placing
+  every 2 steps: greedy tokens equal one device's without EPLB, and each rank's block of slots
+  holds the experts its placement names.
 - ``preemption:EPxTP``: under ``qllm`` with mixed priorities (BE prompts in flight, LS
   arrivals landing inside their passes, an abort), every request's tokens equal its solo
   single-device run, and no KV page, pass or carry is left behind.
@@ -80,17 +89,28 @@ def _last_logits(llm: qllm_jax.LLM) -> np.ndarray:
 RUNS = {"priority": "layer", "qllm": "expert"}  # policy -> granularity
 
 
+def _options(what: str) -> tuple[str, set[str], str | None, tuple[tuple[int, int], ...]]:
+    """``FAMILY[:OPTION...]`` → (family, the options, quantize: ``"int8"`` if named, the
+    meshes: those named as ``EPxTP``, else all of ``MESHES``)."""
+    family, *rest = what.split(":")
+    named = tuple(m for m in MESHES if f"{m[0]}x{m[1]}" in rest)
+    return family, set(rest), "int8" if "int8" in rest else None, named or MESHES
+
+
 def parity(what: str) -> dict:
-    family, _, only = what.partition(":")
+    """``FAMILY[:POLICY][:int8][:EPxTP...]``: with ``int8``, int8 weights on one device are
+    the reference (the same quantized leaves, placed shard by shard on the mesh)."""
+    family, rest, quantize, meshes = _options(what)
     path = checkpoint(family)
     out = {}
     for policy, granularity in RUNS.items():
-        if only and policy != only:
+        if rest & set(RUNS) and policy not in rest:
             continue
-        opts = dict(policy=policy, granularity=granularity, dtype="float32", **KW)
+        opts = dict(policy=policy, granularity=granularity, dtype="float32", quantize=quantize)
+        opts |= KW
         ref = qllm_jax.LLM(path, **opts)
         want, want_logits = _greedy(ref), _last_logits(ref)
-        for ep, tp in MESHES:
+        for ep, tp in meshes:
             llm = qllm_jax.LLM(path, expert_parallel=ep, tensor_parallel=tp, **opts)
             got = _greedy(llm)
             assert got == want, f"{family} ep={ep} tp={tp} {policy}: {got} != {want}"
@@ -101,9 +121,9 @@ def parity(what: str) -> dict:
     return out
 
 
-def experts(family: str) -> dict:
-    """The expert segment on each expert-axis width, bitwise against one device: whole experts
-    per device, their outputs added in one device's order."""
+def experts(what: str) -> dict:
+    """``FAMILY[:int8][:EPxTP...]``: the expert segment on each expert-axis width, bitwise
+    against one device: whole experts per device, their outputs added in one device's order."""
     import jax
     import jax.numpy as jnp
 
@@ -111,7 +131,8 @@ def experts(family: str) -> dict:
     from qllm_jax.segments import experts_segment
     from qllm_jax.sharded import MeshSegments
 
-    model = qllm_jax.load(checkpoint(family), dtype="float32")
+    family, _, quantize, meshes = _options(what)
+    model = qllm_jax.load(checkpoint(family), dtype="float32", quantize=quantize)
     cfg, rng = model.config, np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(16, cfg.hidden_size)).astype(np.float32))
     logits = jnp.asarray(rng.normal(size=(16, cfg.num_experts)).astype(np.float32))
@@ -125,7 +146,7 @@ def experts(family: str) -> dict:
         layer, x, weights, ids, acc, np.int32(0), cfg.num_experts, *extra
     )
     out = {}
-    for ep, tp in MESHES:
+    for ep, tp in meshes:
         mesh = mesh_lib.make_mesh(ep, tp)
         sharded = mesh_lib.shard_params(model.params, mesh).layers[0].experts
         kernel = MeshSegments(mesh).kernels()["experts"]
@@ -139,6 +160,122 @@ def experts(family: str) -> dict:
         diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
         assert diff <= 1e-5 * float(np.abs(np.asarray(want)).max()), f"ragged ep={ep}: {diff}"
         out[f"ep={ep} tp={tp}"] = f"dense bitwise, ragged (psum) within {diff:.1e}"
+    return out
+
+
+def _skewed(cfg, hot: int) -> np.ndarray:
+    """Routed-token counts [L, E] where expert ``hot`` takes most tokens."""
+    loads = np.ones((cfg.num_layers, cfg.num_experts), np.int64)
+    loads[:, hot] = 50
+    return loads
+
+
+def slots(what: str) -> dict:
+    """``FAMILY[:int8][:EPxTP...]``: the expert segment over EPLB slots (E + ep slots, one
+    redundant per rank, each rank holding its block) is bitwise one device's without slots,
+    for a whole layer and for an expert group, before and after re-placements that move copies
+    between ranks; the ragged path (a psum) is close to it."""
+    import jax
+    import jax.numpy as jnp
+
+    from qllm_jax import mesh as mesh_lib
+    from qllm_jax.eplb import ExpertSlots
+    from qllm_jax.segments import experts_segment
+    from qllm_jax.sharded import MeshSegments
+
+    family, _, quantize, meshes = _options(what)
+    model = qllm_jax.load(checkpoint(family), dtype="float32", quantize=quantize)
+    cfg, rng = model.config, np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(16, cfg.hidden_size)).astype(np.float32))
+    logits = jnp.asarray(rng.normal(size=(16, cfg.num_experts)).astype(np.float32))
+    weights, ids = jax.lax.top_k(jax.nn.softmax(logits), cfg.top_k)
+    ids = ids.astype(jnp.int32)
+    acc = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)
+    layer, out = model.params.layers[0].experts, {}
+    for ep, tp in meshes:
+        mesh = mesh_lib.make_mesh(ep, tp)
+        sharded = mesh_lib.shard_params(model.params, mesh)
+        placed = ExpertSlots([lp.experts for lp in sharded.layers], ep, ep, mesh)
+        dense, ragged = (MeshSegments(mesh, i).kernels()["experts"] for i in ("dense", "ragged"))
+        groups = [(0, cfg.num_experts)] + ([(ep, ep)] if ep < cfg.num_experts else [])
+        loads, worst, moved = np.zeros((cfg.num_layers, cfg.num_experts), np.int64), 0.0, 0
+        for hot in (None, 0, 5):  # the first placement, then two re-placements
+            if hot is not None:
+                loads = loads + _skewed(cfg, hot)
+                moved += placed.rebalance(loads).moved_slots
+            ep_slots, sm = placed.params(0)
+            assert ep_slots.w_down.shape[0] == cfg.num_experts + ep
+            for start, size in groups:
+                args = (x, weights, ids, acc, np.int32(start), size, counts, np.int32(0))
+                want, want_counts = experts_segment(layer.group(start, size), *args, None)
+                got, got_counts = dense(ep_slots, *args, sm)
+                assert np.array_equal(np.asarray(got), np.asarray(want)), (ep, tp, hot, start)
+                assert np.array_equal(np.asarray(got_counts), np.asarray(want_counts))
+                rough, _ = ragged(ep_slots, *args, sm)
+                diff = float(np.abs(np.asarray(rough) - np.asarray(want)).max())
+                assert diff <= 1e-5 * float(np.abs(np.asarray(want)).max()), (ep, hot, diff)
+                worst = max(worst, diff)
+        assert moved > 0, "the re-placements moved nothing"
+        out[f"ep={ep} tp={tp}"] = (
+            f"dense bitwise over 3 placements ({moved} slots moved), ragged within {worst:.1e}"
+        )
+    return out
+
+
+def _on_their_ranks(llm: qllm_jax.LLM, ref: qllm_jax.LLM) -> None:
+    """Each device's block of every layer's slot arrays is its rank's (its place on the
+    'expert' axis) and holds the weights of the experts the placement puts there (compared
+    with one device's expert weights: the values of an int8 one)."""
+    import jax
+
+    placed, mesh = llm.engine.executor.expert_slots, llm.engine.mesh
+    rank_of = {d.id: r for r, row in enumerate(mesh.devices) for d in row}
+    for layer, slot_expert in enumerate(placed.slot_expert):
+        values = jax.tree.leaves(placed.params(layer)[0].w_down)[0]  # [S, F, D]
+        experts = ref.engine.model.params.layers[layer].experts.w_down  # one device, split
+        for shard in values.addressable_shards:
+            block = range(placed.num_slots)[shard.index[0]]
+            assert len(block) == placed.per_rank, (layer, block)
+            assert block.start // placed.per_rank == rank_of[shard.device.id], (layer, block)
+            for i, slot in enumerate(block):
+                want = jax.tree.leaves(experts[slot_expert[slot]])[0]
+                assert np.array_equal(np.asarray(shard.data)[i], np.asarray(want)), (layer, slot)
+
+
+def eplb(what: str) -> dict:
+    """``FAMILY[:POLICY][:int8][:EPxTP...]``: EPLB on the mesh (one redundant slot per rank,
+    re-placed every 2 steps from the routed counts) gives the greedy tokens of one device
+    without EPLB; copies move between ranks, and each rank's block holds the experts its
+    placement names. Slots that the expert axis does not divide are refused naming it."""
+    family, rest, quantize, meshes = _options(what)
+    path = checkpoint(family)
+    (ep, tp), *_ = meshes
+    try:  # E + R slots that the expert axis does not divide: the error names the axis
+        qllm_jax.Engine(path, expert_parallel=ep, tensor_parallel=tp, redundant_experts=3, **KW)
+        raise AssertionError("8 + 3 slots over the expert axis were accepted")
+    except ValueError as err:
+        assert "'expert' axis" in str(err) and "11 expert slots" in str(err), err
+    out = {}
+    for policy, granularity in RUNS.items():
+        if rest & set(RUNS) and policy not in rest:
+            continue
+        opts = dict(policy=policy, granularity=granularity, dtype="float32", quantize=quantize)
+        opts |= KW
+        ref = qllm_jax.LLM(path, **opts)
+        want = _greedy(ref, max_tokens=8)
+        for ep, tp in meshes:
+            mesh = dict(expert_parallel=ep, tensor_parallel=tp)
+            llm = qllm_jax.LLM(path, **mesh, redundant_experts=ep, rebalance_every=2, **opts)
+            got = _greedy(llm, max_tokens=8)
+            assert got == want, f"{family} ep={ep} tp={tp} {policy} eplb: {got} != {want}"
+            stats = llm.engine.stats()
+            assert stats["expert_rebalances"] >= 2 and stats["expert_slots_moved"] > 0, stats
+            _on_their_ranks(llm, ref)
+            out[f"{policy} ep={ep} tp={tp}"] = (
+                f"tokens identical over {stats['expert_rebalances']} re-placements "
+                f"({stats['expert_slots_moved']} slots moved)"
+            )
     return out
 
 
@@ -200,7 +337,13 @@ def preemption(shape: str) -> dict:
     }
 
 
-CHECKS = {"parity": parity, "experts": experts, "preemption": preemption}
+CHECKS = {
+    "parity": parity,
+    "experts": experts,
+    "slots": slots,
+    "eplb": eplb,
+    "preemption": preemption,
+}
 
 
 def main(argv: list[str]) -> int:

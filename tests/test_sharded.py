@@ -42,15 +42,43 @@ def _run(checks: list[str], timeout: int) -> None:
 
 
 def test_sharded_subset():
-    """One family through every mesh shape (fused), the expert segment bitwise, and the
-    preemption identity + no page leak under qllm with mixed priorities on tp=2 x ep=4."""
-    _run(["experts:qwen2_moe", "parity:qwen2_moe:priority", "preemption:4x2"], timeout=600)
+    """One family through every mesh shape (fused), the expert segment bitwise (float, int8,
+    over EPLB slots across re-placements), int8 weights with EPLB re-placing on tp=2 x ep=4
+    (segmented, expert groups), and the preemption identity + no page leak under qllm with
+    mixed priorities on tp=2 x ep=4."""
+    checks = ["experts:qwen2_moe", "parity:qwen2_moe:priority", "preemption:4x2"]
+    added = ["experts:qwen2_moe:int8", "slots:mixtral:4x2", "eplb:mixtral:qllm:int8:4x2"]
+    _run([*checks, *added], timeout=600)
 
 
 @pytest.mark.slow
 def test_sharded_every_family():
     checks = [f"parity:{f}" for f in FAMILIES] + [f"experts:{f}" for f in FAMILIES]
     _run([*checks, "preemption:8x1", "preemption:2x4"], timeout=3000)
+
+
+@pytest.mark.slow
+def test_sharded_int8_every_family():
+    """int8 weights on every mesh shape, fused and segmented, against int8 on one device."""
+    checks = [f"parity:{f}:int8" for f in FAMILIES] + [f"experts:{f}:int8" for f in FAMILIES]
+    _run(checks, timeout=3000)
+
+
+@pytest.mark.slow
+def test_sharded_eplb_every_family():
+    """EPLB slots re-placed on every mesh shape, fused and segmented, float and int8."""
+    checks = [f"eplb:{f}" for f in FAMILIES] + [f"slots:{f}" for f in FAMILIES]
+    _run([*checks, "eplb:qwen3_moe:int8", "slots:olmoe:int8"], timeout=3000)
+
+
+def test_eplb_slots_must_divide_over_the_expert_axis():
+    from qllm_jax.mesh import slot_ranks
+
+    assert slot_ranks(8, 4, 1, 4) == 4 and slot_ranks(8, 4, 4, 4) == 4
+    with pytest.raises(ValueError, match=r"'expert' axis \(expert_parallel=4\).*11 expert slots"):
+        slot_ranks(8, 3, 1, 4)
+    with pytest.raises(ValueError, match="eplb_ranks=2 on a mesh"):
+        slot_ranks(8, 4, 2, 4)
 
 
 def test_mesh_errors_name_the_axis():
@@ -83,3 +111,18 @@ def test_parallel_flags_on_every_engine_subcommand(argv):
     args = _parser().parse_args([*argv, "--expert-parallel", "4", "--tensor-parallel", "2"])
     flags = engine_flags(args)
     assert flags["expert_parallel"] == 4 and flags["tensor_parallel"] == 2
+
+
+def test_int8_scales_follow_their_output_channels():
+    """An int8 weight's scales [..., out] are sharded as its values' output axis is."""
+    from jax.sharding import PartitionSpec as P
+
+    from qllm_jax.mesh import param_spec
+
+    assert param_spec("layers.0.attn.wq.q", 2) == P(None, "tensor")
+    assert param_spec("layers.0.attn.wq.scale", 1) == P("tensor")
+    assert param_spec("layers.1.attn.wo.scale", 1) == P("tensor")
+    assert param_spec("layers.0.experts.w_down.scale", 2) == P("expert", None)
+    assert param_spec("layers.0.shared.w_down.scale", 1) == P()
+    with pytest.raises(ValueError, match="ndim"):
+        param_spec("layers.0.attn.wq.scale")
