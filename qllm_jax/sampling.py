@@ -7,6 +7,8 @@ a seeded request yields the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +29,7 @@ def _key_values(k: Array) -> Array:
     return jax.lax.bitcast_convert_type(i, jnp.float32)
 
 
-BRACKET_ROUNDS = 3  # two-probe rounds that bracket a modelled estimate of the cut, at most
-BRACKET_UNTIL = 150  # ... while the window likely holds more values than this
+BRACKET_ROUNDS = 3  # first rounds: two probes bracketing a modelled estimate of the cut
 SECANT_ROUNDS = 16  # rounds that may probe by the secant; then halving the keys (<= 33)
 BRACKET_SPREAD = 0.05  # the first bracket: the estimate +- this many standard deviations
 
@@ -43,9 +44,9 @@ def _threshold(values: Array, target: Array, active: Array, mass: bool) -> Array
     A search over the window [lo, hi] of uint32 keys (``_ordered_keys``) that holds t: each
     probe m costs one masked sum over the row, W(m) = weight(keys > m), and moves hi to m
     (W(m) < target) or lo above it. Bisecting the 2**32 keys takes 32 such sums; probing where
-    the cut likely is takes about a third as many on LLM-like rows. First (``BRACKET_ROUNDS``)
-    two probes a round around an estimate: from the row's weighted mean and deviation of the
-    values (log-probabilities for ``mass``), as if they were Gaussian, then by the secant of
+    the cut likely is takes about a third as many on LLM-like rows. First (``BRACKET_ROUNDS``,
+    unrolled) two probes a round around an estimate: from the row's weighted mean and
+    deviation of the values (log-probabilities for ``mass``), as if Gaussian, then by the secant of
     the Gaussian quantile of W through the window's ends. Then (``SECANT_ROUNDS``) one probe a
     round at the secant of W in the window, Illinois-style (an end kept twice in a row
     counts half), and one more reduction moves the end that moved onto the nearest value, so
@@ -78,7 +79,7 @@ def _threshold(values: Array, target: Array, active: Array, mass: bool) -> Array
             jnp.where(down, w_lo, w), jnp.where(down, w, w_hi),
         )  # fmt: skip
 
-    def step(state):
+    def step(state, first: bool):
         r, lo, hi, w_lo, w_hi, side = state  # w_lo = weight(keys >= lo), w_hi = W(hi)
         live = lo < hi
         v_lo, v_hi = _key_values(lo), _key_values(hi)
@@ -131,17 +132,19 @@ def _threshold(values: Array, target: Array, active: Array, mass: bool) -> Array
                 jnp.where(down, w_lo, w), jnp.where(down, w, w_hi),
             )  # fmt: skip
 
-        first = live & (r < BRACKET_ROUNDS) & (likely > BRACKET_UNTIL)
-        new = jax.lax.cond(jnp.any(first), bracket, secant)
+        new = bracket() if first else secant()
         moved = jnp.where(new[1] < hi, jnp.where(side > 0, 2, 1), jnp.where(side < 0, -2, -1))
         kept = (lo, hi, w_lo, w_hi, side)
         return (r + 1, *(jnp.where(live, a, b) for a, b in zip((*new, moved), kept, strict=True)))
 
     lo = jnp.zeros(s, jnp.uint32)
     hi = jnp.where(active, jnp.uint32(0xFFFFFFFF), jnp.uint32(0))
-    start = (jnp.int32(0), lo, hi, total, jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32))
+    state = (jnp.int32(0), lo, hi, total, jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32))
+    for _ in range(BRACKET_ROUNDS):  # unrolled: XLA fuses the per-row arithmetic between sums
+        state = step(state, first=True)
     rounds = BRACKET_ROUNDS + SECANT_ROUNDS + 34  # never reached: the halving ends before
-    lo = jax.lax.while_loop(lambda st: (st[0] < rounds) & jnp.any(st[1] < st[2]), step, start)[1]
+    going = lambda st: (st[0] < rounds) & jnp.any(st[1] < st[2])  # noqa: E731
+    lo = jax.lax.while_loop(going, functools.partial(step, first=False), state)[1]
     return jnp.where(lo == 0, -jnp.inf, _key_values(lo))
 
 
