@@ -48,8 +48,8 @@ def _threshold(values: Array, target: Array, active: Array, mass: bool) -> Array
     unrolled) two probes a round around an estimate: from the row's weighted mean and
     deviation of the values (log-probabilities for ``mass``), as if Gaussian, then by the secant of
     the Gaussian quantile of W through the window's ends. Then (``SECANT_ROUNDS``) one probe a
-    round at the secant of W in the window, Illinois-style (an end kept twice in a row
-    counts half), and one more reduction moves the end that moved onto the nearest value, so
+    round at the secant of W in the window, and one more reduction moves the end that moved
+    onto the nearest value (Illinois' halving made no round fewer on such rows), so
     the window's ends are values and it ends at lo == hi, ties included. Then, in case a
     strange row is left, plain halving of the keys (snapped the same way), which ends within
     33 rounds. Any probe inside the window keeps the answer exact; the estimates only decide
@@ -80,7 +80,7 @@ def _threshold(values: Array, target: Array, active: Array, mass: bool) -> Array
         )  # fmt: skip
 
     def step(state, first: bool):
-        r, lo, hi, w_lo, w_hi, side = state  # w_lo = weight(keys >= lo), w_hi = W(hi)
+        r, lo, hi, w_lo, w_hi = state  # w_lo = weight(keys >= lo), w_hi = W(hi)
         live = lo < hi
         v_lo, v_hi = _key_values(lo), _key_values(hi)
         y_lo, y_hi = to_y(v_lo), to_y(v_hi)
@@ -113,9 +113,8 @@ def _threshold(values: Array, target: Array, active: Array, mass: bool) -> Array
             return tuple(jnp.where(ok, b, a) for a, b in zip(once, twice, strict=True))
 
         def secant():
-            f_lo = jnp.where(side == 2, 0.5, 1.0) * (w_lo - target)
-            f_hi = jnp.where(side == -2, 0.5, 1.0) * (target - w_hi)
-            m = _ordered_keys(v_lo + f_lo / (f_lo + f_hi) * (v_hi - v_lo))
+            f = (w_lo - target) / (w_lo - w_hi)  # where W, linear in the window, hits target
+            m = _ordered_keys(v_lo + f * (v_hi - v_lo))
             m = jnp.where(both & (r < BRACKET_ROUNDS + SECANT_ROUNDS) & inside(m), m, mid)
             w = weight_above(m)
             down = w < target
@@ -133,13 +132,11 @@ def _threshold(values: Array, target: Array, active: Array, mass: bool) -> Array
             )  # fmt: skip
 
         new = bracket() if first else secant()
-        moved = jnp.where(new[1] < hi, jnp.where(side > 0, 2, 1), jnp.where(side < 0, -2, -1))
-        kept = (lo, hi, w_lo, w_hi, side)
-        return (r + 1, *(jnp.where(live, a, b) for a, b in zip((*new, moved), kept, strict=True)))
+        return (r + 1, *(jnp.where(live, a, b) for a, b in zip(new, state[1:], strict=True)))
 
     lo = jnp.zeros(s, jnp.uint32)
     hi = jnp.where(active, jnp.uint32(0xFFFFFFFF), jnp.uint32(0))
-    state = (jnp.int32(0), lo, hi, total, jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32))
+    state = (jnp.int32(0), lo, hi, total, jnp.zeros(s, jnp.float32))
     for _ in range(BRACKET_ROUNDS):  # unrolled: XLA fuses the per-row arithmetic between sums
         state = step(state, first=True)
     rounds = BRACKET_ROUNDS + SECANT_ROUNDS + 34  # never reached: the halving ends before
