@@ -292,10 +292,12 @@ def sample(
 
     A sampled row draws one uniform number, keyed by (seed, step), and inverts the CDF of its
     filtered distribution: one random draw per row instead of V Gumbel draws. Top-k and top-p
-    need no sort (``top_k_top_p_mask``); each, and all sampling work, is skipped when no row
-    asks for it.
+    need no sort (``top_k_top_p_mask``); each, all sampling work, and the argmax, is skipped
+    when no row asks for it.
     """
-    greedy = argmax(logits)
+
+    def greedy() -> Array:
+        return argmax(logits)
 
     def sampled() -> Array:
         t = jnp.where(temperature > 0, temperature, 1.0)
@@ -305,6 +307,9 @@ def sample(
         keep = _top_p_keep(probs, top_p, keep, top_idx)
         u = jax.vmap(jax.random.uniform)(jax.vmap(_row_key)(seeds, steps))  # [S] in [0, 1)
         token = _invert_cdf(jnp.where(keep, probs, 0.0), u)  # unnormalised: it scales u
-        return jnp.where(temperature > 0, token, greedy)
+        none = lambda: jnp.zeros_like(token)  # noqa: E731 (no greedy row: no argmax)
+        return jnp.where(
+            temperature > 0, token, jax.lax.cond(jnp.any(temperature <= 0), greedy, none)
+        )
 
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, greedy)
