@@ -7,7 +7,8 @@ marks any with one invalid). Decode of one batch of ``--batch`` sequences:
 - ``fused`` (one jit per pass), ``segmented_layer`` (attention + all experts per layer),
   ``segmented_group<g>`` (``--group-size`` experts per segment), each under the iteration-level
   ``priority`` policy, so this measures segmentation, not preemption;
-- the fused step with ``top_p=0.95`` and with ``top_k=50`` sampling against greedy;
+- the fused step with ``top_p=0.95`` and with ``top_k=50`` sampling against greedy
+  (``--only sampling``: just those, plus both at once, in a JSON of their own);
 - HF transformers ``generate`` (PyTorch, greedy, same checkpoint and batch);
 - host time: ``host_dispatch_us_per_segment`` (the executor enqueuing segments, nothing
   blocking) and ``host_us_per_segment_qllm`` (scheduler + executor per segment under the
@@ -22,6 +23,7 @@ marks any with one invalid). Decode of one batch of ``--batch`` sequences:
     python experiments/overhead.py                       # built-in model, float32, CPU
     python experiments/overhead.py --attention-sweep --trace --out experiments/results/x.json
     python experiments/overhead.py --model random:mixtral-8x7b-16l --dtype bfloat16 --no-hf
+    python experiments/overhead.py --only sampling --repeats 7 --out /tmp/sampling.json
 
 Writes ``experiments/results/overhead-<device>.json`` unless ``--out`` is given.
 """
@@ -32,6 +34,7 @@ import argparse
 import collections
 import glob
 import json
+import os
 import platform
 import statistics
 import sys
@@ -49,7 +52,8 @@ from qllm_jax import compile_log
 RESULTS = Path(__file__).resolve().parent / "results"
 GREEDY = dict(temperature=0.0)
 SAMPLERS = {"greedy": GREEDY, "top_p": dict(temperature=1.0, top_p=0.95, seed=1),
-            "top_k": dict(temperature=1.0, top_k=50, seed=1)}  # fmt: skip
+            "top_k": dict(temperature=1.0, top_k=50, seed=1),
+            "top_p_top_k": dict(temperature=1.0, top_p=0.95, top_k=50, seed=1)}  # fmt: skip
 
 
 def stats(xs: list[float], scale: float = 1e3) -> dict:
@@ -106,6 +110,13 @@ def decode_arms(model, prompts, args) -> dict:
         policy="priority", page_size=16, max_num_batched_tokens=max(512, sum(map(len, prompts)))
     )
     cfg = model.config
+    if args.only == "sampling":  # the fused step under each sampler, nothing else
+        arms = {"fused": Arm(model, prompts, args.new_tokens, GREEDY, mode="fused", **kw)}
+        for name in ("top_p", "top_k", "top_p_top_k"):
+            arms[f"fused_{name}"] = Arm(
+                model, prompts, args.new_tokens, SAMPLERS[name], mode="fused", **kw
+            )
+        return _run_arms(arms, prompts, args)
     arms = {
         "fused": Arm(model, prompts, args.new_tokens, GREEDY, mode="fused", **kw),
         "segmented_layer": Arm(
@@ -119,15 +130,23 @@ def decode_arms(model, prompts, args) -> dict:
         "fused_top_p": Arm(model, prompts, args.new_tokens, SAMPLERS["top_p"], mode="fused", **kw),
         "fused_top_k": Arm(model, prompts, args.new_tokens, SAMPLERS["top_k"], mode="fused", **kw),
     }  # fmt: skip
+    return _run_arms(arms, prompts, args)
+
+
+def _run_arms(arms: dict, prompts, args) -> dict:
+    rounds: dict[str, list[float]] = {name: [] for name in arms}  # each round's median step
     for r in range(args.repeats):  # interleaved: drift on a shared machine hits every arm alike
-        for arm in arms.values():
+        for name, arm in arms.items():
+            seen = len(arm.steps)
             arm.round()
+            rounds[name].append(statistics.median(arm.steps[seen:]) * 1e3)
         print(f"round {r + 1}/{args.repeats}", flush=True)
     out = {}
     for name, arm in arms.items():
         st = stats(arm.steps)
         out[name] = {
             "step_ms": st,
+            "round_median_ms": rounds[name],
             "decode_tokens_per_s": len(prompts) / (st["median"] / 1e3),
             "segments_per_pass": arm.engine.executor.segments_run / max(arm.engine.num_steps, 1),
             "compiles_in_measured_windows": arm.compiles,
@@ -428,6 +447,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trace", action="store_true", help="profile fused steps by XLA op")
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--preempt-samples", type=int, default=0, help="0: skip the preemption wait")
+    ap.add_argument(
+        "--only",
+        choices=["sampling"],
+        help="sampling: only the fused greedy, top_p, top_k and top_p+top_k decode arms "
+        "(their step times and ratios to greedy; no segmented, host, roofline or HF arms)",
+    )
     ap.add_argument("--out", help="JSON path (default experiments/results/overhead-<dev>.json)")
     args = ap.parse_args(argv)
 
@@ -445,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     arms = decode_arms(model, prompts, args)
     fused = arms["fused"]["step_ms"]["median"]
+    if args.only == "sampling":
+        return _sampling_report(arms, args, argv, model_dir)
     group = f"segmented_group{args.group_size}"
     summary = {
         "segmented_layer_over_fused": arms["segmented_layer"]["step_ms"]["median"] / fused,
@@ -512,6 +539,40 @@ def main(argv: list[str] | None = None) -> dict:
         **report,
     }  # fmt: skip
     out = Path(args.out) if args.out else RESULTS / f"overhead-{device.platform}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+    return report
+
+
+def _sampling_report(arms: dict, args, argv, model_dir) -> dict:
+    """``--only sampling``: each sampler's step time over greedy's, round by round (min /
+    median / max over the rounds of the per-round median ratios, and the ratio of medians over
+    all steps), in a JSON of its own (``overhead-sampling-<device>.json`` unless ``--out``)."""
+    greedy, greedy_all = arms["fused"]["round_median_ms"], arms["fused"]["step_ms"]["median"]
+    summary = {}
+    for name, arm in arms.items():
+        if name != "fused":  # per round: its median step over greedy's median step that round
+            ratios = [a / g for a, g in zip(arm["round_median_ms"], greedy, strict=True)]
+            summary[f"{name.removeprefix('fused_')}_over_greedy"] = {
+                "min": min(ratios), "median": statistics.median(ratios), "max": max(ratios),
+                "of_all_steps_median": arm["step_ms"]["median"] / greedy_all,
+            }  # fmt: skip
+    summary["valid"] = all(a["valid"] for a in arms.values())
+    device = jax.devices()[0]
+    report = {
+        "device": f"{device.platform}:{device.device_kind}",
+        "host": platform.processor() or platform.machine(),
+        "load_average": list(os.getloadavg()),
+        "jax": jax.__version__,
+        "command": " ".join(["python experiments/overhead.py", *(argv or sys.argv[1:])]),
+        "model": str(model_dir), "dtype": args.dtype, "batch": args.batch,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "summary": summary,
+        "arms": arms,
+    }  # fmt: skip
+    out = Path(args.out) if args.out else RESULTS / f"overhead-sampling-{device.platform}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -115,6 +115,109 @@ def test_top_k_top_p_mask_of_a_row_does_not_depend_on_the_batch():
     assert both[0].sum() > 64 and both[1].sum() <= 64  # one row each way
 
 
+def _top_p_bisection(probs: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """The top-p floor by plain bisection over the float bits (31 rounds of the masked sum the
+    sampler's search evaluates): what the sampler kept before its probes were aimed."""
+    probs, top_p = jnp.asarray(probs), jnp.asarray(top_p)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.uint32)
+
+    def halve(_, bounds):  # invariant: mass(probs > hi) < top_p <= mass(probs > lo - 1)
+        lo, hi = bounds
+        mid = lo + ((hi - lo) >> 1)
+        ok = jnp.sum(jnp.where(bits > mid[:, None], probs, 0.0), axis=-1) < top_p
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    s = probs.shape[0]
+    start = (jnp.zeros(s, jnp.uint32), jnp.full(s, 0x7F800000, jnp.uint32))
+    hi = jax.jit(lambda b: jax.lax.fori_loop(0, 31, halve, b))(start)[1]
+    return np.asarray(bits >= hi[:, None])
+
+
+def _sorted_oracle(row: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """``_mask_oracle`` for one long row in O(V log V): the kept set [V] and, per distinct
+    probability, the mass strictly above it (float64)."""
+    v = row.shape[-1]
+    keep = row >= np.sort(row)[::-1][(min(top_k, v) if top_k > 0 else v) - 1]
+    p = np.where(keep, np.exp(row.astype(np.float64) - row.max()), 0.0)
+    p /= p.sum()
+    values, inverse = np.unique(p, return_inverse=True)  # ascending
+    mass = np.bincount(inverse, weights=p)
+    above = np.cumsum(mass[::-1])[::-1] - mass
+    if top_p < 1:
+        keep &= above[inverse] < top_p
+    return keep, above
+
+
+def _random_rows(kind: str, rng: np.random.Generator, s: int, v: int) -> np.ndarray:
+    """Logits [s, v] of one shape of distribution."""
+    x = rng.normal(size=(s, v))
+    if kind == "flat":  # the built-in model's: N(0, 1.6) logits, the cut near the median
+        x *= 1.6
+    elif kind == "peaked":
+        x *= 8
+    elif kind == "zipf":
+        x = -1.1 * np.log(rng.permuted(np.tile(np.arange(1, v + 1), (s, 1)), axis=1)) + 0.1 * x
+    elif kind == "tied":  # few distinct values: ties at every cut
+        x = np.round(2 * x)
+    elif kind == "bf16":
+        x = np.asarray(jnp.asarray(2 * x, jnp.bfloat16).astype(jnp.float32))
+    elif kind == "masked":  # -inf logits (zero probabilities) and one huge winner per row
+        x[:, : v // 3] = -np.inf
+        x[np.arange(s), rng.integers(v // 3, v, s)] = 12.0
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["flat", "peaked", "zipf", "tied", "bf16", "masked"])
+def test_top_k_top_p_mask_equals_sort_and_bisection_on_random_rows(kind):
+    """On random rows of each shape, with random top-k (around the 64 a partial sort holds, and
+    past them) and top-p: the mask is, bit for bit, the bisection's top-p set of the top-k
+    set (the ranking by a sort, ties kept), and the float64 sort-based oracle's wherever the
+    mass above no token lies within float32 rounding of top_p."""
+    rng = np.random.default_rng(["flat", "peaked", "zipf", "tied", "bf16", "masked"].index(kind))
+    s, v = 8, 32000
+    x = _random_rows(kind, rng, s, v)
+    top_k = rng.choice([0, 0, 1, 7, 50, 64, 65, 300, v + 5], s).astype(np.int32)
+    top_p = rng.choice([1.0, 0.05, 0.5, 0.9, 0.95, 0.999], s).astype(np.float32)
+    got = np.asarray(jax.jit(top_k_top_p_mask)(jnp.asarray(x), top_k, top_p))
+    kth = np.sort(x, axis=-1)[:, ::-1][
+        np.arange(s), np.where(top_k > 0, np.minimum(top_k, v), v) - 1
+    ]
+    by_k = x >= kth[:, None]
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(np.where(by_k, x, -np.inf)), axis=-1))
+    want = by_k & (_top_p_bisection(probs, top_p) | (top_p >= 1)[:, None])
+    np.testing.assert_array_equal(got, want)
+    for i in range(s):  # the float64 oracle, where float32 rounding cannot decide the cut
+        keep, above = _sorted_oracle(x[i], top_k[i], top_p[i])
+        if top_p[i] < 1 and np.abs(above - top_p[i]).min() < 1e-5:
+            continue
+        np.testing.assert_array_equal(got[i], keep)
+    assert got.sum(1).min() >= 1
+
+
+def test_sampled_rows_do_not_depend_on_the_batch_at_full_vocabulary():
+    """Rows of every kind, sampled in one batch of 8 and each alone: the same mask and the same
+    token (the batch-level branches the batch takes differ from a row's own)."""
+    rng = np.random.default_rng(7)
+    kinds = ["flat", "peaked", "zipf", "tied", "bf16", "masked", "flat", "peaked"]
+    x = np.concatenate([_random_rows(k, rng, 1, 32000) for k in kinds])
+    temperature = np.array([1.0, 0.7, 1.0, 1.3, 1.0, 1.0, 0.0, 1.0], np.float32)
+    top_k = np.array([0, 0, 50, 0, 300, 0, 0, 20], np.int32)
+    top_p = np.array([0.95, 0.9, 0.8, 0.95, 1.0, 0.5, 1.0, 1.0], np.float32)
+    seeds = split_seeds(np.arange(8) + 100)
+    steps = np.arange(8, dtype=np.int32)
+    mask, draw = jax.jit(top_k_top_p_mask), jax.jit(sample)
+    scaled = x / np.where(temperature > 0, temperature, 1.0)[:, None]
+    both_mask = np.asarray(mask(jnp.asarray(scaled), top_k, top_p))
+    both = np.asarray(draw(jnp.asarray(x), temperature, top_k, top_p, seeds, steps))
+    for i in range(8):
+        one = slice(i, i + 1)
+        alone = np.asarray(mask(jnp.asarray(scaled[one]), top_k[one], top_p[one]))[0]
+        np.testing.assert_array_equal(alone, both_mask[i])
+        args = (temperature[one], top_k[one], top_p[one], seeds[one], steps[one])
+        assert int(draw(jnp.asarray(x[one]), *args)[0]) == both[i]
+        assert both_mask[i, both[i]] or temperature[i] == 0
+
+
 @pytest.mark.parametrize("window", [None, 5])
 def test_paged_attention_equals_dense_attention(monkeypatch, window):
     """Each row over its own sequence's keys up to its position, read from the paged cache,
