@@ -165,7 +165,12 @@ SYSTEM_PROMPTS, SYSTEM_LEN = 8, 512
 TURNS, USER_MEAN, ANSWER_MEAN, THINK_MEAN = (1, 5), 64.0, 160.0, 8.0
 WORKLOADS = [*(f"burst-{s}" for s in SHAPES), "sharegpt"]
 LOADS = (0.70, 0.85, 1.00)
-CAPACITY_QUANTILE = 0.8  # capacity: throughput until 80 % of a burst has finished
+# capacity: the baseline's saturated throughput. CAPACITY_BURST requests per replica arrive at
+# once (4 full batches each, so every replica's queue stays non-empty through the window), and
+# capacity is the finishes between the CAPACITY_WINDOW quantiles of the finish times over that
+# time: the start-up (batches filling) and the drain (batches emptying) do not count.
+CAPACITY_BURST = 4 * 32
+CAPACITY_WINDOW = (0.1, 0.5)
 REPLICAS = (2, 4, 8, 16)
 # all-to-all bandwidth per rank is a grid dimension too (GB/s): PCIe-class and NVLink-class
 # (an A100 pair over NVLink has far more; the 400 GB/s point is in --sensitivity)
@@ -317,11 +322,7 @@ def run_arm(
     ls_ids = {it.request_id for it in items if it.priority == 0}
     ls_ttft = [r.ttft for r in recs if r.request_id in ls_ids]
     span = max(r.finish for r in recs) - min(r.arrival for r in recs)
-    # capacity (a burst, rate None): finished / time, up to CAPACITY_QUANTILE of the requests
-    # finished, so the drain of the last few long requests does not count as lost capacity
-    finishes = sorted(r.finish for r in recs)
-    k = max(1, math.ceil(CAPACITY_QUANTILE * len(finishes)))
-    capacity = k / (finishes[k - 1] - min(r.arrival for r in recs))
+    capacity = saturated_throughput([r.finish for r in recs])
     return {
         "ttft_mean_s": mean(ttft),
         "ttft_p99_s": percentile(ttft, 99),
@@ -336,6 +337,16 @@ def run_arm(
         "makespan_s": span,
         "capacity_rps": capacity,
     }
+
+
+def saturated_throughput(finishes: list[float]) -> float:
+    """Finishes per second between the ``CAPACITY_WINDOW`` quantiles of ``finishes`` (of a
+    burst that keeps every replica's queue non-empty meanwhile: ``CAPACITY_BURST``)."""
+    xs = sorted(finishes)
+    lo, hi = (min(len(xs) - 1, int(q * len(xs))) for q in CAPACITY_WINDOW)
+    if hi <= lo or xs[hi] <= xs[lo]:
+        raise ValueError(f"too few finishes ({len(xs)}) to measure a saturated throughput")
+    return (hi - lo) / (xs[hi] - xs[lo])
 
 
 METRICS = (
@@ -360,6 +371,11 @@ def requests_for(n_replicas: int, quick: bool) -> int:
 REQUESTS_PER_REPLICA, REQUESTS_MIN, REQUESTS_MAX = 24, 64, 256
 
 
+def capacity_requests(n_replicas: int, quick: bool) -> int:
+    """Requests of the capacity burst: enough to keep every replica's queue non-empty."""
+    return (CAPACITY_BURST // 4 if quick else CAPACITY_BURST) * n_replicas
+
+
 def _pool_map(jobs: list[tuple], workers: int, label: str) -> list[tuple]:
     t0, out = time.monotonic(), []
     if workers <= 1:
@@ -378,9 +394,9 @@ def _pool_map(jobs: list[tuple], workers: int, label: str) -> list[tuple]:
 
 def measure_capacity(workloads, replicas, quick, seed, workers, a2a=(None,)) -> dict:
     """Requests/s the baseline sustains per (workload, N, all-to-all bandwidth): the seed's
-    requests arriving at once; finished / time until CAPACITY_QUANTILE of them finished."""
+    ``CAPACITY_BURST`` requests per replica arriving at once (``saturated_throughput``)."""
     jobs = [
-        ((w, n, bw), "baseline", w, requests_for(n, quick), None, n, seed,
+        ((w, n, bw), "baseline", w, capacity_requests(n, quick), None, n, seed,
          None if bw is None else {"a2a_gbps": bw}, None)
         for w in workloads
         for n in replicas
