@@ -20,11 +20,13 @@ Workloads (``WORKLOADS``, all seeded; every unknown a constant below): five Burs
 length shapes with bursty (Gamma) arrivals, and ShareGPT-like multi-turn sessions with user ids
 and shared system prompts. A configuration is (workload, N, load, all-to-all bandwidth); the load
 is 70 / 85 / 100 % of that (workload, N, bandwidth)'s capacity, measured as the baseline's
-throughput on the same requests all arriving at once. Each configuration runs ``--seeds``
-seeds; per arm, the mean over seeds of mean TTFT, p99 TTFT, mean TPOT and throughput, with a
-95 % bootstrap interval over seeds.
+saturated throughput (``CAPACITY_BURST`` requests per replica arriving at once; finishes per
+second between the ``CAPACITY_WINDOW`` quantiles of their finish times). A run is
+``REQUESTS_PER_REPLICA`` requests per replica. Each configuration runs ``--seeds`` seeds; per
+arm, the mean over seeds of mean TTFT (and its queueing part), p99 TTFT, mean TPOT and
+throughput, with a 95 % bootstrap interval over seeds.
 
-    python experiments/multilevel.py                  # the grid: 144 configs x 5 seeds
+    python experiments/multilevel.py                  # the grid: 108 configs x 5 seeds
     python experiments/multilevel.py --quick          # tiny: a smoke run (seconds)
     python experiments/multilevel.py --sensitivity    # the unknowns, one at a time
 """
@@ -112,6 +114,8 @@ EP_DEFAULTS = dict(
     migration_s=0.72,  # per full re-placement (paper B's 0.72 s; swept 0.1-3)
 )
 AGE_AFTER_S = 5.0  # paper A's aging threshold
+QUEUED_S = 0.1  # a request "queued" if its first pass started this long after its arrival
+# (a lockstep step is 10-20 ms decoding, ~0.15 s with full prefill chunks)
 LS_FRACTION = 0.2  # share of LS requests (ShareGPT: LS sessions)
 
 ARMS: dict[str, dict] = {
@@ -175,6 +179,9 @@ REPLICAS = (2, 4, 8, 16)
 # all-to-all bandwidth per rank is a grid dimension too (GB/s): PCIe-class and NVLink-class
 # (an A100 pair over NVLink has far more; the 400 GB/s point is in --sensitivity)
 A2A_GRID = (25.0, 100.0)
+# ... but the 25 GB/s point only at these N: N=8 and 16 twice would not fit the grid's ~30
+# minutes on 2 cores (the sensitivity sweep varies the bandwidth at N=4). 108 configurations.
+A2A_LOW_REPLICAS = (2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +326,8 @@ def run_arm(
     recs = list(res.records.values())
     ttft = [r.ttft for r in recs]
     tpot = [r.tpot for r in recs if r.tpot is not None]
+    # TTFT = queueing (arrival to its first pass) + prefill (to the first token)
+    queue = [res.started[r.request_id] - r.arrival for r in recs]
     ls_ids = {it.request_id for it in items if it.priority == 0}
     ls_ttft = [r.ttft for r in recs if r.request_id in ls_ids]
     span = max(r.finish for r in recs) - min(r.arrival for r in recs)
@@ -329,6 +338,8 @@ def run_arm(
         "tpot_mean_s": mean(tpot),
         "throughput_rps": len(recs) / span,
         "ls_ttft_mean_s": mean(ls_ttft),
+        "queue_mean_s": mean(queue),
+        "queued_share": sum(q > QUEUED_S for q in queue) / len(queue),
         "prefix_hit_rate": res.stats["prefix_cache_hit_rate"],
         "dispatch_imbalance": res.stats["dispatch_imbalance"],
         "expert_rank_balance": res.stats["expert_rank_balance"],
@@ -351,6 +362,7 @@ def saturated_throughput(finishes: list[float]) -> float:
 
 METRICS = (
     "ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "throughput_rps", "ls_ttft_mean_s",
+    "queue_mean_s", "queued_share",
     "prefix_hit_rate", "dispatch_imbalance", "expert_rank_balance",
 )  # fmt: skip
 
@@ -362,13 +374,16 @@ def _job(args: tuple) -> tuple:
 
 
 def requests_for(n_replicas: int, quick: bool) -> int:
-    """Requests per run: REQUESTS_PER_REPLICA each, within [MIN, MAX] (fits the time budget)."""
-    if quick:
-        return 6 * n_replicas
-    return max(REQUESTS_MIN, min(REQUESTS_MAX, REQUESTS_PER_REPLICA * n_replicas))
+    """Requests per run: REQUESTS_PER_REPLICA per replica."""
+    return (6 if quick else REQUESTS_PER_REPLICA) * n_replicas
 
 
-REQUESTS_PER_REPLICA, REQUESTS_MIN, REQUESTS_MAX = 24, 64, 256
+# Two full batches per replica (about 2-4 times the requests its KV room holds at once): a
+# queue can only form once more requests are live than a replica has seats, so with fewer
+# (this was 24, capped at 256 in all) nothing ever waits at any rate. The queues, and so what
+# the request and engine levels can win, still grow with the run's length at 100 % load: the
+# grid's time budget sets this number, not the model.
+REQUESTS_PER_REPLICA = 64
 
 
 def capacity_requests(n_replicas: int, quick: bool) -> int:
@@ -392,15 +407,15 @@ def _pool_map(jobs: list[tuple], workers: int, label: str) -> list[tuple]:
     return out
 
 
-def measure_capacity(workloads, replicas, quick, seed, workers, a2a=(None,)) -> dict:
+def measure_capacity(workloads, pairs, quick, seed, workers) -> dict:
     """Requests/s the baseline sustains per (workload, N, all-to-all bandwidth): the seed's
-    ``CAPACITY_BURST`` requests per replica arriving at once (``saturated_throughput``)."""
+    ``CAPACITY_BURST`` requests per replica arriving at once (``saturated_throughput``);
+    ``pairs``: (N, bandwidth or None for the default)."""
     jobs = [
         ((w, n, bw), "baseline", w, capacity_requests(n, quick), None, n, seed,
          None if bw is None else {"a2a_gbps": bw}, None)
         for w in workloads
-        for n in replicas
-        for bw in a2a
+        for n, bw in pairs
     ]  # fmt: skip
     out = {}
     for (w, n, bw), _, _, r in _pool_map(jobs, workers, "capacity"):
@@ -443,20 +458,22 @@ def reductions(configs: list[dict], arm: str, ref: str = "baseline") -> dict:
 
 
 def run_grid(args, workloads, replicas, loads, arms, seeds, a2a) -> dict:
-    cap = measure_capacity(workloads, replicas, args.quick, args.seed, args.jobs, a2a)
+    # every bandwidth at the N of A2A_LOW_REPLICAS, only the highest at the others
+    pairs = [(n, bw) for n in replicas for bw in a2a
+             if bw == max(a2a) or n in args.a2a_low_replicas]  # fmt: skip
+    cap = measure_capacity(workloads, pairs, args.quick, args.seed, args.jobs)
     jobs, info = [], {}
     for w in workloads:
-        for n in replicas:
-            for bw in a2a:
-                for load in loads:
-                    name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}"
-                    rate = load * cap[_cap_key(w, n, bw)]
-                    info[name] = dict(workload=w, replicas=n, load=load, a2a_gbps=bw,
-                                      rate_rps=rate)  # fmt: skip
-                    for arm in arms:
-                        for s in seeds:
-                            jobs.append((name, arm, w, requests_for(n, args.quick), rate, n, s,
-                                         {"a2a_gbps": bw}, None))  # fmt: skip
+        for n, bw in pairs:
+            for load in loads:
+                name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}"
+                rate = load * cap[_cap_key(w, n, bw)]
+                info[name] = dict(workload=w, replicas=n, load=load, a2a_gbps=bw,
+                                  rate_rps=rate)  # fmt: skip
+                for arm in arms:
+                    for s in seeds:
+                        jobs.append((name, arm, w, requests_for(n, args.quick), rate, n, s,
+                                     {"a2a_gbps": bw}, None))  # fmt: skip
     results: dict = {}
     for name, arm, _seed, r in _pool_map(jobs, args.jobs, "grid"):
         results.setdefault(name, {}).setdefault(arm, []).append(r)
@@ -504,7 +521,7 @@ def _label(v) -> str:
 
 def run_sensitivity(args, seeds) -> dict:
     w, n, load = SENS_CONFIG["workload"], SENS_CONFIG["replicas"], SENS_CONFIG["load"]
-    cap = measure_capacity([w], [n], args.quick, args.seed, args.jobs)[_cap_key(w, n, None)]
+    cap = measure_capacity([w], [(n, None)], args.quick, args.seed, args.jobs)[_cap_key(w, n, None)]
     jobs = []
     for knob, values in SENSITIVITY.items():
         for v in values:
@@ -644,6 +661,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--replicas", type=int, nargs="+", default=None)
     ap.add_argument("--loads", type=float, nargs="+", default=None)
     ap.add_argument("--a2a", type=float, nargs="+", default=None, help="all-to-all GB/s")
+    ap.add_argument(
+        "--a2a-low-replicas",
+        type=int,
+        nargs="+",
+        default=list(A2A_LOW_REPLICAS),
+        help="the N that also run the bandwidths below the highest",
+    )
     ap.add_argument("--sensitivity", action="store_true", help="sweep the unknowns instead")
     ap.add_argument(
         "--report",
@@ -696,7 +720,12 @@ def main(argv=None) -> dict:
             answer_mean=ANSWER_MEAN,
             think_mean=THINK_MEAN,
         ),  # fmt: skip
-        "requests": dict(per_replica=REQUESTS_PER_REPLICA, min=REQUESTS_MIN, max=REQUESTS_MAX),
+        "requests": dict(
+            per_replica=REQUESTS_PER_REPLICA,
+            capacity_burst=CAPACITY_BURST,
+            capacity_window=CAPACITY_WINDOW,
+        ),  # fmt: skip
+        "queued_s": QUEUED_S,
         "note": "simulated (cost model of Qwen3-30B-A3B on A100s, lockstep DP+EP); the "
         "all-to-all bandwidth and the migration time are parameters, not measurements",
     }

@@ -45,6 +45,7 @@ class Replica:
     awake: bool = False  # has a wake-up queued (independent mode)
     dispatched: int = 0
     dispatched_tokens: int = 0
+    started: dict[int, float] = dataclasses.field(default_factory=dict)  # seq id -> first run
 
     @property
     def sched(self) -> Scheduler:
@@ -60,6 +61,7 @@ class MultiResult:
     records: dict[str, SimRecord]
     replica_of: dict[str, int]
     stats: dict  # summed scheduler counters, prefix hit rate, imbalance, expert balance, ...
+    started: dict[str, float] = dataclasses.field(default_factory=dict)  # first computed
 
 
 class MultiSimulator:
@@ -212,6 +214,7 @@ class MultiSimulator:
             if plan is None:
                 rep.awake = False
                 continue
+            self._note_starts(rep, plan, t)
             dt, result = rep.sim.begin(plan)
             rep.pending, rep.busy_until = (plan, result), t + dt
             heapq.heappush(heap, (t + dt, r))
@@ -239,6 +242,7 @@ class MultiSimulator:
             done = []
             for rep, plan in zip(self.replicas, plans, strict=True):
                 if plan is not None:
+                    self._note_starts(rep, plan, t)
                     _, result = rep.sim.begin(plan, dt)  # busy for the whole lockstep step
                     rep.busy_until = t + dt
                     done.append((rep, plan, result))
@@ -253,6 +257,15 @@ class MultiSimulator:
             if self.steps >= max_steps:
                 raise SimulationError(f"gave up after {max_steps} steps")
         self.now = t
+
+    def _note_starts(self, rep: Replica, plan: Plan, t: float) -> None:
+        """When each request is first computed (a pass's rows are all in its first plan):
+        TTFT splits into queueing (arrival to here) and prefill (here to the first token)."""
+        if plan.new:
+            started = rep.started
+            for c in plan.chunks:
+                if c.seq_id not in started:
+                    started[c.seq_id] = t
 
     def lockstep_time(self, plans: list[Plan | None]) -> float:
         """One lockstep step: the slowest replica's non-expert work + per layer any plan
@@ -326,7 +339,12 @@ class MultiSimulator:
             "end_time": self.now,
             "board_reads": self.board.reads,
         }
-        return MultiResult(records, dict(self.replica_of), stats)
+        started = {
+            rep.sim.requests[seq].request_id: t
+            for rep in self.replicas
+            for seq, t in rep.started.items()
+        }
+        return MultiResult(records, dict(self.replica_of), stats, started)
 
 
 def served_once(result: MultiResult, requests: list[Request]) -> bool:
