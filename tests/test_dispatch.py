@@ -323,6 +323,14 @@ def test_every_request_served_once_and_no_page_leaks(policy, lockstep):
         assert res.stats["expert_rank_balance"] >= 1.0 - 1e-9
 
 
+def test_token_slice_is_the_slice_of_all_tokens():
+    r = make_request("a", 0, 5, 10)
+    r.output_token_ids = [7, 8, 9]
+    for start in range(9):
+        for end in range(start, 10):
+            assert r.token_slice(start, end) == tuple(r.all_token_ids[start:end])
+
+
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_ttft_splits_into_queueing_and_prefill(lockstep):
     # two seats a pass, six requests at once: four wait for seats, and only they queue
