@@ -613,6 +613,7 @@ def markdown_report(res: dict, sens: dict | None = None) -> str:
             row.append(f"{key}={g}: TTFT {pct(-r['ttft_mean_median'])} %, "
                        f"TPOT {pct(-r['tpot_mean_median'])} %")  # fmt: skip
         out += "\n\nmultilevel by " + key + ": " + "; ".join(row)
+    out += "\n\n" + queueing_report(configs)
     if sens:
         out += "\n\n| unknown | value | " + " | ".join(
             f"{a}: TTFT / TPOT %" for a in SENS_ARMS if a != "baseline") + " |\n"  # fmt: skip
@@ -623,6 +624,32 @@ def markdown_report(res: dict, sens: dict | None = None) -> str:
                          for a in SENS_ARMS if a != "baseline"]  # fmt: skip
                 out += f"\n| {knob} | {v} | " + " | ".join(cells) + " |"
     return out
+
+
+def queueing_report(configs: list[dict]) -> str:
+    """Where the baseline's TTFT goes, by load and N: the median over configurations of its
+    queueing share of mean TTFT and of the share of requests that queued (``QUEUED_S``), and
+    the median TTFT change of ``request`` and ``multilevel`` in configurations where the
+    baseline queued (share >= 10 %) and where it did not."""
+    med = lambda xs: statistics.median(xs) if xs else math.nan  # noqa: E731
+    rows = []
+    for key in ("load", "replicas"):
+        groups: dict = {}
+        for c in configs:
+            groups.setdefault(c[key], []).append(c["arms"]["baseline"])
+        rows.append(f"baseline queueing by {key}: " + "; ".join(
+            f"{key}={g}: {med([b['queue_mean_s'] / b['ttft_mean_s'] for b in bs]) * 100:.0f} % "
+            f"of TTFT, {med([b['queued_share'] for b in bs]) * 100:.0f} % queued"
+            for g, bs in groups.items()))  # fmt: skip
+    queued = [c for c in configs if c["arms"]["baseline"]["queued_share"] >= 0.1]
+    calm = [c for c in configs if c["arms"]["baseline"]["queued_share"] < 0.1]
+    for arm in ("request", "engine", "multilevel"):
+        parts = []
+        for label, cs in (("baseline queued", queued), ("no queue", calm)):
+            r = reductions(cs, arm) if cs else {"ttft_mean_median": math.nan}
+            parts.append(f"{label} ({len(cs)} configs): TTFT {-r['ttft_mean_median'] * 100:+.1f} %")
+        rows.append(f"{arm}: " + "; ".join(parts))
+    return "\n\n".join(rows)
 
 
 def plot(res: dict, path: Path) -> None:
