@@ -457,14 +457,16 @@ def reductions(configs: list[dict], arm: str, ref: str = "baseline") -> dict:
     return out
 
 
-def run_grid(args, workloads, replicas, loads, arms, seeds, a2a) -> dict:
+def run_grid(args, workloads, replicas, loads, arms, seeds, a2a, on_config=None) -> dict:
+    """The grid, cheapest configurations (smallest N) first; ``on_config(grid so far)`` after
+    each configuration whose every arm and seed has run (a run stopped early keeps those)."""
     # every bandwidth at the N of A2A_LOW_REPLICAS, only the highest at the others
     pairs = [(n, bw) for n in replicas for bw in a2a
              if bw == max(a2a) or n in args.a2a_low_replicas]  # fmt: skip
     cap = measure_capacity(workloads, pairs, args.quick, args.seed, args.jobs)
     jobs, info = [], {}
-    for w in workloads:
-        for n, bw in pairs:
+    for n, bw in pairs:
+        for w in workloads:
             for load in loads:
                 name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}"
                 rate = load * cap[_cap_key(w, n, bw)]
@@ -475,15 +477,16 @@ def run_grid(args, workloads, replicas, loads, arms, seeds, a2a) -> dict:
                         jobs.append((name, arm, w, requests_for(n, args.quick), rate, n, s,
                                      {"a2a_gbps": bw}, None))  # fmt: skip
     results: dict = {}
+    configs = []
     for name, arm, _seed, r in _pool_map(jobs, args.jobs, "grid"):
-        results.setdefault(name, {}).setdefault(arm, []).append(r)
-    configs = [
-        {"name": name, **info[name],
-         "arms": {arm: aggregate(by_arm[arm]) for arm in arms if arm in by_arm}}
-        for name, by_arm in results.items()
-    ]  # fmt: skip
-    configs.sort(key=lambda c: list(info).index(c["name"]))
-    return {"capacity_rps": cap, "configs": configs}
+        by_arm = results.setdefault(name, {})
+        by_arm.setdefault(arm, []).append(r)
+        if sum(map(len, by_arm.values())) == len(arms) * len(seeds):
+            configs.append({"name": name, **info[name],
+                            "arms": {a: aggregate(by_arm[a]) for a in arms}})  # fmt: skip
+            if on_config is not None:
+                on_config({"capacity_rps": cap, "configs": configs, "planned": len(info)})
+    return {"capacity_rps": cap, "configs": configs, "planned": len(info)}
 
 
 SENSITIVITY: dict[str, list] = {
@@ -623,6 +626,17 @@ def markdown_report(res: dict, sens: dict | None = None) -> str:
                 cells = [f"{pct(-p['ttft_reduction'][a])} / {pct(-p['tpot_reduction'][a])}"
                          for a in SENS_ARMS if a != "baseline"]  # fmt: skip
                 out += f"\n| {knob} | {v} | " + " | ".join(cells) + " |"
+    return out
+
+
+def best_routers(configs: list[dict]) -> dict[str, int]:
+    """How many configurations each production router has the lowest mean TTFT of them in."""
+    out: dict[str, int] = {}
+    for c in configs:
+        rs = {a: c["arms"][a]["ttft_mean_s"] for a in ROUTERS if a in c["arms"]}
+        if rs:
+            best = min(rs, key=rs.get)
+            out[best] = out.get(best, 0) + 1
     return out
 
 
@@ -774,18 +788,21 @@ def main(argv=None) -> dict:
     replicas = args.replicas or ([2] if args.quick else list(REPLICAS))
     loads = args.loads or ([0.85] if args.quick else list(LOADS))
     a2a = args.a2a or ([EP_DEFAULTS["a2a_gbps"]] if args.quick else list(A2A_GRID))
-    grid = run_grid(args, workloads, replicas, loads, args.arms, seeds, a2a)
-    summary = {a: reductions(grid["configs"], a) for a in args.arms if a != "baseline"}
-    res = {"meta": meta, **grid, "summary": summary}
-    best_router = {}
-    for c in grid["configs"]:
-        rs = {a: c["arms"][a]["ttft_mean_s"] for a in ROUTERS if a in c["arms"]}
-        if rs:
-            best = min(rs, key=rs.get)
-            best_router[best] = best_router.get(best, 0) + 1
-    res["best_router_by_ttft"] = best_router
-    res["meta"]["wall_s"] = time.monotonic() - t0
-    res["meta"]["configs"] = len(grid["configs"])
+    name = "multilevel-sim" + ("-quick" if args.quick else "")
+    path = args.results_dir / f"{name}.json"
+
+    def save(grid: dict) -> dict:
+        summary = {a: reductions(grid["configs"], a) for a in args.arms if a != "baseline"}
+        res = {"meta": meta, **grid, "summary": summary}
+        res["meta"] |= {"wall_s": time.monotonic() - t0, "configs": len(grid["configs"])}
+        res["meta"]["complete"] = len(grid["configs"]) == grid["planned"]
+        res["best_router_by_ttft"] = best_routers(grid["configs"])
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        return res
+
+    grid = run_grid(args, workloads, replicas, loads, args.arms, seeds, a2a, save)
+    res = save(grid)
+    summary = res["summary"]
     print(h.format_table(summary_table(summary)))
     ml = summary.get("multilevel")
     if ml:
@@ -795,8 +812,6 @@ def main(argv=None) -> dict:
             f"{ml['tpot_mean_median'] * 100:.1f} % lower (>= 13.3), throughput "
             f"{ml['throughput_median'] * 100:+.1f} % (within 3)"
         )
-    name = "multilevel-sim" + ("-quick" if args.quick else "")
-    path = args.results_dir / f"{name}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, args.results_dir / f"{name}.png")
     print(f"wrote {path} and .png: {len(grid['configs'])} configs x {len(seeds)} seeds, "
