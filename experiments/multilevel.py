@@ -43,6 +43,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -391,20 +392,20 @@ def capacity_requests(n_replicas: int, quick: bool) -> int:
     return (CAPACITY_BURST // 4 if quick else CAPACITY_BURST) * n_replicas
 
 
-def _pool_map(jobs: list[tuple], workers: int, label: str) -> list[tuple]:
-    t0, out = time.monotonic(), []
+def _pool_map(jobs: list[tuple], workers: int, label: str) -> Iterator[tuple]:
+    """``_job`` of each job, in order, as each is ready."""
+    t0 = time.monotonic()
     if workers <= 1:
         it = map(_job, jobs)
     else:
         pool = ProcessPoolExecutor(workers)
         it = pool.map(_job, jobs, chunksize=1)
     for k, r in enumerate(it, 1):
-        out.append(r)
+        yield r
         if k % max(1, len(jobs) // 20) == 0 or k == len(jobs):
             print(f"  {label}: {k}/{len(jobs)} runs, {time.monotonic() - t0:.0f} s", flush=True)
     if workers > 1:
         pool.shutdown()
-    return out
 
 
 def measure_capacity(workloads, pairs, quick, seed, workers) -> dict:
@@ -461,32 +462,36 @@ def run_grid(args, workloads, replicas, loads, arms, seeds, a2a, on_config=None)
     """The grid, cheapest configurations (smallest N) first; ``on_config(grid so far)`` after
     each configuration whose every arm and seed has run (a run stopped early keeps those)."""
     # every bandwidth at the N of A2A_LOW_REPLICAS, only the highest at the others
-    pairs = [(n, bw) for n in replicas for bw in a2a
+    pairs = [(n, bw) for n in sorted(replicas) for bw in a2a
              if bw == max(a2a) or n in args.a2a_low_replicas]  # fmt: skip
-    cap = measure_capacity(workloads, pairs, args.quick, args.seed, args.jobs)
-    jobs, info = [], {}
-    for n, bw in pairs:
-        for w in workloads:
-            for load in loads:
-                name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}"
-                rate = load * cap[_cap_key(w, n, bw)]
-                info[name] = dict(workload=w, replicas=n, load=load, a2a_gbps=bw,
-                                  rate_rps=rate)  # fmt: skip
-                for arm in arms:
-                    for s in seeds:
-                        jobs.append((name, arm, w, requests_for(n, args.quick), rate, n, s,
-                                     {"a2a_gbps": bw}, None))  # fmt: skip
-    results: dict = {}
-    configs = []
-    for name, arm, _seed, r in _pool_map(jobs, args.jobs, "grid"):
-        by_arm = results.setdefault(name, {})
-        by_arm.setdefault(arm, []).append(r)
-        if sum(map(len, by_arm.values())) == len(arms) * len(seeds):
-            configs.append({"name": name, **info[name],
-                            "arms": {a: aggregate(by_arm[a]) for a in arms}})  # fmt: skip
-            if on_config is not None:
-                on_config({"capacity_rps": cap, "configs": configs, "planned": len(info)})
-    return {"capacity_rps": cap, "configs": configs, "planned": len(info)}
+    planned = len(pairs) * len(workloads) * len(loads)
+    cap: dict = {}
+    configs: list[dict] = []
+    for n in sorted(replicas):  # one N at a time: its capacities, then its configurations
+        group = [(m, bw) for m, bw in pairs if m == n]
+        cap |= measure_capacity(workloads, group, args.quick, args.seed, args.jobs)
+        jobs, info = [], {}
+        for _, bw in group:
+            for w in workloads:
+                for load in loads:
+                    name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}"
+                    rate = load * cap[_cap_key(w, n, bw)]
+                    info[name] = dict(workload=w, replicas=n, load=load, a2a_gbps=bw,
+                                      rate_rps=rate)  # fmt: skip
+                    for arm in arms:
+                        for s in seeds:
+                            jobs.append((name, arm, w, requests_for(n, args.quick), rate, n,
+                                         s, {"a2a_gbps": bw}, None))  # fmt: skip
+        results: dict = {}
+        for name, arm, _seed, r in _pool_map(jobs, args.jobs, f"grid N={n}"):
+            by_arm = results.setdefault(name, {})
+            by_arm.setdefault(arm, []).append(r)
+            if sum(map(len, by_arm.values())) == len(arms) * len(seeds):
+                configs.append({"name": name, **info[name],
+                                "arms": {a: aggregate(by_arm[a]) for a in arms}})  # fmt: skip
+                if on_config is not None:
+                    on_config({"capacity_rps": cap, "configs": configs, "planned": planned})
+    return {"capacity_rps": cap, "configs": configs, "planned": planned}
 
 
 SENSITIVITY: dict[str, list] = {
