@@ -332,7 +332,11 @@ def run_arm(
     ls_ids = {it.request_id for it in items if it.priority == 0}
     ls_ttft = [r.ttft for r in recs if r.request_id in ls_ids]
     span = max(r.finish for r in recs) - min(r.arrival for r in recs)
-    capacity = saturated_throughput([r.finish for r in recs])
+    finishes = sorted(r.finish for r in recs)
+    capacity = saturated_throughput(finishes)
+    # the estimate this script used before (explain()): until 80 % finished, from the start
+    k = max(1, math.ceil(0.8 * len(finishes)))
+    old_capacity = k / (finishes[k - 1] - min(r.arrival for r in recs))
     return {
         "ttft_mean_s": mean(ttft),
         "ttft_p99_s": percentile(ttft, 99),
@@ -348,6 +352,7 @@ def run_arm(
         "migration_stall_s": res.stats["migration_stall_s"],
         "makespan_s": span,
         "capacity_rps": capacity,
+        "old_capacity_rps": old_capacity,
     }
 
 
@@ -562,6 +567,63 @@ def run_sensitivity(args, seeds) -> dict:
     return {"config": SENS_CONFIG | {"rate_rps": load * cap}, "points": out}
 
 
+def explain(workers: int, quick: bool) -> dict:
+    """Evidence for where TTFT goes (burst-random, 100 GB/s, seed 0 unless said):
+
+    - ``capacity``: per N, this script's capacity against the earlier estimate (the baseline
+      on max(64, min(256, 24 N)) requests arriving at once, finishes per second until 80 % of
+      them finished: fewer requests than the replicas have seats, so a drain rate);
+    - ``rr_cv``: the coefficient of variation of one replica's inter-arrival times when
+      round-robin deals it every N-th request (Gamma(0.25) arrivals: 2 / sqrt(N));
+    - ``knee``: N=4 and 8, the baseline past 100 % load: where queues start;
+    - ``run_length``: N=4 at 100 % load, seeds 0 and 1, runs of 32 to 128 requests per
+      replica: how the queue, and what the levels win, grows with the run."""
+    w, bw = "burst-random", {"a2a_gbps": EP_DEFAULTS["a2a_gbps"]}
+    ns = (2, 4) if quick else REPLICAS
+    old = {n: max(64, min(256, 24 * n)) for n in ns}
+    jobs = [(("old", n), "baseline", w, old[n], None, n, 0, bw, None) for n in ns]
+    jobs += [(("new", n), "baseline", w, capacity_requests(n, quick), None, n, 0, bw, None)
+             for n in ns]  # fmt: skip
+    cap: dict = {}
+    for (kind, n), _, _, r in _pool_map(jobs, workers, "explain capacity"):
+        if kind == "new":
+            cap[n] = r["capacity_rps"]
+        else:  # the earlier estimate, from its records' finish times as it computed it
+            cap[("old", n)] = r["old_capacity_rps"]
+    arrivals = [it.arrival for it in make_items(w, 4000, 0)]
+    rr_cv = {}
+    for n in (1, *ns):
+        gaps = [b - a for a, b in zip(arrivals[::n], arrivals[n::n])]
+        rr_cv[n] = statistics.pstdev(gaps) / statistics.mean(gaps)
+    knee_loads = (1.0, 1.5) if quick else (0.85, 1.0, 1.2, 1.5)
+    lengths = (8,) if quick else (32, 64, 128)
+    arms = ("baseline", "request", "engine", "multilevel")
+    jobs = [(("knee", n, x), "baseline", w, requests_for(n, quick), x * cap[n], n, 0, bw, None)
+            for n in ns[1:3] for x in knee_loads]  # fmt: skip
+    jobs += [(("length", k), a, w, 4 * k, cap[4], 4, s, bw, None)
+             for k in lengths for a in arms for s in (0, 1)]  # fmt: skip
+    knee: dict = {}
+    runs: dict = {}
+    keep = ("ttft_mean_s", "queue_mean_s", "queued_share", "tpot_mean_s", "capacity_rps")
+    for key, arm, _, r in _pool_map(jobs, workers, "explain runs"):
+        if key[0] == "knee":
+            knee.setdefault(f"N{key[1]}", {})[f"{key[2]:g}"] = {m: r[m] for m in keep}
+        else:
+            runs.setdefault(key[1], {}).setdefault(arm, []).append(r)
+    run_length = {
+        f"{k}_per_replica": {
+            a: {m: mean([r[m] for r in rs]) for m in keep[:4]} for a, rs in by_arm.items()
+        }
+        for k, by_arm in runs.items()
+    }
+    return {
+        "capacity": {f"N{n}": {"now_rps": cap[n], "earlier_rps": cap[("old", n)]} for n in ns},
+        "rr_cv": {f"N{n}": v for n, v in rr_cv.items()},
+        "knee": knee,
+        "run_length": run_length,
+    }
+
+
 # -- reporting ----------------------------------------------------------------------------------
 
 
@@ -715,6 +777,7 @@ def main(argv=None) -> dict:
         help="the N that also run the bandwidths below the highest",
     )
     ap.add_argument("--sensitivity", action="store_true", help="sweep the unknowns instead")
+    ap.add_argument("--explain", action="store_true", help="why queues form or not (explain())")
     ap.add_argument(
         "--report",
         type=Path,
@@ -776,6 +839,14 @@ def main(argv=None) -> dict:
         "all-to-all bandwidth and the migration time are parameters, not measurements",
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    if args.explain:
+        res = {"meta": meta, "explain": explain(args.jobs, args.quick)}
+        res["meta"]["wall_s"] = time.monotonic() - t0
+        path = args.results_dir / ("multilevel-explain" + ("-quick" if args.quick else "")
+                                   + ".json")  # fmt: skip
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res["explain"], indent=1))
+        return res
     if args.sensitivity:
         res = {"meta": meta, "sensitivity": run_sensitivity(args, seeds)}
         res["meta"]["wall_s"] = time.monotonic() - t0
