@@ -20,11 +20,13 @@ Workloads (``WORKLOADS``, all seeded; every unknown a constant below): five Burs
 length shapes with bursty (Gamma) arrivals, and ShareGPT-like multi-turn sessions with user ids
 and shared system prompts. A configuration is (workload, N, load, all-to-all bandwidth); the load
 is 70 / 85 / 100 % of that (workload, N, bandwidth)'s capacity, measured as the baseline's
-throughput on the same requests all arriving at once. Each configuration runs ``--seeds``
-seeds; per arm, the mean over seeds of mean TTFT, p99 TTFT, mean TPOT and throughput, with a
-95 % bootstrap interval over seeds.
+saturated throughput (``CAPACITY_BURST`` requests per replica arriving at once; finishes per
+second between the ``CAPACITY_WINDOW`` quantiles of their finish times). A run is
+``REQUESTS_PER_REPLICA`` requests per replica. Each configuration runs ``--seeds`` seeds; per
+arm, the mean over seeds of mean TTFT (and its queueing part), p99 TTFT, mean TPOT and
+throughput, with a 95 % bootstrap interval over seeds.
 
-    python experiments/multilevel.py                  # the grid: 144 configs x 5 seeds
+    python experiments/multilevel.py                  # the grid: 108 configs x 5 seeds
     python experiments/multilevel.py --quick          # tiny: a smoke run (seconds)
     python experiments/multilevel.py --sensitivity    # the unknowns, one at a time
 """
@@ -41,6 +43,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -112,6 +115,8 @@ EP_DEFAULTS = dict(
     migration_s=0.72,  # per full re-placement (paper B's 0.72 s; swept 0.1-3)
 )
 AGE_AFTER_S = 5.0  # paper A's aging threshold
+QUEUED_S = 0.1  # a request "queued" if its first pass started this long after its arrival
+# (a lockstep step is 10-20 ms decoding, ~0.15 s with full prefill chunks)
 LS_FRACTION = 0.2  # share of LS requests (ShareGPT: LS sessions)
 
 ARMS: dict[str, dict] = {
@@ -165,11 +170,19 @@ SYSTEM_PROMPTS, SYSTEM_LEN = 8, 512
 TURNS, USER_MEAN, ANSWER_MEAN, THINK_MEAN = (1, 5), 64.0, 160.0, 8.0
 WORKLOADS = [*(f"burst-{s}" for s in SHAPES), "sharegpt"]
 LOADS = (0.70, 0.85, 1.00)
-CAPACITY_QUANTILE = 0.8  # capacity: throughput until 80 % of a burst has finished
+# capacity: the baseline's saturated throughput. CAPACITY_BURST requests per replica arrive at
+# once (4 full batches each, so every replica's queue stays non-empty through the window), and
+# capacity is the finishes between the CAPACITY_WINDOW quantiles of the finish times over that
+# time: the start-up (batches filling) and the drain (batches emptying) do not count.
+CAPACITY_BURST = 4 * 32
+CAPACITY_WINDOW = (0.1, 0.5)
 REPLICAS = (2, 4, 8, 16)
 # all-to-all bandwidth per rank is a grid dimension too (GB/s): PCIe-class and NVLink-class
 # (an A100 pair over NVLink has far more; the 400 GB/s point is in --sensitivity)
 A2A_GRID = (25.0, 100.0)
+# ... but the 25 GB/s point only at these N: N=8 and 16 twice would not fit the grid's ~30
+# minutes on 2 cores (the sensitivity sweep varies the bandwidth at N=4). 108 configurations.
+A2A_LOW_REPLICAS = (2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,20 +327,24 @@ def run_arm(
     recs = list(res.records.values())
     ttft = [r.ttft for r in recs]
     tpot = [r.tpot for r in recs if r.tpot is not None]
+    # TTFT = queueing (arrival to its first pass) + prefill (to the first token)
+    queue = [res.started[r.request_id] - r.arrival for r in recs]
     ls_ids = {it.request_id for it in items if it.priority == 0}
     ls_ttft = [r.ttft for r in recs if r.request_id in ls_ids]
     span = max(r.finish for r in recs) - min(r.arrival for r in recs)
-    # capacity (a burst, rate None): finished / time, up to CAPACITY_QUANTILE of the requests
-    # finished, so the drain of the last few long requests does not count as lost capacity
     finishes = sorted(r.finish for r in recs)
-    k = max(1, math.ceil(CAPACITY_QUANTILE * len(finishes)))
-    capacity = k / (finishes[k - 1] - min(r.arrival for r in recs))
+    capacity = saturated_throughput(finishes)
+    # the estimate this script used before (explain()): until 80 % finished, from the start
+    k = max(1, math.ceil(0.8 * len(finishes)))
+    old_capacity = k / (finishes[k - 1] - min(r.arrival for r in recs))
     return {
         "ttft_mean_s": mean(ttft),
         "ttft_p99_s": percentile(ttft, 99),
         "tpot_mean_s": mean(tpot),
         "throughput_rps": len(recs) / span,
         "ls_ttft_mean_s": mean(ls_ttft),
+        "queue_mean_s": mean(queue),
+        "queued_share": sum(q > QUEUED_S for q in queue) / len(queue),
         "prefix_hit_rate": res.stats["prefix_cache_hit_rate"],
         "dispatch_imbalance": res.stats["dispatch_imbalance"],
         "expert_rank_balance": res.stats["expert_rank_balance"],
@@ -335,11 +352,23 @@ def run_arm(
         "migration_stall_s": res.stats["migration_stall_s"],
         "makespan_s": span,
         "capacity_rps": capacity,
+        "old_capacity_rps": old_capacity,
     }
+
+
+def saturated_throughput(finishes: list[float]) -> float:
+    """Finishes per second between the ``CAPACITY_WINDOW`` quantiles of ``finishes`` (of a
+    burst that keeps every replica's queue non-empty meanwhile: ``CAPACITY_BURST``)."""
+    xs = sorted(finishes)
+    lo, hi = (min(len(xs) - 1, int(q * len(xs))) for q in CAPACITY_WINDOW)
+    if hi <= lo or xs[hi] <= xs[lo]:
+        raise ValueError(f"too few finishes ({len(xs)}) to measure a saturated throughput")
+    return (hi - lo) / (xs[hi] - xs[lo])
 
 
 METRICS = (
     "ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "throughput_rps", "ls_ttft_mean_s",
+    "queue_mean_s", "queued_share",
     "prefix_hit_rate", "dispatch_imbalance", "expert_rank_balance",
 )  # fmt: skip
 
@@ -351,40 +380,48 @@ def _job(args: tuple) -> tuple:
 
 
 def requests_for(n_replicas: int, quick: bool) -> int:
-    """Requests per run: REQUESTS_PER_REPLICA each, within [MIN, MAX] (fits the time budget)."""
-    if quick:
-        return 6 * n_replicas
-    return max(REQUESTS_MIN, min(REQUESTS_MAX, REQUESTS_PER_REPLICA * n_replicas))
+    """Requests per run: REQUESTS_PER_REPLICA per replica."""
+    return (6 if quick else REQUESTS_PER_REPLICA) * n_replicas
 
 
-REQUESTS_PER_REPLICA, REQUESTS_MIN, REQUESTS_MAX = 24, 64, 256
+# Two full batches per replica (about 2-4 times the requests its KV room holds at once): a
+# queue can only form once more requests are live than a replica has seats, so with fewer
+# (this was 24, capped at 256 in all) nothing ever waits at any rate. The queues, and so what
+# the request and engine levels can win, still grow with the run's length at 100 % load: the
+# grid's time budget sets this number, not the model.
+REQUESTS_PER_REPLICA = 64
 
 
-def _pool_map(jobs: list[tuple], workers: int, label: str) -> list[tuple]:
-    t0, out = time.monotonic(), []
+def capacity_requests(n_replicas: int, quick: bool) -> int:
+    """Requests of the capacity burst: enough to keep every replica's queue non-empty."""
+    return (CAPACITY_BURST // 4 if quick else CAPACITY_BURST) * n_replicas
+
+
+def _pool_map(jobs: list[tuple], workers: int, label: str) -> Iterator[tuple]:
+    """``_job`` of each job, in order, as each is ready."""
+    t0 = time.monotonic()
     if workers <= 1:
         it = map(_job, jobs)
     else:
         pool = ProcessPoolExecutor(workers)
         it = pool.map(_job, jobs, chunksize=1)
     for k, r in enumerate(it, 1):
-        out.append(r)
+        yield r
         if k % max(1, len(jobs) // 20) == 0 or k == len(jobs):
             print(f"  {label}: {k}/{len(jobs)} runs, {time.monotonic() - t0:.0f} s", flush=True)
     if workers > 1:
         pool.shutdown()
-    return out
 
 
-def measure_capacity(workloads, replicas, quick, seed, workers, a2a=(None,)) -> dict:
+def measure_capacity(workloads, pairs, quick, seed, workers) -> dict:
     """Requests/s the baseline sustains per (workload, N, all-to-all bandwidth): the seed's
-    requests arriving at once; finished / time until CAPACITY_QUANTILE of them finished."""
+    ``CAPACITY_BURST`` requests per replica arriving at once (``saturated_throughput``);
+    ``pairs``: (N, bandwidth or None for the default)."""
     jobs = [
-        ((w, n, bw), "baseline", w, requests_for(n, quick), None, n, seed,
+        ((w, n, bw), "baseline", w, capacity_requests(n, quick), None, n, seed,
          None if bw is None else {"a2a_gbps": bw}, None)
         for w in workloads
-        for n in replicas
-        for bw in a2a
+        for n, bw in pairs
     ]  # fmt: skip
     out = {}
     for (w, n, bw), _, _, r in _pool_map(jobs, workers, "capacity"):
@@ -426,12 +463,21 @@ def reductions(configs: list[dict], arm: str, ref: str = "baseline") -> dict:
     return out
 
 
-def run_grid(args, workloads, replicas, loads, arms, seeds, a2a) -> dict:
-    cap = measure_capacity(workloads, replicas, args.quick, args.seed, args.jobs, a2a)
-    jobs, info = [], {}
-    for w in workloads:
-        for n in replicas:
-            for bw in a2a:
+def run_grid(args, workloads, replicas, loads, arms, seeds, a2a, on_config=None) -> dict:
+    """The grid, cheapest configurations (smallest N) first; ``on_config(grid so far)`` after
+    each configuration whose every arm and seed has run (a run stopped early keeps those)."""
+    # every bandwidth at the N of A2A_LOW_REPLICAS, only the highest at the others
+    pairs = [(n, bw) for n in sorted(replicas) for bw in a2a
+             if bw == max(a2a) or n in args.a2a_low_replicas]  # fmt: skip
+    planned = len(pairs) * len(workloads) * len(loads)
+    cap: dict = {}
+    configs: list[dict] = []
+    for n in sorted(replicas):  # one N at a time: its capacities, then its configurations
+        group = [(m, bw) for m, bw in pairs if m == n]
+        cap |= measure_capacity(workloads, group, args.quick, args.seed, args.jobs)
+        jobs, info = [], {}
+        for _, bw in group:
+            for w in workloads:
                 for load in loads:
                     name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}"
                     rate = load * cap[_cap_key(w, n, bw)]
@@ -439,18 +485,18 @@ def run_grid(args, workloads, replicas, loads, arms, seeds, a2a) -> dict:
                                       rate_rps=rate)  # fmt: skip
                     for arm in arms:
                         for s in seeds:
-                            jobs.append((name, arm, w, requests_for(n, args.quick), rate, n, s,
-                                         {"a2a_gbps": bw}, None))  # fmt: skip
-    results: dict = {}
-    for name, arm, _seed, r in _pool_map(jobs, args.jobs, "grid"):
-        results.setdefault(name, {}).setdefault(arm, []).append(r)
-    configs = [
-        {"name": name, **info[name],
-         "arms": {arm: aggregate(by_arm[arm]) for arm in arms if arm in by_arm}}
-        for name, by_arm in results.items()
-    ]  # fmt: skip
-    configs.sort(key=lambda c: list(info).index(c["name"]))
-    return {"capacity_rps": cap, "configs": configs}
+                            jobs.append((name, arm, w, requests_for(n, args.quick), rate, n,
+                                         s, {"a2a_gbps": bw}, None))  # fmt: skip
+        results: dict = {}
+        for name, arm, _seed, r in _pool_map(jobs, args.jobs, f"grid N={n}"):
+            by_arm = results.setdefault(name, {})
+            by_arm.setdefault(arm, []).append(r)
+            if sum(map(len, by_arm.values())) == len(arms) * len(seeds):
+                configs.append({"name": name, **info[name],
+                                "arms": {a: aggregate(by_arm[a]) for a in arms}})  # fmt: skip
+                if on_config is not None:
+                    on_config({"capacity_rps": cap, "configs": configs, "planned": planned})
+    return {"capacity_rps": cap, "configs": configs, "planned": planned}
 
 
 SENSITIVITY: dict[str, list] = {
@@ -488,7 +534,7 @@ def _label(v) -> str:
 
 def run_sensitivity(args, seeds) -> dict:
     w, n, load = SENS_CONFIG["workload"], SENS_CONFIG["replicas"], SENS_CONFIG["load"]
-    cap = measure_capacity([w], [n], args.quick, args.seed, args.jobs)[_cap_key(w, n, None)]
+    cap = measure_capacity([w], [(n, None)], args.quick, args.seed, args.jobs)[_cap_key(w, n, None)]
     jobs = []
     for knob, values in SENSITIVITY.items():
         for v in values:
@@ -519,6 +565,63 @@ def run_sensitivity(args, seeds) -> dict:
                 },  # fmt: skip
             }
     return {"config": SENS_CONFIG | {"rate_rps": load * cap}, "points": out}
+
+
+def explain(workers: int, quick: bool) -> dict:
+    """Evidence for where TTFT goes (burst-random, 100 GB/s, seed 0 unless said):
+
+    - ``capacity``: per N, this script's capacity against the earlier estimate (the baseline
+      on max(64, min(256, 24 N)) requests arriving at once, finishes per second until 80 % of
+      them finished: fewer requests than the replicas have seats, so a drain rate);
+    - ``rr_cv``: the coefficient of variation of one replica's inter-arrival times when
+      round-robin deals it every N-th request (Gamma(0.25) arrivals: 2 / sqrt(N));
+    - ``knee``: N=4 and 8, the baseline past 100 % load: where queues start;
+    - ``run_length``: N=4 at 100 % load, seeds 0 and 1, runs of 32 to 128 requests per
+      replica: how the queue, and what the levels win, grows with the run."""
+    w, bw = "burst-random", {"a2a_gbps": EP_DEFAULTS["a2a_gbps"]}
+    ns = (2, 4) if quick else REPLICAS
+    old = {n: max(64, min(256, 24 * n)) for n in ns}
+    jobs = [(("old", n), "baseline", w, old[n], None, n, 0, bw, None) for n in ns]
+    jobs += [(("new", n), "baseline", w, capacity_requests(n, quick), None, n, 0, bw, None)
+             for n in ns]  # fmt: skip
+    cap: dict = {}
+    for (kind, n), _, _, r in _pool_map(jobs, workers, "explain capacity"):
+        if kind == "new":
+            cap[n] = r["capacity_rps"]
+        else:  # the earlier estimate, from its records' finish times as it computed it
+            cap[("old", n)] = r["old_capacity_rps"]
+    arrivals = [it.arrival for it in make_items(w, 4000, 0)]
+    rr_cv = {}
+    for n in (1, *ns):
+        gaps = [b - a for a, b in zip(arrivals[::n], arrivals[n::n])]
+        rr_cv[n] = statistics.pstdev(gaps) / statistics.mean(gaps)
+    knee_loads = (1.0, 1.5) if quick else (0.85, 1.0, 1.2, 1.5)
+    lengths = (8,) if quick else (32, 64, 128)
+    arms = ("baseline", "request", "engine", "multilevel")
+    jobs = [(("knee", n, x), "baseline", w, requests_for(n, quick), x * cap[n], n, 0, bw, None)
+            for n in ns[1:3] for x in knee_loads]  # fmt: skip
+    jobs += [(("length", k), a, w, 4 * k, cap[4], 4, s, bw, None)
+             for k in lengths for a in arms for s in (0, 1)]  # fmt: skip
+    knee: dict = {}
+    runs: dict = {}
+    keep = ("ttft_mean_s", "queue_mean_s", "queued_share", "tpot_mean_s", "capacity_rps")
+    for key, arm, _, r in _pool_map(jobs, workers, "explain runs"):
+        if key[0] == "knee":
+            knee.setdefault(f"N{key[1]}", {})[f"{key[2]:g}"] = {m: r[m] for m in keep}
+        else:
+            runs.setdefault(key[1], {}).setdefault(arm, []).append(r)
+    run_length = {
+        f"{k}_per_replica": {
+            a: {m: mean([r[m] for r in rs]) for m in keep[:4]} for a, rs in by_arm.items()
+        }
+        for k, by_arm in runs.items()
+    }
+    return {
+        "capacity": {f"N{n}": {"now_rps": cap[n], "earlier_rps": cap[("old", n)]} for n in ns},
+        "rr_cv": {f"N{n}": v for n, v in rr_cv.items()},
+        "knee": knee,
+        "run_length": run_length,
+    }
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -580,6 +683,7 @@ def markdown_report(res: dict, sens: dict | None = None) -> str:
             row.append(f"{key}={g}: TTFT {pct(-r['ttft_mean_median'])} %, "
                        f"TPOT {pct(-r['tpot_mean_median'])} %")  # fmt: skip
         out += "\n\nmultilevel by " + key + ": " + "; ".join(row)
+    out += "\n\n" + queueing_report(configs)
     if sens:
         out += "\n\n| unknown | value | " + " | ".join(
             f"{a}: TTFT / TPOT %" for a in SENS_ARMS if a != "baseline") + " |\n"  # fmt: skip
@@ -590,6 +694,43 @@ def markdown_report(res: dict, sens: dict | None = None) -> str:
                          for a in SENS_ARMS if a != "baseline"]  # fmt: skip
                 out += f"\n| {knob} | {v} | " + " | ".join(cells) + " |"
     return out
+
+
+def best_routers(configs: list[dict]) -> dict[str, int]:
+    """How many configurations each production router has the lowest mean TTFT of them in."""
+    out: dict[str, int] = {}
+    for c in configs:
+        rs = {a: c["arms"][a]["ttft_mean_s"] for a in ROUTERS if a in c["arms"]}
+        if rs:
+            best = min(rs, key=rs.get)
+            out[best] = out.get(best, 0) + 1
+    return out
+
+
+def queueing_report(configs: list[dict]) -> str:
+    """Where the baseline's TTFT goes, by load and N: the median over configurations of its
+    queueing share of mean TTFT and of the share of requests that queued (``QUEUED_S``), and
+    the median TTFT change of ``request`` and ``multilevel`` in configurations where the
+    baseline queued (share >= 10 %) and where it did not."""
+    med = lambda xs: statistics.median(xs) if xs else math.nan  # noqa: E731
+    rows = []
+    for key in ("load", "replicas"):
+        groups: dict = {}
+        for c in configs:
+            groups.setdefault(c[key], []).append(c["arms"]["baseline"])
+        rows.append(f"baseline queueing by {key}: " + "; ".join(
+            f"{key}={g}: {med([b['queue_mean_s'] / b['ttft_mean_s'] for b in bs]) * 100:.0f} % "
+            f"of TTFT, {med([b['queued_share'] for b in bs]) * 100:.0f} % queued"
+            for g, bs in groups.items()))  # fmt: skip
+    queued = [c for c in configs if c["arms"]["baseline"]["queued_share"] >= 0.1]
+    calm = [c for c in configs if c["arms"]["baseline"]["queued_share"] < 0.1]
+    for arm in ("request", "engine", "multilevel"):
+        parts = []
+        for label, cs in (("baseline queued", queued), ("no queue", calm)):
+            r = reductions(cs, arm) if cs else {"ttft_mean_median": math.nan}
+            parts.append(f"{label} ({len(cs)} configs): TTFT {-r['ttft_mean_median'] * 100:+.1f} %")
+        rows.append(f"{arm}: " + "; ".join(parts))
+    return "\n\n".join(rows)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -628,7 +769,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--replicas", type=int, nargs="+", default=None)
     ap.add_argument("--loads", type=float, nargs="+", default=None)
     ap.add_argument("--a2a", type=float, nargs="+", default=None, help="all-to-all GB/s")
+    ap.add_argument(
+        "--a2a-low-replicas",
+        type=int,
+        nargs="+",
+        default=list(A2A_LOW_REPLICAS),
+        help="the N that also run the bandwidths below the highest",
+    )
     ap.add_argument("--sensitivity", action="store_true", help="sweep the unknowns instead")
+    ap.add_argument("--explain", action="store_true", help="why queues form or not (explain())")
     ap.add_argument(
         "--report",
         type=Path,
@@ -680,11 +829,24 @@ def main(argv=None) -> dict:
             answer_mean=ANSWER_MEAN,
             think_mean=THINK_MEAN,
         ),  # fmt: skip
-        "requests": dict(per_replica=REQUESTS_PER_REPLICA, min=REQUESTS_MIN, max=REQUESTS_MAX),
+        "requests": dict(
+            per_replica=REQUESTS_PER_REPLICA,
+            capacity_burst=CAPACITY_BURST,
+            capacity_window=CAPACITY_WINDOW,
+        ),  # fmt: skip
+        "queued_s": QUEUED_S,
         "note": "simulated (cost model of Qwen3-30B-A3B on A100s, lockstep DP+EP); the "
         "all-to-all bandwidth and the migration time are parameters, not measurements",
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    if args.explain:
+        res = {"meta": meta, "explain": explain(args.jobs, args.quick)}
+        res["meta"]["wall_s"] = time.monotonic() - t0
+        path = args.results_dir / ("multilevel-explain" + ("-quick" if args.quick else "")
+                                   + ".json")  # fmt: skip
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res["explain"], indent=1))
+        return res
     if args.sensitivity:
         res = {"meta": meta, "sensitivity": run_sensitivity(args, seeds)}
         res["meta"]["wall_s"] = time.monotonic() - t0
@@ -702,18 +864,21 @@ def main(argv=None) -> dict:
     replicas = args.replicas or ([2] if args.quick else list(REPLICAS))
     loads = args.loads or ([0.85] if args.quick else list(LOADS))
     a2a = args.a2a or ([EP_DEFAULTS["a2a_gbps"]] if args.quick else list(A2A_GRID))
-    grid = run_grid(args, workloads, replicas, loads, args.arms, seeds, a2a)
-    summary = {a: reductions(grid["configs"], a) for a in args.arms if a != "baseline"}
-    res = {"meta": meta, **grid, "summary": summary}
-    best_router = {}
-    for c in grid["configs"]:
-        rs = {a: c["arms"][a]["ttft_mean_s"] for a in ROUTERS if a in c["arms"]}
-        if rs:
-            best = min(rs, key=rs.get)
-            best_router[best] = best_router.get(best, 0) + 1
-    res["best_router_by_ttft"] = best_router
-    res["meta"]["wall_s"] = time.monotonic() - t0
-    res["meta"]["configs"] = len(grid["configs"])
+    name = "multilevel-sim" + ("-quick" if args.quick else "")
+    path = args.results_dir / f"{name}.json"
+
+    def save(grid: dict) -> dict:
+        summary = {a: reductions(grid["configs"], a) for a in args.arms if a != "baseline"}
+        res = {"meta": meta, **grid, "summary": summary}
+        res["meta"] |= {"wall_s": time.monotonic() - t0, "configs": len(grid["configs"])}
+        res["meta"]["complete"] = len(grid["configs"]) == grid["planned"]
+        res["best_router_by_ttft"] = best_routers(grid["configs"])
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        return res
+
+    grid = run_grid(args, workloads, replicas, loads, args.arms, seeds, a2a, save)
+    res = save(grid)
+    summary = res["summary"]
     print(h.format_table(summary_table(summary)))
     ml = summary.get("multilevel")
     if ml:
@@ -723,8 +888,6 @@ def main(argv=None) -> dict:
             f"{ml['tpot_mean_median'] * 100:.1f} % lower (>= 13.3), throughput "
             f"{ml['throughput_median'] * 100:+.1f} % (within 3)"
         )
-    name = "multilevel-sim" + ("-quick" if args.quick else "")
-    path = args.results_dir / f"{name}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, args.results_dir / f"{name}.png")
     print(f"wrote {path} and .png: {len(grid['configs'])} configs x {len(seeds)} seeds, "

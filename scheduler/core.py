@@ -1003,8 +1003,7 @@ class Scheduler:
             sample = SampleSpec(
                 sp.temperature, sp.top_k, sp.top_p, req.seed, len(req.output_token_ids)
             )
-        tokens = tuple(req.all_token_ids[start : start + n])
-        return Chunk(req.seq_id, start, tokens, tuple(req.pages), sample)
+        return Chunk(req.seq_id, start, req.token_slice(start, start + n), tuple(req.pages), sample)
 
     def _admit(self, now: float) -> None:
         """Give waiting requests their KV pages, most urgent first (arrival order for fcfs).

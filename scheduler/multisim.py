@@ -45,6 +45,7 @@ class Replica:
     awake: bool = False  # has a wake-up queued (independent mode)
     dispatched: int = 0
     dispatched_tokens: int = 0
+    started: dict[int, float] = dataclasses.field(default_factory=dict)  # seq id -> first run
 
     @property
     def sched(self) -> Scheduler:
@@ -60,6 +61,7 @@ class MultiResult:
     records: dict[str, SimRecord]
     replica_of: dict[str, int]
     stats: dict  # summed scheduler counters, prefix hit rate, imbalance, expert balance, ...
+    started: dict[str, float] = dataclasses.field(default_factory=dict)  # first computed
 
 
 class MultiSimulator:
@@ -91,6 +93,7 @@ class MultiSimulator:
             (s.group_start + s.group_size for s in segments if s.kind == "experts"), default=1
         )
         self.num_layers = 1 + max(s.layer for s in segments)
+        self._spans: dict[tuple[int, int], tuple[list, list]] = {}  # _split_segments' memo
         # per prefill token, all segments: what ``Snapshot.token_s`` estimates
         self.token_s = self.num_layers * (
             cost.attn_per_row + cost.expert_per_row + cost.shared_per_row
@@ -211,6 +214,7 @@ class MultiSimulator:
             if plan is None:
                 rep.awake = False
                 continue
+            self._note_starts(rep, plan, t)
             dt, result = rep.sim.begin(plan)
             rep.pending, rep.busy_until = (plan, result), t + dt
             heapq.heappush(heap, (t + dt, r))
@@ -238,8 +242,8 @@ class MultiSimulator:
             done = []
             for rep, plan in zip(self.replicas, plans, strict=True):
                 if plan is not None:
-                    own, result = rep.sim.begin(plan)
-                    rep.sim.busy_time += dt - own  # busy for the whole lockstep step
+                    self._note_starts(rep, plan, t)
+                    _, result = rep.sim.begin(plan, dt)  # busy for the whole lockstep step
                     rep.busy_until = t + dt
                     done.append((rep, plan, result))
             t += dt
@@ -254,6 +258,15 @@ class MultiSimulator:
                 raise SimulationError(f"gave up after {max_steps} steps")
         self.now = t
 
+    def _note_starts(self, rep: Replica, plan: Plan, t: float) -> None:
+        """When each request is first computed (a pass's rows are all in its first plan):
+        TTFT splits into queueing (arrival to here) and prefill (here to the first token)."""
+        if plan.new:
+            started = rep.started
+            for c in plan.chunks:
+                if c.seq_id not in started:
+                    started[c.seq_id] = t
+
     def lockstep_time(self, plans: list[Plan | None]) -> float:
         """One lockstep step: the slowest replica's non-expert work + per layer any plan
         runs, the busiest rank's experts and the all-to-all (module docstring)."""
@@ -264,15 +277,16 @@ class MultiSimulator:
             if plan is None or not plan.runs:
                 continue
             rows, ctx, span, sampled = pass_shape(plan.chunks)
+            others, experts = self._split_segments(plan.cursor, plan.num_segments)
             t = cost.host_overhead + (cost.embed_base if plan.new else 0.0)
-            for seg in self.segments[plan.cursor : plan.cursor + plan.num_segments]:
-                if seg.kind == "experts":
-                    t += cost.segment_overhead
-                    rows_at.setdefault(seg.layer, [0.0] * len(plans))[r] += (
-                        rows * seg.group_size / E
-                    )
-                else:
-                    t += cost.segment_time(seg, rows, ctx, E, span)
+            for seg in others:  # in order (None: an expert segment's overhead)
+                t += (
+                    cost.segment_overhead
+                    if seg is None
+                    else cost.segment_time(seg, rows, ctx, E, span)
+                )
+            for layer, size in experts:
+                rows_at.setdefault(layer, [0.0] * len(plans))[r] += rows * size / E
             if plan.finishes:
                 t += cost.segment_time(self.segments[-1], sampled, ctx, E)
             non_expert = max(non_expert, t)
@@ -281,6 +295,23 @@ class MultiSimulator:
             for layer, rs in rows_at.items()
         )
         return non_expert + experts
+
+    def _split_segments(
+        self, cursor: int, n: int
+    ) -> tuple[list[Segment | None], list[tuple[int, int]]]:
+        """A plan's span as ``lockstep_time`` prices it (memoised per span): its segments in
+        order with each expert segment as None (it pays only its overhead there), and its
+        expert segments as (layer, experts in the segment)."""
+        key = (cursor, n)
+        parts = self._spans.get(key)
+        if parts is None:
+            segs = self.segments[cursor : cursor + n]
+            parts = (
+                [None if s.kind == "experts" else s for s in segs],
+                [(s.layer, s.group_size) for s in segs if s.kind == "experts"],
+            )
+            self._spans[key] = parts
+        return parts
 
     # -- results ---------------------------------------------------------------------------------
 
@@ -308,7 +339,12 @@ class MultiSimulator:
             "end_time": self.now,
             "board_reads": self.board.reads,
         }
-        return MultiResult(records, dict(self.replica_of), stats)
+        started = {
+            rep.sim.requests[seq].request_id: t
+            for rep in self.replicas
+            for seq, t in rep.started.items()
+        }
+        return MultiResult(records, dict(self.replica_of), stats, started)
 
 
 def served_once(result: MultiResult, requests: list[Request]) -> bool:

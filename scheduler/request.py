@@ -63,6 +63,16 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """``tuple(all_token_ids[start:end])`` without building ``all_token_ids``: a decode
+        row's one token does not copy the whole prompt (the simulator's hottest line)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return tuple(self.output_token_ids[start - p : end - p])
+        if end <= p:
+            return tuple(self.prompt_token_ids[start:end])
+        return tuple(self.prompt_token_ids[start:]) + tuple(self.output_token_ids[: end - p])
+
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt_token_ids)

@@ -509,10 +509,12 @@ class Simulator:
         self.clock.now += dt
         self.finish(plan, result)
 
-    def begin(self, plan: Plan) -> tuple[float, StepResult]:
+    def begin(self, plan: Plan, dt: float | None = None) -> tuple[float, StepResult]:
         """The first half of ``step``: execute ``plan``; returns its duration and result. (The
-        N-engine simulator lets other replicas' time pass before ``finish``.)"""
-        dt = self.executor.plan_time(plan)
+        N-engine simulator lets other replicas' time pass before ``finish``, and passes the
+        duration ``dt`` it priced itself, as a lockstep step.)"""
+        if dt is None:
+            dt = self.executor.plan_time(plan)
         result = self.executor.execute(plan)
         self.busy_time += dt
         self.num_plans += plan.runs

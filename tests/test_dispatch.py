@@ -323,6 +323,27 @@ def test_every_request_served_once_and_no_page_leaks(policy, lockstep):
         assert res.stats["expert_rank_balance"] >= 1.0 - 1e-9
 
 
+def test_token_slice_is_the_slice_of_all_tokens():
+    r = make_request("a", 0, 5, 10)
+    r.output_token_ids = [7, 8, 9]
+    for start in range(9):
+        for end in range(start, 10):
+            assert r.token_slice(start, end) == tuple(r.all_token_ids[start:end])
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_ttft_splits_into_queueing_and_prefill(lockstep):
+    # two seats a pass, six requests at once: four wait for seats, and only they queue
+    ep = ex.ExpertParallel(4, 8, 2, 4096, ranks=1) if lockstep else None
+    events = [(0.0, make_request(f"r{i}", i, 50, 5), None) for i in range(6)]
+    m = MultiSimulator(1, config(max_batch_size=2), SEGMENTS, COST, d.RoundRobin(), ep=ep)
+    res = m.run(events)
+    assert sorted(res.started) == sorted(res.records)
+    queue = {k: res.started[k] - r.arrival for k, r in res.records.items()}
+    assert all(0 <= queue[k] < r.ttft for k, r in res.records.items())
+    assert sorted(k for k, q in queue.items() if q > 0) == ["r2", "r3", "r4", "r5"]
+
+
 def test_lockstep_prices_the_busiest_rank_and_the_all_to_all():
     cfg = config()
     fast = ex.ExpertParallel(4, 8, 2, 4096, ranks=2, a2a_gbps=1e6, skew=0.0)

@@ -82,6 +82,19 @@ def test_sharegpt_turns_extend_the_previous_turn():
     assert all(len(it.prompt) + it.output_len <= ml.MAX_MODEL_LEN for it in items)
 
 
+def test_runs_can_queue_and_capacity_is_the_saturated_rate():
+    # the bug this guards: runs of fewer requests per replica than a pass has seats never
+    # queue at any rate, and a "capacity" from such a burst is its drain, not a throughput
+    seats = ml.ENGINE["max_batch_size"]
+    assert ml.requests_for(4, False) >= 2 * seats * 4
+    assert ml.capacity_requests(4, False) >= 4 * seats * 4
+    # 80 finishes at 2/s, then a slow drain of 20: the window sees only the steady part
+    finishes = [i / 2 for i in range(80)] + [100.0 + 5 * i for i in range(20)]
+    assert ml.saturated_throughput(finishes) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="too few finishes"):
+        ml.saturated_throughput([1.0])
+
+
 def test_quick_run_writes_the_issue_json_shape(tmp_path):
     res = ml.main(["--quick", "--results-dir", str(tmp_path), "--jobs", "1",
                    "--workloads", "burst-random", "sharegpt"])  # fmt: skip
@@ -100,4 +113,6 @@ def test_quick_run_writes_the_issue_json_shape(tmp_path):
             <= c["arms"]["baseline"]["expert_rank_balance"]
         )
         assert c["arms"]["baseline"]["dispatch_imbalance"] >= 1.0
+        for a in c["arms"].values():  # TTFT's queueing part
+            assert 0 <= a["queue_mean_s"] < a["ttft_mean_s"] and 0 <= a["queued_share"] <= 1
     assert set(data["summary"]) == set(ml.ARMS) - {"baseline"}
