@@ -11,12 +11,14 @@ default tier, best-effort ones on ``flex``) is run four ways:
    and the concurrency reached (requests holding KV pages at once, from ``/metrics``).
 
 ``engine`` and ``http`` alternate: the workload is cut into ``--rounds`` windows of time and
-each window runs through the engine, then over HTTP (both stay up meanwhile), so a change in
-the machine's load falls on both arms alike; the per-window p90s show the spread. The HTTP
-client (``--client``) is ``raw`` by default: ``StreamClient``, which sends the bytes httpx
-sends (its headers and JSON) on asyncio streams and reads the chunked SSE stream, because
-httpx's async machinery cost about 1-2 ms a request (p50, loaded machine) on the same 2
-cores as the server; ``--client httpx`` times its ``AsyncClient`` instead.
+each window runs through the engine and over HTTP (both stay up meanwhile), in an order rotated
+by one each window (whichever arm ran first after the idle gap between windows measured
+differently), so a change in the machine's load falls on all arms alike; the per-window p90s
+show the spread. The HTTP client (``--client``) is ``httpx`` by default, the ``AsyncClient``
+the official ``openai`` package is built on; ``--client raw`` (or ``--also-client raw``, one
+more arm in the same windows) times ``StreamClient`` instead, which sends the bytes httpx
+sends on bare asyncio streams and reads the chunked SSE stream: a cheaper client, to show the
+client's own share (on the idle 2-core machine it was not faster at p90).
 
 Reported: LS TTFT p50/p90 of each arm, the ratio http / engine of the LS TTFT p90 (target
 <= 1.15), http+batch / http, completed requests/s. Each arm is preceded by a short warm-up
@@ -330,6 +332,14 @@ def server_compiles(url: str) -> float:
     return metric(httpx.get(url + "/metrics").text, "qllm:compilations_total")
 
 
+def rotated(arms: list[str], k: int) -> list[str]:
+    """``arms`` in the order window ``k`` runs them: rotated by one each window, so that each
+    arm runs first, second, ... equally often (the one after the engine arm's window found
+    the server idle, which is an order effect, not the client's or the server's cost)."""
+    k %= len(arms)
+    return arms[k:] + arms[:k]
+
+
 def http_arm(url: str, items: list[dict], compiles: dict, arm: str, client: str) -> dict:
     """``run_http``, recording the server's compilations inside the window."""
     before = server_compiles(url)
@@ -444,9 +454,9 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--client",
         choices=("raw", "httpx"),
-        default="raw",
-        help="HTTP client of the measured requests: raw (StreamClient: httpx's request bytes "
-        "on asyncio streams) or httpx (its AsyncClient)",
+        default="httpx",
+        help="HTTP client of the measured requests: httpx (its AsyncClient, as the openai "
+        "client uses) or raw (StreamClient: httpx's request bytes on asyncio streams)",
     )
     ap.add_argument(
         "--also-client",
@@ -483,12 +493,16 @@ def main(argv=None) -> dict:
             for arm in also:
                 compiles[arm] = 0.0
             for k, part in enumerate(windows(items, args.duration, args.rounds)):
-                with compile_log.Window() as window:
-                    r = {"engine": run_engine(eng, part)}
-                compiles["engine"] += window.compiles
-                r["http"] = http_arm(url, part, compiles, "http", args.client)
-                for arm, client in zip(also, args.also_client, strict=True):
-                    r[arm] = http_arm(url, part, compiles, arm, client)
+                r = {}
+                for arm in rotated(["engine", "http", *also], k):  # no arm always goes first
+                    if arm == "engine":
+                        with compile_log.Window() as window:
+                            r[arm] = run_engine(eng, part)
+                        compiles["engine"] += window.compiles
+                    else:
+                        client = args.client if arm == "http" else arm.removeprefix("http-")
+                        r[arm] = http_arm(url, part, compiles, arm, client)
+                r = {arm: r[arm] for arm in ["engine", "http", *also]}
                 rounds.append(r)
                 p90s = ", ".join(
                     f"{a} {1e3 * percentile(v['ls_ttft'], 90):.1f}" for a, v in r.items()
