@@ -121,11 +121,24 @@ def parity(what: str) -> dict:
     return out
 
 
+def _routed_rows(cfg, seed: int) -> tuple:
+    """16 random rows routed by a random router, as an expert segment takes them: x [16, D],
+    weights and ids [16, top_k], the accumulator [16, D], zero routed-token counts [L, E]."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(16, cfg.hidden_size)).astype(np.float32))
+    logits = jnp.asarray(rng.normal(size=(16, cfg.num_experts)).astype(np.float32))
+    weights, ids = jax.lax.top_k(jax.nn.softmax(logits), cfg.top_k)
+    acc = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)
+    return x, weights, ids.astype(jnp.int32), acc, counts
+
+
 def experts(what: str) -> dict:
     """``FAMILY[:int8][:EPxTP...]``: the expert segment on each expert-axis width, bitwise
     against one device: whole experts per device, their outputs added in one device's order."""
-    import jax
-    import jax.numpy as jnp
 
     from qllm_jax import mesh as mesh_lib
     from qllm_jax.segments import experts_segment
@@ -133,14 +146,9 @@ def experts(what: str) -> dict:
 
     family, _, quantize, meshes = _options(what)
     model = qllm_jax.load(checkpoint(family), dtype="float32", quantize=quantize)
-    cfg, rng = model.config, np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(size=(16, cfg.hidden_size)).astype(np.float32))
-    logits = jnp.asarray(rng.normal(size=(16, cfg.num_experts)).astype(np.float32))
-    weights, ids = jax.lax.top_k(jax.nn.softmax(logits), cfg.top_k)
-    ids = ids.astype(jnp.int32)
-    acc = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+    cfg = model.config
+    x, weights, ids, acc, counts = _routed_rows(cfg, seed=3)
     layer = model.params.layers[0].experts
-    counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)
     extra = (counts, np.int32(0), None)  # routed-token counts, layer, no expert slots
     want, want_counts = experts_segment(
         layer, x, weights, ids, acc, np.int32(0), cfg.num_experts, *extra
@@ -175,8 +183,6 @@ def slots(what: str) -> dict:
     redundant per rank, each rank holding its block) is bitwise one device's without slots,
     for a whole layer and for an expert group, before and after re-placements that move copies
     between ranks; the ragged path (a psum) is close to it."""
-    import jax
-    import jax.numpy as jnp
 
     from qllm_jax import mesh as mesh_lib
     from qllm_jax.eplb import ExpertSlots
@@ -185,13 +191,8 @@ def slots(what: str) -> dict:
 
     family, _, quantize, meshes = _options(what)
     model = qllm_jax.load(checkpoint(family), dtype="float32", quantize=quantize)
-    cfg, rng = model.config, np.random.default_rng(5)
-    x = jnp.asarray(rng.normal(size=(16, cfg.hidden_size)).astype(np.float32))
-    logits = jnp.asarray(rng.normal(size=(16, cfg.num_experts)).astype(np.float32))
-    weights, ids = jax.lax.top_k(jax.nn.softmax(logits), cfg.top_k)
-    ids = ids.astype(jnp.int32)
-    acc = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
-    counts = jnp.zeros((cfg.num_layers, cfg.num_experts), jnp.int32)
+    cfg = model.config
+    x, weights, ids, acc, counts = _routed_rows(cfg, seed=5)
     layer, out = model.params.layers[0].experts, {}
     for ep, tp in meshes:
         mesh = mesh_lib.make_mesh(ep, tp)
