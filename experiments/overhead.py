@@ -523,12 +523,8 @@ def main(argv: list[str] | None = None) -> dict:
         and all(pt["valid"] for pt in report.get("attention_sweep", {}).get("points", {}).values())
         and not report.get("preemption_wait", {}).get("compiles")
     )
-    device = jax.devices()[0]
     report = {
-        "device": f"{device.platform}:{device.device_kind}",
-        "host": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
-        "command": " ".join(["python experiments/overhead.py", *(argv or sys.argv[1:])]),
+        **_run_header(argv),
         "model": {
             "dir": str(model_dir), "model_type": cfg.model_type, "layers": cfg.num_layers,
             "experts": cfg.num_experts, "hidden": cfg.hidden_size, "dtype": args.dtype,
@@ -538,12 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         **report,
     }  # fmt: skip
-    out = Path(args.out) if args.out else RESULTS / f"overhead-{device.platform}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
-    return report
+    return _write(report, summary, args.out, "overhead")
 
 
 def _sampling_report(arms: dict, args, argv, model_dir) -> dict:
@@ -560,23 +551,36 @@ def _sampling_report(arms: dict, args, argv, model_dir) -> dict:
                 "of_all_steps_median": arm["step_ms"]["median"] / greedy_all,
             }  # fmt: skip
     summary["valid"] = all(a["valid"] for a in arms.values())
-    device = jax.devices()[0]
     report = {
-        "device": f"{device.platform}:{device.device_kind}",
-        "host": platform.processor() or platform.machine(),
+        **_run_header(argv),
         "load_average": list(os.getloadavg()),
-        "jax": jax.__version__,
-        "command": " ".join(["python experiments/overhead.py", *(argv or sys.argv[1:])]),
         "model": str(model_dir), "dtype": args.dtype, "batch": args.batch,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "summary": summary,
         "arms": arms,
     }  # fmt: skip
-    out = Path(args.out) if args.out else RESULTS / f"overhead-sampling-{device.platform}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    return _write(report, summary, args.out, "overhead-sampling")
+
+
+def _run_header(argv) -> dict:
+    """Where and how a report was measured: device, host CPU, jax version, the command."""
+    device = jax.devices()[0]
+    return {
+        "device": f"{device.platform}:{device.device_kind}",
+        "host": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "command": " ".join(["python experiments/overhead.py", *(argv or sys.argv[1:])]),
+    }
+
+
+def _write(report: dict, summary: dict, out: str | None, stem: str) -> dict:
+    """Save ``report`` (to ``out``, or ``RESULTS/<stem>-<platform>.json``) and print its
+    summary."""
+    path = Path(out) if out else RESULTS / f"{stem}-{jax.devices()[0].platform}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {path}")
     return report
 
 
