@@ -757,6 +757,32 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _earlier_grid(path: Path, arms: list[str], seeds: list[int]) -> dict:
+    """A grid result file to add to; refused unless it ran the same arms and seeds (its
+    configurations and the new ones are then one grid)."""
+    res = json.loads(path.read_text())
+    got_arms = sorted(res["configs"][0]["arms"]) if res["configs"] else sorted(arms)
+    if got_arms != sorted(arms) or res["meta"]["seeds"] != seeds:
+        raise SystemExit(
+            f"--merge {path}: it ran arms {got_arms} and seeds {res['meta']['seeds']}, "
+            f"this run {sorted(arms)} and {seeds}"
+        )
+    return res
+
+
+def _union(earlier: dict, grid: dict) -> dict:
+    """``earlier``'s configurations and capacities with ``grid``'s (a configuration both hold
+    is ``grid``'s); planned = the union's configurations plus what ``grid`` has yet to run."""
+    names = {c["name"] for c in grid["configs"]}
+    configs = [c for c in earlier["configs"] if c["name"] not in names] + grid["configs"]
+    todo = grid["planned"] - len(grid["configs"])
+    return {
+        "capacity_rps": earlier["capacity_rps"] | grid["capacity_rps"],
+        "configs": configs,
+        "planned": len(configs) + todo,
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny: 2 workloads, N 2, 1 load")
@@ -784,6 +810,13 @@ def main(argv=None) -> dict:
         nargs="+",
         default=None,
         help="print the README tables of a result file (and a sensitivity file)",
+    )
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="a grid result file whose configurations (and capacities) this run adds to, same "
+        "arms and seeds: run only the missing N (--replicas) and write the union",
     )
     args = ap.parse_args(argv)
     if args.report:
@@ -867,17 +900,25 @@ def main(argv=None) -> dict:
     name = "multilevel-sim" + ("-quick" if args.quick else "")
     path = args.results_dir / f"{name}.json"
 
+    earlier = _earlier_grid(args.merge, args.arms, seeds) if args.merge else None
+
     def save(grid: dict) -> dict:
+        if earlier is not None:
+            grid = _union(earlier, grid)
         summary = {a: reductions(grid["configs"], a) for a in args.arms if a != "baseline"}
         res = {"meta": meta, **grid, "summary": summary}
         res["meta"] |= {"wall_s": time.monotonic() - t0, "configs": len(grid["configs"])}
         res["meta"]["complete"] = len(grid["configs"]) == grid["planned"]
+        if earlier is not None:  # the configurations this run did not compute, and their cost
+            res["meta"]["merged"] = {"file": args.merge.name, "configs": len(earlier["configs"]),
+                                     "wall_s": earlier["meta"].get("wall_s")}  # fmt: skip
         res["best_router_by_ttft"] = best_routers(grid["configs"])
         path.write_text(json.dumps(res, indent=1) + "\n")
         return res
 
     grid = run_grid(args, workloads, replicas, loads, args.arms, seeds, a2a, save)
     res = save(grid)
+    grid = {k: res[k] for k in ("capacity_rps", "configs")}
     summary = res["summary"]
     print(h.format_table(summary_table(summary)))
     ml = summary.get("multilevel")
