@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from overhead import GREEDY, Arm, stats
+from overhead import GREEDY, Arm, run_arms, stats
 
 import qllm_jax
 from qllm_jax.models import MODEL_PRESETS
@@ -83,21 +83,9 @@ def decode_arms(models: dict, prompts, args) -> dict:
         for q, m in models.items()
         for mode in MODES
     }
-    for r in range(args.repeats):
-        for arm in arms.values():
-            arm.round()
-        print(f"round {r + 1}/{args.repeats}", flush=True)
-    out = {}
+    out = run_arms(arms, prompts, args)  # interleaved rounds, as overhead.py's arms
     for name, arm in arms.items():
-        st = stats(arm.steps)
-        out[name] = {
-            "step_ms": st,
-            "decode_tokens_per_s": len(prompts) / (st["median"] / 1e3),
-            "expert_group_size": arm.engine.executor.group_size,
-            "compiles_in_measured_windows": arm.compiles,
-            "valid": arm.compiles == 0,
-        }
-        print(f"[{name}] median {st['median']:.2f} ms (min {st['min']:.2f})", flush=True)
+        out[name]["expert_group_size"] = arm.engine.executor.group_size
     out["_tokens"] = {name: greedy_tokens(arm) for name, arm in arms.items()}
     return out
 

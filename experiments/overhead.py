@@ -116,7 +116,7 @@ def decode_arms(model, prompts, args) -> dict:
             arms[f"fused_{name}"] = Arm(
                 model, prompts, args.new_tokens, SAMPLERS[name], mode="fused", **kw
             )
-        return _run_arms(arms, prompts, args)
+        return run_arms(arms, prompts, args)
     arms = {
         "fused": Arm(model, prompts, args.new_tokens, GREEDY, mode="fused", **kw),
         "segmented_layer": Arm(
@@ -130,10 +130,12 @@ def decode_arms(model, prompts, args) -> dict:
         "fused_top_p": Arm(model, prompts, args.new_tokens, SAMPLERS["top_p"], mode="fused", **kw),
         "fused_top_k": Arm(model, prompts, args.new_tokens, SAMPLERS["top_k"], mode="fused", **kw),
     }  # fmt: skip
-    return _run_arms(arms, prompts, args)
+    return run_arms(arms, prompts, args)
 
 
-def _run_arms(arms: dict, prompts, args) -> dict:
+def run_arms(arms: dict, prompts, args) -> dict:
+    """Run ``arms`` (name -> ``Arm``) for ``args.repeats`` interleaved rounds; per arm its step
+    times, each round's median, decode tokens/s, segments per pass and its compile count."""
     rounds: dict[str, list[float]] = {name: [] for name in arms}  # each round's median step
     for r in range(args.repeats):  # interleaved: drift on a shared machine hits every arm alike
         for name, arm in arms.items():
