@@ -97,17 +97,23 @@ def _options(what: str) -> tuple[str, set[str], str | None, tuple[tuple[int, int
     return family, set(rest), "int8" if "int8" in rest else None, named or MESHES
 
 
+def _runs(rest: set[str], quantize: str | None) -> list[tuple[str, dict]]:
+    """The (policy, LLM options) a check runs: every ``RUNS`` policy, or those ``rest`` names."""
+    return [
+        (policy, dict(policy=policy, granularity=granularity, dtype="float32", quantize=quantize)
+         | KW)
+        for policy, granularity in RUNS.items()
+        if not rest & set(RUNS) or policy in rest
+    ]  # fmt: skip
+
+
 def parity(what: str) -> dict:
     """``FAMILY[:POLICY][:int8][:EPxTP...]``: with ``int8``, int8 weights on one device are
     the reference (the same quantized leaves, placed shard by shard on the mesh)."""
     family, rest, quantize, meshes = _options(what)
     path = checkpoint(family)
     out = {}
-    for policy, granularity in RUNS.items():
-        if rest & set(RUNS) and policy not in rest:
-            continue
-        opts = dict(policy=policy, granularity=granularity, dtype="float32", quantize=quantize)
-        opts |= KW
+    for policy, opts in _runs(rest, quantize):
         ref = qllm_jax.LLM(path, **opts)
         want, want_logits = _greedy(ref), _last_logits(ref)
         for ep, tp in meshes:
@@ -258,11 +264,7 @@ def eplb(what: str) -> dict:
     except ValueError as err:
         assert "'expert' axis" in str(err) and "11 expert slots" in str(err), err
     out = {}
-    for policy, granularity in RUNS.items():
-        if rest & set(RUNS) and policy not in rest:
-            continue
-        opts = dict(policy=policy, granularity=granularity, dtype="float32", quantize=quantize)
-        opts |= KW
+    for policy, opts in _runs(rest, quantize):
         ref = qllm_jax.LLM(path, **opts)
         want = _greedy(ref, max_tokens=8)
         for ep, tp in meshes:
