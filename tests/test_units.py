@@ -57,6 +57,13 @@ def test_sampler_follows_the_distribution_and_filters():
     assert set(_sample(logits, top_p=0.6)) <= {0, 1}  # 0.5 < 0.6: token 1 is still needed
     assert set(_sample(logits, top_p=0.5)) == {0}
     assert set(_sample(logits, temperature=0.0)) == {0}
+    # top-p by rejection (and, for the rows that reject every draw, by the exact search):
+    # the renormalised top-p distribution
+    kept = np.bincount(_sample(logits, top_p=0.9), minlength=5) / len(draws)
+    np.testing.assert_allclose(kept, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0, 0], atol=0.03)
+    flat = np.log(np.array([0.2, 0.2] + [0.1] * 6))[None].repeat(4000, 0)
+    low = np.bincount(_sample(flat, top_p=0.35), minlength=8) / len(flat)  # 13 % of rows search
+    np.testing.assert_allclose(low, [0.5, 0.5] + [0] * 6, atol=0.03)
 
 
 def test_sampler_is_a_function_of_seed_and_step():
