@@ -392,6 +392,7 @@ def start_server(args, state_dir: str) -> tuple[subprocess.Popen, str]:
     ]
     if args.model:
         cmd += ["--model", args.model]
+    cmd += ["--ls-delivery-wait-ms", str(args.ls_delivery_wait_ms)]
     for k, v in engine_flags(args).items():
         flag = k.replace("_", "-")
         if isinstance(v, bool):
@@ -464,6 +465,13 @@ def main(argv=None) -> dict:
         default=[],
         choices=("raw", "httpx"),
         help="one more HTTP arm per window with this client (arm http-CLIENT; repeatable)",
+    )
+    ap.add_argument(
+        "--ls-delivery-wait-ms",
+        type=float,
+        default=5.0,
+        help="the server's --ls-delivery-wait-ms (0: the engine thread does not wait for the "
+        "event loop to write latency-sensitive first tokens)",
     )
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--out", help="output JSON path")

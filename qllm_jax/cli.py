@@ -175,6 +175,13 @@ def _parser() -> argparse.ArgumentParser:
         default=256,
         help="latency-sensitive requests waiting for admission before a 429",
     )
+    serve.add_argument(
+        "--ls-delivery-wait-ms",
+        type=float,
+        default=5.0,
+        help="after a step that gave latency-sensitive requests their first tokens, wait at "
+        "most this long for the event loop to write them before the next step (0: off)",
+    )
     serve.add_argument("--max-upload-bytes", type=int, default=200 << 20)
     serve.add_argument(
         "--checkpoint-every", type=float, default=60.0, help="seconds between batch checkpoints"
@@ -400,6 +407,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.state_dir,
             args.served_model_name,
             max_waiting_ls=args.max_waiting_ls,
+            ls_delivery_wait_s=args.ls_delivery_wait_ms / 1000,
             max_upload_bytes=args.max_upload_bytes,
             # a multi-process engine cannot export KV to one host: batches run, undurable
             checkpoint_every=args.checkpoint_every if cluster is None else None,

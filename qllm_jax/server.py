@@ -254,6 +254,11 @@ class OutputStream:
     def push(self, out: RequestOutput) -> None:  # engine thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
 
+    def after_readers(self, fn: Callable[[], Any]) -> None:  # engine thread
+        """Run ``fn()`` on the loop once every reader woken by the pushes so far has run (a
+        push wakes its reader for the loop's next round; this runs in the round after)."""
+        self._loop.call_soon_threadsafe(self._loop.call_soon, fn)
+
     async def next(self) -> RequestOutput:
         out = await self._queue.get()
         while not self._queue.empty() and not out.finished:
@@ -283,7 +288,16 @@ class EngineLoop:
     between two steps and returns a future of its result; nothing else touches the engine.
 
     ``runner`` (a ``JobRunner`` over the same engine) runs the batches; ``max_waiting_ls``
-    bounds the latency-sensitive requests accepted but not yet admitted."""
+    bounds the latency-sensitive requests accepted but not yet admitted.
+
+    ``ls_delivery_wait_s``: after a step that gave a latency-sensitive request its first
+    tokens, the engine thread waits (at most this long) until the event loop has written
+    them before it launches more work. On a machine with few cores the next step's XLA
+    threads would otherwise take the cores the event loop and the client need to deliver
+    the token (the tail of the HTTP path's time to first token); on an accelerator the wait
+    is the loop's wake-up, tens of microseconds. Later tokens are not waited for: a step
+    streaming to hundreds of requests would wait for the loop to write them all. 0 turns
+    it off."""
 
     def __init__(
         self,
@@ -293,6 +307,7 @@ class EngineLoop:
         max_waiting_ls: int = 256,
         idle_wait_s: float = 0.05,
         snapshot_every_s: float = 0.05,
+        ls_delivery_wait_s: float = 0.005,
     ) -> None:
         self.engine = engine
         self.runner = runner
@@ -300,6 +315,11 @@ class EngineLoop:
         self.max_waiting_ls = max_waiting_ls
         self.idle_wait_s = idle_wait_s
         self.snapshot_every_s = snapshot_every_s
+        if not ls_delivery_wait_s >= 0:
+            raise ValueError(f"ls_delivery_wait_s must be >= 0, got {ls_delivery_wait_s!r}")
+        self.ls_delivery_wait_s = ls_delivery_wait_s
+        self._delivered = threading.Event()
+        self._ls_pushed: OutputStream | None = None  # a LS stream given its first token
         self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]]
         self._commands = collections.deque()
         self._wake = threading.Event()
@@ -387,6 +407,7 @@ class EngineLoop:
                 self._drain()
                 if self._busy():
                     self.engine.step()
+                    self._await_delivery()
                     self._after_step()
                 else:
                     self._snapshot(force=True)
@@ -420,6 +441,19 @@ class EngineLoop:
             not j.finished for j in self.runner.jobs.values()
         )
 
+    def _await_delivery(self) -> None:
+        """Wait (at most ``ls_delivery_wait_s``) for the loop to deliver the latency-sensitive
+        first tokens of the step that just ended (see the class docstring)."""
+        stream, self._ls_pushed = self._ls_pushed, None
+        if stream is None or self.ls_delivery_wait_s == 0:
+            return
+        self._delivered.clear()
+        try:
+            stream.after_readers(self._delivered.set)
+        except RuntimeError:  # its event loop has closed: nobody is reading
+            return
+        self._delivered.wait(self.ls_delivery_wait_s)
+
     def _after_step(self) -> None:
         now = self.engine.clock()
         for tracked in list(self._unadmitted.values()):  # (not every tracked one, each step)
@@ -451,8 +485,9 @@ class EngineLoop:
         """A server request advanced or ended: its stream gets new tokens before the metrics
         are updated (they are on the client's latency path; the metrics can wait some
         microseconds), the end after them (a client that has seen the end sees it counted)."""
+        first = tracked.tokens_seen == 0 and len(out.token_ids) > 0
         if tracked.stream is not None and not out.finished:
-            tracked.stream.push(out)
+            self._push(tracked, out, first)
         m, labels = self.metrics, self.metrics.label(tracked.cls)
         now = self.engine.clock()
         n = len(out.token_ids)
@@ -474,7 +509,12 @@ class EngineLoop:
             m.success.labels(**labels, finished_reason=out.finish_reason or "abort").inc()
             self._tracked.pop(out.request_id, None)
             if tracked.stream is not None:
-                tracked.stream.push(out)
+                self._push(tracked, out, first)
+
+    def _push(self, tracked: _Tracked, out: RequestOutput, first: bool) -> None:
+        tracked.stream.push(out)
+        if first and tracked.cls == LS:
+            self._ls_pushed = tracked.stream  # _await_delivery waits for it
 
     def _snapshot(self, force: bool = False) -> None:
         """The scheduler's queue sizes and counters for the gauges, at most every
@@ -712,13 +752,18 @@ def build_state(
     max_waiting_ls: int = 256,
     max_upload_bytes: int = 200 << 20,
     checkpoint_every: float | None = 60.0,
+    ls_delivery_wait_s: float = 0.005,
 ) -> ServerState:
-    """Everything the app serves with; the engine thread is started by the app's lifespan."""
+    """Everything the app serves with; the engine thread is started by the app's lifespan.
+    ``ls_delivery_wait_s``: see ``EngineLoop``."""
     name = model_name or served_model_name(engine)
     metrics = Metrics(name)
     runner = jobs.JobRunner(engine, checkpoint_every=checkpoint_every)
     runner.model_name = name
-    loop = EngineLoop(engine, runner, metrics, max_waiting_ls=max_waiting_ls)
+    loop = EngineLoop(
+        engine, runner, metrics, max_waiting_ls=max_waiting_ls,
+        ls_delivery_wait_s=ls_delivery_wait_s,
+    )  # fmt: skip
     store = BatchStore(state_dir, max_upload_bytes)
     fp = "fp_" + model_fingerprint(engine.model)["digest"][:12]
     return ServerState(engine, loop, store, metrics, name, fp)

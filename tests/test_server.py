@@ -640,6 +640,70 @@ def test_an_idle_engine_loop_runs_a_command_at_once():
     assert not loop.alive and loop.error is None
 
 
+def test_the_engine_thread_waits_until_latency_sensitive_tokens_are_read():
+    """After a step that gave a LS request its first token the engine thread starts no step
+    before the event loop's reader has it (``ls_delivery_wait_s``); later tokens and BE
+    streams are not waited for."""
+    import asyncio
+
+    from qllm_jax import jobs, server
+
+    engine = qllm_jax.Engine(qllm_jax.random_model("mixtral-tiny", "float32"), kv_pages=16)
+    runner = jobs.JobRunner(engine, checkpoint_every=None)
+    with pytest.raises(ValueError, match="ls_delivery_wait_s"):
+        server.EngineLoop(engine, runner, server.Metrics("m"), ls_delivery_wait_s=-1)
+    loop = server.EngineLoop(engine, runner, server.Metrics("m"), ls_delivery_wait_s=30.0)
+    steps: list[tuple[float, int]] = []  # (start, the request's tokens before the step)
+    step, req = engine.step, None
+
+    def timed_step():
+        steps.append((time.monotonic(), len(req.output_token_ids) if req else 0))
+        return step()
+
+    engine.step = timed_step
+
+    async def read(priority: int, lag: float = 0.0, then: float = 0.0) -> list[tuple[float, int]]:
+        nonlocal req
+        sp = qllm_jax.SamplingParams(max_tokens=6, ignore_eos=True)
+        steps.clear()
+        req = engine.make_request([5, 6, 7, 8], sp, priority)
+        loop.reserve(server._class(priority))
+        stream = server.OutputStream(asyncio.get_running_loop())
+        await asyncio.wrap_future(loop.submit(req, stream))
+        await asyncio.sleep(lag)  # a slow reader
+        got = []
+        while True:
+            out = await stream.next()
+            got.append((time.monotonic(), len(out.token_ids)))
+            if out.finished:
+                return got
+            await asyncio.sleep(then)  # slow after the first read
+
+    def read_before_next_step(got) -> list[bool]:
+        # a read of n tokens: the next step that starts with n tokens (the one after the step
+        # that made the n-th) starts after the read
+        return [all(t > at for t, before in steps if before == n) for at, n in got]
+
+    loop.start()
+    try:
+        t0 = time.monotonic()
+        firsts = []
+        for _ in range(3):
+            ls = asyncio.run(read(0))
+            assert [n for _, n in ls] == [1, 2, 3, 4, 5, 6]
+            firsts.append(read_before_next_step(ls)[0])
+        took = time.monotonic() - t0
+        late = asyncio.run(read(0, then=2.0))  # later LS tokens: not waited for
+        late_steps = [t for t, n in steps if n > 0]
+        be = asyncio.run(read(1, lag=2.0))  # BE: the engine runs on while nobody reads
+        be_steps = [t for t, _ in steps]
+    finally:
+        loop.stop()
+    assert all(firsts) and took < 25, firsts  # (never the 30 s timeout)
+    assert late[-1][1] == 6 and max(late_steps) < late[1][0]
+    assert be[-1][1] == 6 and max(be_steps) < be[0][0]
+
+
 def test_generate_from_the_shell(cache, reference):
     prompt = PROMPTS[1]
     out = subprocess.run(
