@@ -137,15 +137,22 @@ def make_backlog(
     ls_lengths: Lengths,
     be_lengths: Lengths,
     seed: int,
+    ls_count: int | None = None,
 ) -> list[Item]:
     """A standing BE backlog (``be_count`` requests at t=0, more than the run can finish) and
-    LS requests arriving as a Poisson process over ``duration`` seconds."""
+    LS requests arriving as a Poisson process over ``duration`` seconds. ``ls_count``: exactly
+    that many LS arrivals, uniform over the window (the Poisson process conditioned on its
+    count), so a short run is sure of its sample size; else as many as the process gives."""
     rng = random.Random(seed)
     items = [Item(f"be{i}", 0.0, *be_lengths.sample(rng), 1) for i in range(be_count)]
-    t, i = rng.expovariate(ls_rate), 0
-    while t < duration:
-        items.append(Item(f"ls{i}", t, *ls_lengths.sample(rng), 0))
-        t, i = t + rng.expovariate(ls_rate), i + 1
+    if ls_count is not None:
+        times = sorted(rng.uniform(0.0, duration) for _ in range(ls_count))
+    else:
+        times, t = [], rng.expovariate(ls_rate)
+        while t < duration:
+            times.append(t)
+            t += rng.expovariate(ls_rate)
+    items += [Item(f"ls{i}", t, *ls_lengths.sample(rng), 0) for i, t in enumerate(times)]
     return sorted(items, key=lambda it: it.arrival)
 
 

@@ -443,6 +443,9 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+MIN_LS_ARRIVALS = 30  # the backlog's LS sample: at least this many arrivals in the window
+
+
 def run_backlog(args, run, real: bool, label: str, device: str) -> dict:
     """The demo: a standing BE backlog, >= 30 LS arrivals per arm, measured in one window."""
     duration = args.duration or (30.0 if real else 120.0)
@@ -452,7 +455,8 @@ def run_backlog(args, run, real: bool, label: str, device: str) -> dict:
     if args.prompt_mean:
         be_len = dataclasses.replace(be_len, prompt_mean=args.prompt_mean)
     be_count = 4000  # more than any arm finishes in the window: the backlog never drains
-    items = make_backlog(duration, ls_rate, be_count, ls_len, be_len, args.seed)
+    ls_count = max(MIN_LS_ARRIVALS, round(ls_rate * duration))
+    items = make_backlog(duration, ls_rate, be_count, ls_len, be_len, args.seed, ls_count)
     results = {}
     for arm in tqdm(args.arms, desc="arms"):
         r = run(arm, items, args.seed, until=duration)

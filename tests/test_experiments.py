@@ -105,6 +105,9 @@ def test_backlog_workload_keeps_be_waiting_and_spreads_ls():
     assert sum(it.priority > 0 and it.arrival == 0.0 for it in items) == 500
     assert 40 <= len(ls) <= 80 and max(it.arrival for it in ls) < 60.0
     assert items == sorted(items, key=lambda it: it.arrival)
+    fixed = rp.make_backlog(30.0, 1.2, 10, ls_len, be_len, seed=0, ls_count=36)
+    ls = [it.arrival for it in fixed if it.priority == 0]
+    assert len(ls) == 36 and min(ls) >= 0 and max(ls) < 30.0 and len(set(ls)) == 36
 
 
 def test_reproduce_paper_sim_end_to_end(tmp_path):
