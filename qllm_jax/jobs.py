@@ -546,7 +546,24 @@ class JobRunner:
         """A new job from a Batch API input file (a path) or its lines (dicts), in the empty or
         new directory ``job_dir``. ``job_id`` defaults to a hash of the input and priority (so
         the same input gives the same ids); ``endpoint`` requires every line to use it;
-        ``metadata`` is kept in ``job.json`` (the CLI keeps its engine flags there)."""
+        ``metadata`` is kept in ``job.json`` (the CLI keeps its engine flags there).
+        ``prepare`` and then ``start``, in one call."""
+        return self.start(self.prepare(requests, job_dir, priority, job_id, endpoint, metadata))
+
+    def prepare(
+        self,
+        requests: str | os.PathLike | Iterable[Mapping[str, Any]],
+        job_dir: str | os.PathLike,
+        priority: int = 1,
+        job_id: str | None = None,
+        endpoint: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Job:
+        """``create``'s first half: write, parse and validate the job (status "validating"; a
+        bad line gets its error line, a bad file raises ``JobInputError`` and leaves the job
+        "failed"). It changes no engine or runner state, so a server runs it off the engine
+        thread (validating a large file takes a while); ``start`` then queues the job, on the
+        engine's thread."""
         if isinstance(priority, bool) or not isinstance(priority, int) or priority < 1:
             raise ValueError(f"a job is best-effort: priority must be an int >= 1, got {priority}")
         data = _input_bytes(requests)
@@ -577,6 +594,14 @@ class JobRunner:
         job = Job(paths, manifest, lines, lock)
         self._validate_bodies(job)
         job.sync()
+        return job
+
+    def start(self, job: Job) -> Job:
+        """Queue a job from ``prepare``: it goes "in_progress" (or straight to its end: no
+        valid line, or cancelled while it was validated)."""
+        if job.id in self.jobs:
+            job.lock.release()
+            raise JobError(f"job {job.id} is already running here (give another job_id)")
         return self._start(job)
 
     def resume(self, job_dir: str | os.PathLike, recompute: bool = False) -> Job:

@@ -1138,9 +1138,9 @@ def _add_batch_routes(app: FastAPI, state: ServerState) -> None:
             "metadata": metadata,
         }
 
-        def start() -> None:
+        def prepare() -> jobs.Job | None:
             with contextlib.suppress(jobs.JobInputError):  # the batch is then "failed"
-                loop.runner.create(
+                return loop.runner.prepare(
                     path,
                     store.batches / batch_id,
                     priority=1,
@@ -1148,8 +1148,11 @@ def _add_batch_routes(app: FastAPI, state: ServerState) -> None:
                     endpoint=endpoint,
                     metadata={"batch": info},
                 )
+            return None
 
-        await loop.run(start)
+        job = await asyncio.to_thread(prepare)  # not on the engine thread: it would stall steps
+        if job is not None:
+            await loop.run(lambda: loop.runner.start(job))
         return store.batch(batch_id)
 
     @app.get("/v1/batches")

@@ -238,6 +238,23 @@ def test_a_directory_holds_one_job(model, tmp_path):
         runner.create([_line("b", {"prompt": "y"})], tmp_path / "ls", priority=0)
 
 
+def test_prepare_touches_no_engine_state_and_start_queues(model, tmp_path):
+    """``create`` = ``prepare`` (validation, off the engine thread in the server) + ``start``:
+    a prepared job is validated on disk but unknown to the runner and the engine."""
+    eng = engine(model)
+    runner = jobs.JobRunner(eng, checkpoint_every=None)
+    lines = [_line("a", {"prompt": "x", "max_tokens": 2}), _line("b", {"prompt": "y", "n": 2})]
+    job = runner.prepare(lines, tmp_path / "job", job_id="j1")
+    assert jobs.status(tmp_path / "job").status == "validating" and job.total == 2
+    assert runner.jobs == {} and not eng.has_unfinished()
+    assert set(results(tmp_path / "job")) == {"b"}  # the bad line's error, written up front
+    other = runner.prepare(lines, tmp_path / "job2", job_id="j1")
+    assert runner.start(job) is job and set(runner.jobs) == {"j1"}
+    with pytest.raises(jobs.JobError, match="already running"):
+        runner.start(other)
+    assert runner.run(job) and jobs.status(tmp_path / "job").status == "completed"
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 
