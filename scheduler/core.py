@@ -285,6 +285,9 @@ class Scheduler:
         # its swapped tokens, pages the prefix cache mapped instead); the next plan swaps them in
         self._readmitted: dict[int, tuple[Request, list[int], int, int]] = {}
         self._swapped_in_slots: list[int] = []
+        # seq_id -> ((allocator.contents_version, num_tokens), cached prefix pages)
+        self._prefix_len: dict[int, tuple[tuple[int, int], int]] = {}
+        self._live_be = 0  # BE requests waiting or admitted (none: _be_due needs no scan)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -332,6 +335,7 @@ class Scheduler:
         req.max_len = self._max_len(req)
         req.last_progress = progress_at
         req.arrival_work = self.rows_done
+        self._live_be += req.priority > 0
         self._quiet = None
         self.requests[req.request_id] = req
         self.seqs[req.seq_id] = req
@@ -390,6 +394,16 @@ class Scheduler:
     def key(self, req: Request, now: float) -> tuple[float, float, int]:
         return (self.effective_priority(req, now), req.arrival_time, req.seq_id)
 
+    def _row_order_key(self, now: float) -> Callable[[Request], tuple]:
+        """``_row_order`` at ``now`` as a sort key. Without aging, ``prefill_first`` or a
+        work-based queue order the key is plain request fields, built without the method
+        calls (the same tuples: sorting once per decision over every free row is the
+        scheduler's hottest loop)."""
+        cfg = self.config
+        if cfg.aging_s is None and not cfg.prefill_first and cfg.queue_order == "fcfs":
+            return lambda r: (r.priority, 0, r.arrival_time, r.seq_id)
+        return lambda r: self._row_order(r, now)
+
     def _row_order(self, req: Request, now: float) -> tuple:
         """Order in which requests fill a new pass: by key, or with ``prefill_first`` prompts
         of a class ahead of that class's decodes (the reference code's order: a new LS prompt
@@ -423,7 +437,7 @@ class Scheduler:
         """Tokens ``req`` must still feed before it samples again (at least 1): for a waiting
         request, those the prefix cache does not hold now."""
         if req.status == Status.WAITING:
-            held = max(len(self._cached_prefix(req)) * self.config.page_size, req.swapped_tokens)
+            held = max(self._cached_prefix_len(req) * self.config.page_size, req.swapped_tokens)
             return max(1, req.num_tokens - held)
         return max(1, req.num_tokens - req.num_computed)
 
@@ -502,7 +516,8 @@ class Scheduler:
                 req.status = Status.RUNNING
                 self._progress(req, now)
                 self.rows_done += chunk.num_tokens
-                self._cache_pages(req)
+                if req.num_computed // self.config.page_size > req.cached_pages:
+                    self._cache_pages(req)  # (it filled a page)
                 if chunk.samples:
                     self._append(req, result.tokens[chunk.seq_id], now)
                 out.append(req)
@@ -570,7 +585,7 @@ class Scheduler:
             if decoding:  # decode-first: prefills wait until every decode is done
                 free = decoding
         else:
-            free.sort(key=lambda r: self._row_order(r, now))
+            free.sort(key=self._row_order_key(now))
             if self._be_due(now):  # starving BE rows take their share of the seats first
                 free = self._starving_first(free, now)
                 self.counters["be_turns"] += 1
@@ -611,7 +626,7 @@ class Scheduler:
     def _pick_pass(self, now: float) -> PassState | None:
         """The next pass to run: a parked one, or a new one from free requests, by urgency."""
         parked = [p for p in self.passes.values() if p.parked_since is not None]
-        free = sorted(self._free(), key=lambda r: self._row_order(r, now))
+        free = sorted(self._free(), key=self._row_order_key(now))
         turn = False
         if self._be_due(now):  # BE's turn: one whole pass of its parked or free work
             be_parked = [p for p in parked if self._pass_priority(p, now) > 0]
@@ -756,7 +771,7 @@ class Scheduler:
         ``be_starve_s`` and BE's share of recent work is below ``be_share``."""
         share = self.config.be_share
         total = sum(self._work)
-        if share is None or (total and self._work[1] / total >= share):
+        if share is None or (total and self._work[1] / total >= share) or not self._live_be:
             return False
         limit = now - self.config.be_starve_s
         return any(r.priority > 0 and r.last_progress <= limit for r in self._live())
@@ -809,11 +824,16 @@ class Scheduler:
 
     def _count_pass(self, ps: PassState) -> None:
         """Attribution: passes holding each class, and that class's rows in them."""
-        classes = [self.seqs[c.seq_id].priority > 0 for c in ps.chunks]
-        for be in set(classes):
-            self.counters["passes_be" if be else "passes_ls"] += 1
-        for c, be in zip(ps.chunks, classes, strict=True):
-            self.counters["rows_be" if be else "rows_ls"] += c.num_tokens
+        rows = [0, 0]  # LS, BE
+        held = [False, False]
+        for c in ps.chunks:
+            be = self.seqs[c.seq_id].priority > 0
+            rows[be] += c.num_tokens
+            held[be] = True
+        for be, name in ((False, "ls"), (True, "be")):
+            if held[be]:
+                self.counters[f"passes_{name}"] += 1
+                self.counters[f"rows_{name}"] += rows[be]
 
     def _progress(self, req: Request, now: float) -> None:
         if req.priority > 0:
@@ -944,6 +964,7 @@ class Scheduler:
         )
         chunks, i = [], 0
         chosen: set[int] = set()
+        chunk_size, page_size = self.config.chunk_size, self.config.page_size
         for req in ordered:
             if req.status is not Status.RUNNING:
                 continue  # evicted for a row chosen before it
@@ -955,8 +976,10 @@ class Scheduler:
             if budget == 0 or seats == 0:
                 break
             remaining = req.num_tokens - req.num_computed
-            n = min(remaining, budget, self.config.chunk_size if remaining > 1 else 1)
-            if not self._grow(req, req.num_computed + n, now, chosen):
+            n = min(remaining, budget, chunk_size if remaining > 1 else 1)
+            end = req.num_computed + n
+            # (_grow has nothing to do while the pages held cover the row: the usual case)
+            if end > len(req.pages) * page_size and not self._grow(req, end, now, chosen):
                 self._starved.append(req)
                 continue  # no pages for it now: it waits for a pass to free some
             chunks.append(self._chunk(req, n))
@@ -1069,6 +1092,17 @@ class Scheduler:
             return []
         n = reusable_pages(req.num_tokens, self.config.page_size)
         return self.allocator.lookup(self._page_hashes(req, n)[:n])
+
+    def _cached_prefix_len(self, req: Request) -> int:
+        """``len(self._cached_prefix(req))``, memoised per request on the cache's contents
+        (``allocator.contents_version``) and the request's length: sjf orders the waiting
+        queue by it at every decision, and it only changes when the cache does."""
+        key = (self.allocator.contents_version, req.num_tokens)
+        memo = self._prefix_len.get(req.seq_id)
+        if memo is None or memo[0] != key:
+            memo = (key, len(self._cached_prefix(req)))
+            self._prefix_len[req.seq_id] = memo
+        return memo[1]
 
     def _map_prefix(self, req: Request, n: int) -> None:
         """``req``'s first ``n`` pages are now cached ones: their tokens count as computed."""
@@ -1256,10 +1290,14 @@ class Scheduler:
         self.counters["resets"] += 1
 
     def _finish(self, req: Request, reason: str, status: Status) -> None:
+        live = False
         if req in self.waiting:
             self.waiting.remove(req)
+            live = True
         if req in self.admitted:
             self.admitted.remove(req)
+            live = True
+        self._live_be -= live and req.priority > 0
         if req.pages:
             self.allocator.free(req.pages)
             req.pages = []
@@ -1270,6 +1308,7 @@ class Scheduler:
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
         self.seqs.pop(req.seq_id, None)
+        self._prefix_len.pop(req.seq_id, None)
         self._ended.append(req.seq_id)
 
     def parked_rows(self) -> int:
