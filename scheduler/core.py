@@ -287,6 +287,7 @@ class Scheduler:
         self._swapped_in_slots: list[int] = []
         # seq_id -> ((allocator.contents_version, num_tokens), cached prefix pages)
         self._prefix_len: dict[int, tuple[tuple[int, int], int]] = {}
+        self._page_tuples: dict[int, tuple[list[int], tuple[int, ...]]] = {}  # _page_tuple's
         self._live_be = 0  # BE requests waiting or admitted (none: _be_due needs no scan)
 
     # -- requests -------------------------------------------------------------------------------
@@ -982,7 +983,7 @@ class Scheduler:
             if end > len(req.pages) * page_size and not self._grow(req, end, now, chosen):
                 self._starved.append(req)
                 continue  # no pages for it now: it waits for a pass to free some
-            chunks.append(self._chunk(req, n))
+            chunks.append(self._chunk(req, n, self._page_tuple(req)))
             chosen.add(req.seq_id)
             budget, seats = budget - n, seats - 1
         return chunks
@@ -1017,16 +1018,30 @@ class Scheduler:
         req.pages = req.pages + self.allocator.allocate(need)
         return True
 
+    def _page_tuple(self, req: Request) -> tuple[int, ...]:
+        """``tuple(req.pages)``, memoised while ``req.pages`` is the same list of the same
+        length: every row of a request carries its whole page table, and copying a long
+        one at every decode step was the simulator's costliest line. (The scheduler replaces
+        a page table with a new list whenever it changes it.)"""
+        memo = self._page_tuples.get(req.seq_id)
+        if memo is None or memo[0] is not req.pages or len(memo[1]) != len(req.pages):
+            memo = (req.pages, tuple(req.pages))
+            self._page_tuples[req.seq_id] = memo
+        return memo[1]
+
     @staticmethod
-    def _chunk(req: Request, n: int) -> Chunk:
-        """The next ``n`` tokens of ``req`` to compute, as a snapshot row chunk."""
+    def _chunk(req: Request, n: int, pages: tuple[int, ...] | None = None) -> Chunk:
+        """The next ``n`` tokens of ``req`` to compute, as a snapshot row chunk (``pages``:
+        ``tuple(req.pages)``, when the caller has it)."""
         start, sample = req.num_computed, None
         if start + n == req.num_tokens:
             sp = req.sampling
             sample = SampleSpec(
                 sp.temperature, sp.top_k, sp.top_p, req.seed, len(req.output_token_ids)
             )
-        return Chunk(req.seq_id, start, req.token_slice(start, start + n), tuple(req.pages), sample)
+        if pages is None:
+            pages = tuple(req.pages)
+        return Chunk(req.seq_id, start, req.token_slice(start, start + n), pages, sample)
 
     def _admit(self, now: float) -> None:
         """Give waiting requests their KV pages, most urgent first (arrival order for fcfs).
@@ -1132,7 +1147,8 @@ class Scheduler:
             own = req.pages[req.prefix_pages : len(cached)]
             self.allocator.acquire(fresh)
             self.allocator.free(own)
-            req.pages[req.prefix_pages : len(cached)] = fresh
+            # a new list, not a slice assignment: _page_tuple knows a page table by identity
+            req.pages = req.pages[: req.prefix_pages] + fresh + req.pages[len(cached) :]
             self._map_prefix(req, len(cached))
 
     def _cache_pages(self, req: Request) -> None:
@@ -1309,6 +1325,7 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         self.seqs.pop(req.seq_id, None)
         self._prefix_len.pop(req.seq_id, None)
+        self._page_tuples.pop(req.seq_id, None)
         self._ended.append(req.seq_id)
 
     def parked_rows(self) -> int:

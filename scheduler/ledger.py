@@ -142,6 +142,9 @@ class Ledger:
             self._set(pid, moves[-1].record)
         if not plan.runs:
             return Applied(tuple(gone), freed, tuple(moves), None, None)
+        if plan.new and plan.finishes:  # (a fused plan: its carry is made and gone at once)
+            rec = CarryRecord(plan.cursor + plan.num_segments, tuple(plan.chunks))
+            return Applied(tuple(gone), freed, tuple(moves), None, rec)
         if plan.new:
             self._set(plan.pass_id, CarryRecord(0, tuple(plan.chunks)))
         elif plan.absorb or plan.split_seq_ids:
