@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable
 from typing import Literal
@@ -225,7 +226,7 @@ class PassState:
     def snapshot(self) -> tuple[Chunk, ...]:
         """``chunks`` as a tuple, the same object while they do not change (cheap to compare)."""
         if len(self._snapshot) != len(self.chunks) or any(
-            a is not b for a, b in zip(self._snapshot, self.chunks)
+            map(operator.is_not, self._snapshot, self.chunks)
         ):
             self._snapshot = tuple(self.chunks)
         return self._snapshot

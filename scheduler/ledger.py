@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 
 from .plan import Chunk, Plan, PlanError
 
@@ -174,10 +175,9 @@ class Ledger:
 
     def check(self, plan: Plan) -> None:
         """Raise ``PlanError`` naming the first thing wrong with ``plan``; change nothing."""
-        released = self._after_release(plan.finished_seq_ids)
-        rows = {pid: list(rec.chunks) for pid, rec in self.carries.items()}
-        for pid, keep in released.items():
-            rows[pid] = list(keep)
+        # each carry's rows after the plan's releases (the records' own tuples: not copied)
+        rows = {pid: rec.chunks for pid, rec in self.carries.items()}
+        rows |= self._after_release(plan.finished_seq_ids)
         live = {pid for pid, chunks in rows.items() if chunks}
         if plan.swap_out or plan.swap_in or plan.drop_slots:
             self._check_swaps(plan, rows)
@@ -190,7 +190,7 @@ class Ledger:
             if pid in live or plan.cursor != 0 or plan.absorb:
                 raise PlanError(f"pass {pid}: created twice, not at cursor 0, or absorbing")
             self._check_new_chunks(plan.chunks, rows)
-            held = list(plan.chunks)
+            held = plan.chunks
         else:
             if plan.fused:
                 raise PlanError(f"pass {pid}: a fused plan must create its pass")
@@ -203,7 +203,9 @@ class Ledger:
                     )
             if pid in plan.absorb or len(set(plan.absorb)) != len(plan.absorb):
                 raise PlanError(f"pass {pid}: absorbs itself or a pass twice")
-            held = [c for p in (pid, *plan.absorb) for c in rows[p]]
+            held = (
+                rows[pid] if not plan.absorb else [c for p in (pid, *plan.absorb) for c in rows[p]]
+            )
         if plan.split_seq_ids:
             split = set(plan.split_seq_ids)
             moved = [c for c in held if c.seq_id in split]
@@ -218,7 +220,10 @@ class Ledger:
             held = [c for c in held if c.seq_id not in split]
         elif plan.split_pass_id is not None:
             raise PlanError(f"pass {pid}: a split pass id without rows to split")
-        same = len(held) == len(plan.chunks) and all(a is b for a, b in zip(held, plan.chunks))
+        # (a pass advanced unchanged hands back the very tuple its carry records)
+        same = held is plan.chunks or (
+            len(held) == len(plan.chunks) and all(map(operator.is_, held, plan.chunks))
+        )
         if not same and sorted(held, key=_seq) != sorted(plan.chunks, key=_seq):
             raise PlanError(f"pass {pid}: carry rows differ from plan.chunks")
         end = plan.cursor + plan.num_segments
