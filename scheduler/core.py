@@ -240,6 +240,21 @@ class PassState:
         return any(c.num_tokens > 1 or not c.samples for c in self.chunks)
 
 
+class _TokenView:
+    """A request's prompt and output tokens as one sequence for ``extend_hashes`` (its length
+    and slices), without building ``all_token_ids``: a decoding request fills a page every
+    ``page_size`` tokens, and copying its whole context each time cost more than the hash."""
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+
+    def __len__(self) -> int:
+        return self.req.num_tokens
+
+    def __getitem__(self, s: slice) -> tuple[int, ...]:
+        return self.req.token_slice(s.start, s.stop)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -1098,7 +1113,7 @@ class Scheduler:
     def _page_hashes(self, req: Request, n: int) -> list[int]:
         """``req``'s page hash chain, grown to ``n`` pages (``n`` full pages of its tokens)."""
         if len(req.page_hashes) < n:
-            extend_hashes(req.page_hashes, req.all_token_ids, self.config.page_size, n)
+            extend_hashes(req.page_hashes, _TokenView(req), self.config.page_size, n)
         return req.page_hashes
 
     def _cached_prefix(self, req: Request) -> list[int]:
