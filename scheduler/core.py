@@ -526,16 +526,18 @@ class Scheduler:
                 self.active = None
             now = self.clock()
             self._count_pass(ps)
-            for chunk in ps.chunks:
+            page_size = self.config.page_size
+            for chunk in ps.chunks:  # (every row of every pass: Chunk's properties inlined)
                 req = self.seqs[chunk.seq_id]
                 del self.in_pass[chunk.seq_id]
-                req.num_computed = chunk.end
+                n = len(chunk.token_ids)
+                req.num_computed = chunk.start + n
                 req.status = Status.RUNNING
                 self._progress(req, now)
-                self.rows_done += chunk.num_tokens
-                if req.num_computed // self.config.page_size > req.cached_pages:
+                self.rows_done += n
+                if req.num_computed // page_size > req.cached_pages:
                     self._cache_pages(req)  # (it filled a page)
-                if chunk.samples:
+                if chunk.sample is not None:
                     self._append(req, result.tokens[chunk.seq_id], now)
                 out.append(req)
         for req in out:

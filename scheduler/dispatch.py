@@ -167,6 +167,8 @@ class _FreshView(Sequence):
         return self.board.n
 
     def __getitem__(self, r: int) -> Snapshot:
+        if r < 0:
+            r += self.board.n
         if not 0 <= r < self.board.n:
             raise IndexError(r)  # (ends iteration, as a list's)
         s = self.snaps[r]

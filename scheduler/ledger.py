@@ -285,9 +285,10 @@ class Ledger:
         if len(set(seqs)) != len(seqs) or elsewhere & set(seqs):
             raise PlanError(f"a request has rows in two passes: sequences {seqs}")
         for c in chunks:
-            if c.num_tokens < 1 or c.start < 0:
+            n = len(c.token_ids)  # (c.num_tokens: every row of every new pass comes here)
+            if n < 1 or c.start < 0:
                 raise PlanError(f"sequence {c.seq_id}: an empty chunk or a negative start")
-            if len(c.pages) * self.page_size < c.end:
+            if len(c.pages) * self.page_size < c.start + n:
                 raise PlanError(
                     f"sequence {c.seq_id}: {len(c.pages)} pages do not hold {c.end} tokens"
                 )

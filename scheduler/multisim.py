@@ -291,12 +291,16 @@ class MultiSimulator:
             rows, ctx, span, sampled = self.replicas[r].pass_shape(plan.chunks)
             others, experts = self._split_segments(plan.cursor, plan.num_segments)
             t = cost.host_overhead + (cost.embed_base if plan.new else 0.0)
+            # a non-expert segment's time depends on its kind only: priced once per kind
+            by_kind: dict[str, float] = {}
             for seg in others:  # in order (None: an expert segment's overhead)
-                t += (
-                    cost.segment_overhead
-                    if seg is None
-                    else cost.segment_time(seg, rows, ctx, E, span)
-                )
+                if seg is None:
+                    t += cost.segment_overhead
+                    continue
+                dt = by_kind.get(seg.kind)
+                if dt is None:
+                    dt = by_kind[seg.kind] = cost.segment_time(seg, rows, ctx, E, span)
+                t += dt
             for layer, size in experts:
                 rows_at.setdefault(layer, [0.0] * len(plans))[r] += rows * size / E
             if plan.finishes:
