@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable
 from typing import Literal
@@ -225,7 +226,7 @@ class PassState:
     def snapshot(self) -> tuple[Chunk, ...]:
         """``chunks`` as a tuple, the same object while they do not change (cheap to compare)."""
         if len(self._snapshot) != len(self.chunks) or any(
-            a is not b for a, b in zip(self._snapshot, self.chunks)
+            map(operator.is_not, self._snapshot, self.chunks)
         ):
             self._snapshot = tuple(self.chunks)
         return self._snapshot
@@ -237,6 +238,21 @@ class PassState:
     @property
     def has_prefill(self) -> bool:
         return any(c.num_tokens > 1 or not c.samples for c in self.chunks)
+
+
+class _TokenView:
+    """A request's prompt and output tokens as one sequence for ``extend_hashes`` (its length
+    and slices), without building ``all_token_ids``: a decoding request fills a page every
+    ``page_size`` tokens, and copying its whole context each time cost more than the hash."""
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+
+    def __len__(self) -> int:
+        return self.req.num_tokens
+
+    def __getitem__(self, s: slice) -> tuple[int, ...]:
+        return self.req.token_slice(s.start, s.stop)
 
 
 class Scheduler:
@@ -285,6 +301,10 @@ class Scheduler:
         # its swapped tokens, pages the prefix cache mapped instead); the next plan swaps them in
         self._readmitted: dict[int, tuple[Request, list[int], int, int]] = {}
         self._swapped_in_slots: list[int] = []
+        # seq_id -> ((allocator.contents_version, num_tokens), cached prefix pages)
+        self._prefix_len: dict[int, tuple[tuple[int, int], int]] = {}
+        self._page_tuples: dict[int, tuple[list[int], tuple[int, ...]]] = {}  # _page_tuple's
+        self._live_be = 0  # BE requests waiting or admitted (none: _be_due needs no scan)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -332,6 +352,7 @@ class Scheduler:
         req.max_len = self._max_len(req)
         req.last_progress = progress_at
         req.arrival_work = self.rows_done
+        self._live_be += req.priority > 0
         self._quiet = None
         self.requests[req.request_id] = req
         self.seqs[req.seq_id] = req
@@ -390,6 +411,16 @@ class Scheduler:
     def key(self, req: Request, now: float) -> tuple[float, float, int]:
         return (self.effective_priority(req, now), req.arrival_time, req.seq_id)
 
+    def _row_order_key(self, now: float) -> Callable[[Request], tuple]:
+        """``_row_order`` at ``now`` as a sort key. Without aging, ``prefill_first`` or a
+        work-based queue order the key is plain request fields, built without the method
+        calls (the same tuples: sorting once per decision over every free row is the
+        scheduler's hottest loop)."""
+        cfg = self.config
+        if cfg.aging_s is None and not cfg.prefill_first and cfg.queue_order == "fcfs":
+            return lambda r: (r.priority, 0, r.arrival_time, r.seq_id)
+        return lambda r: self._row_order(r, now)
+
     def _row_order(self, req: Request, now: float) -> tuple:
         """Order in which requests fill a new pass: by key, or with ``prefill_first`` prompts
         of a class ahead of that class's decodes (the reference code's order: a new LS prompt
@@ -423,7 +454,7 @@ class Scheduler:
         """Tokens ``req`` must still feed before it samples again (at least 1): for a waiting
         request, those the prefix cache does not hold now."""
         if req.status == Status.WAITING:
-            held = max(len(self._cached_prefix(req)) * self.config.page_size, req.swapped_tokens)
+            held = max(self._cached_prefix_len(req) * self.config.page_size, req.swapped_tokens)
             return max(1, req.num_tokens - held)
         return max(1, req.num_tokens - req.num_computed)
 
@@ -495,15 +526,18 @@ class Scheduler:
                 self.active = None
             now = self.clock()
             self._count_pass(ps)
-            for chunk in ps.chunks:
+            page_size = self.config.page_size
+            for chunk in ps.chunks:  # (every row of every pass: Chunk's properties inlined)
                 req = self.seqs[chunk.seq_id]
                 del self.in_pass[chunk.seq_id]
-                req.num_computed = chunk.end
+                n = len(chunk.token_ids)
+                req.num_computed = chunk.start + n
                 req.status = Status.RUNNING
                 self._progress(req, now)
-                self.rows_done += chunk.num_tokens
-                self._cache_pages(req)
-                if chunk.samples:
+                self.rows_done += n
+                if req.num_computed // page_size > req.cached_pages:
+                    self._cache_pages(req)  # (it filled a page)
+                if chunk.sample is not None:
                     self._append(req, result.tokens[chunk.seq_id], now)
                 out.append(req)
         for req in out:
@@ -570,7 +604,7 @@ class Scheduler:
             if decoding:  # decode-first: prefills wait until every decode is done
                 free = decoding
         else:
-            free.sort(key=lambda r: self._row_order(r, now))
+            free.sort(key=self._row_order_key(now))
             if self._be_due(now):  # starving BE rows take their share of the seats first
                 free = self._starving_first(free, now)
                 self.counters["be_turns"] += 1
@@ -611,7 +645,7 @@ class Scheduler:
     def _pick_pass(self, now: float) -> PassState | None:
         """The next pass to run: a parked one, or a new one from free requests, by urgency."""
         parked = [p for p in self.passes.values() if p.parked_since is not None]
-        free = sorted(self._free(), key=lambda r: self._row_order(r, now))
+        free = sorted(self._free(), key=self._row_order_key(now))
         turn = False
         if self._be_due(now):  # BE's turn: one whole pass of its parked or free work
             be_parked = [p for p in parked if self._pass_priority(p, now) > 0]
@@ -756,7 +790,7 @@ class Scheduler:
         ``be_starve_s`` and BE's share of recent work is below ``be_share``."""
         share = self.config.be_share
         total = sum(self._work)
-        if share is None or (total and self._work[1] / total >= share):
+        if share is None or (total and self._work[1] / total >= share) or not self._live_be:
             return False
         limit = now - self.config.be_starve_s
         return any(r.priority > 0 and r.last_progress <= limit for r in self._live())
@@ -809,11 +843,16 @@ class Scheduler:
 
     def _count_pass(self, ps: PassState) -> None:
         """Attribution: passes holding each class, and that class's rows in them."""
-        classes = [self.seqs[c.seq_id].priority > 0 for c in ps.chunks]
-        for be in set(classes):
-            self.counters["passes_be" if be else "passes_ls"] += 1
-        for c, be in zip(ps.chunks, classes, strict=True):
-            self.counters["rows_be" if be else "rows_ls"] += c.num_tokens
+        rows = [0, 0]  # LS, BE
+        held = [False, False]
+        for c in ps.chunks:
+            be = self.seqs[c.seq_id].priority > 0
+            rows[be] += c.num_tokens
+            held[be] = True
+        for be, name in ((False, "ls"), (True, "be")):
+            if held[be]:
+                self.counters[f"passes_{name}"] += 1
+                self.counters[f"rows_{name}"] += rows[be]
 
     def _progress(self, req: Request, now: float) -> None:
         if req.priority > 0:
@@ -944,6 +983,7 @@ class Scheduler:
         )
         chunks, i = [], 0
         chosen: set[int] = set()
+        chunk_size, page_size = self.config.chunk_size, self.config.page_size
         for req in ordered:
             if req.status is not Status.RUNNING:
                 continue  # evicted for a row chosen before it
@@ -955,11 +995,13 @@ class Scheduler:
             if budget == 0 or seats == 0:
                 break
             remaining = req.num_tokens - req.num_computed
-            n = min(remaining, budget, self.config.chunk_size if remaining > 1 else 1)
-            if not self._grow(req, req.num_computed + n, now, chosen):
+            n = min(remaining, budget, chunk_size if remaining > 1 else 1)
+            end = req.num_computed + n
+            # (_grow has nothing to do while the pages held cover the row: the usual case)
+            if end > len(req.pages) * page_size and not self._grow(req, end, now, chosen):
                 self._starved.append(req)
                 continue  # no pages for it now: it waits for a pass to free some
-            chunks.append(self._chunk(req, n))
+            chunks.append(self._chunk(req, n, self._page_tuple(req)))
             chosen.add(req.seq_id)
             budget, seats = budget - n, seats - 1
         return chunks
@@ -994,16 +1036,30 @@ class Scheduler:
         req.pages = req.pages + self.allocator.allocate(need)
         return True
 
+    def _page_tuple(self, req: Request) -> tuple[int, ...]:
+        """``tuple(req.pages)``, memoised while ``req.pages`` is the same list of the same
+        length: every row of a request carries its whole page table, and copying a long
+        one at every decode step was the simulator's costliest line. (The scheduler replaces
+        a page table with a new list whenever it changes it.)"""
+        memo = self._page_tuples.get(req.seq_id)
+        if memo is None or memo[0] is not req.pages or len(memo[1]) != len(req.pages):
+            memo = (req.pages, tuple(req.pages))
+            self._page_tuples[req.seq_id] = memo
+        return memo[1]
+
     @staticmethod
-    def _chunk(req: Request, n: int) -> Chunk:
-        """The next ``n`` tokens of ``req`` to compute, as a snapshot row chunk."""
+    def _chunk(req: Request, n: int, pages: tuple[int, ...] | None = None) -> Chunk:
+        """The next ``n`` tokens of ``req`` to compute, as a snapshot row chunk (``pages``:
+        ``tuple(req.pages)``, when the caller has it)."""
         start, sample = req.num_computed, None
         if start + n == req.num_tokens:
             sp = req.sampling
             sample = SampleSpec(
                 sp.temperature, sp.top_k, sp.top_p, req.seed, len(req.output_token_ids)
             )
-        return Chunk(req.seq_id, start, req.token_slice(start, start + n), tuple(req.pages), sample)
+        if pages is None:
+            pages = tuple(req.pages)
+        return Chunk(req.seq_id, start, req.token_slice(start, start + n), pages, sample)
 
     def _admit(self, now: float) -> None:
         """Give waiting requests their KV pages, most urgent first (arrival order for fcfs).
@@ -1059,7 +1115,7 @@ class Scheduler:
     def _page_hashes(self, req: Request, n: int) -> list[int]:
         """``req``'s page hash chain, grown to ``n`` pages (``n`` full pages of its tokens)."""
         if len(req.page_hashes) < n:
-            extend_hashes(req.page_hashes, req.all_token_ids, self.config.page_size, n)
+            extend_hashes(req.page_hashes, _TokenView(req), self.config.page_size, n)
         return req.page_hashes
 
     def _cached_prefix(self, req: Request) -> list[int]:
@@ -1069,6 +1125,17 @@ class Scheduler:
             return []
         n = reusable_pages(req.num_tokens, self.config.page_size)
         return self.allocator.lookup(self._page_hashes(req, n)[:n])
+
+    def _cached_prefix_len(self, req: Request) -> int:
+        """``len(self._cached_prefix(req))``, memoised per request on the cache's contents
+        (``allocator.contents_version``) and the request's length: sjf orders the waiting
+        queue by it at every decision, and it only changes when the cache does."""
+        key = (self.allocator.contents_version, req.num_tokens)
+        memo = self._prefix_len.get(req.seq_id)
+        if memo is None or memo[0] != key:
+            memo = (key, len(self._cached_prefix(req)))
+            self._prefix_len[req.seq_id] = memo
+        return memo[1]
 
     def _map_prefix(self, req: Request, n: int) -> None:
         """``req``'s first ``n`` pages are now cached ones: their tokens count as computed."""
@@ -1098,7 +1165,8 @@ class Scheduler:
             own = req.pages[req.prefix_pages : len(cached)]
             self.allocator.acquire(fresh)
             self.allocator.free(own)
-            req.pages[req.prefix_pages : len(cached)] = fresh
+            # a new list, not a slice assignment: _page_tuple knows a page table by identity
+            req.pages = req.pages[: req.prefix_pages] + fresh + req.pages[len(cached) :]
             self._map_prefix(req, len(cached))
 
     def _cache_pages(self, req: Request) -> None:
@@ -1256,10 +1324,14 @@ class Scheduler:
         self.counters["resets"] += 1
 
     def _finish(self, req: Request, reason: str, status: Status) -> None:
+        live = False
         if req in self.waiting:
             self.waiting.remove(req)
+            live = True
         if req in self.admitted:
             self.admitted.remove(req)
+            live = True
+        self._live_be -= live and req.priority > 0
         if req.pages:
             self.allocator.free(req.pages)
             req.pages = []
@@ -1270,6 +1342,8 @@ class Scheduler:
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
         self.seqs.pop(req.seq_id, None)
+        self._prefix_len.pop(req.seq_id, None)
+        self._page_tuples.pop(req.seq_id, None)
         self._ended.append(req.seq_id)
 
     def parked_rows(self) -> int:

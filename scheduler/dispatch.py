@@ -114,17 +114,30 @@ class LoadBoard:
         self._snaps: list[Snapshot | None] = [None] * num_replicas
         self.reads = 0
 
-    def view(self, now: float) -> list[Snapshot]:
-        """Snapshots as of ``now``: re-read those older than the staleness bound."""
+    def view(self, now: float) -> Sequence[Snapshot]:
+        """Snapshots as of ``now``: re-read those older than the staleness bound. With
+        ``staleness_s`` 0 every snapshot is read afresh, but only when the policy first looks
+        at it (``_FreshView``: round-robin looks at none, power-of-two at two), as of now:
+        the policy chooses before anything changes."""
+        if self.staleness_s == 0:
+            self.reads += self.n
+            return _FreshView(self, now)
         out = []
         for r in range(self.n):
             s = self._snaps[r]
-            if s is None or self.staleness_s == 0 or now - s.time >= self.staleness_s:
-                s = dataclasses.replace(self.read(r), time=now)
-                self._snaps[r] = s
+            if s is None or now - s.time >= self.staleness_s:
+                s = self._read(r, now)
                 self.reads += 1
             out.append(s)
         return out
+
+    def _read(self, r: int, now: float) -> Snapshot:
+        """A fresh snapshot of replica ``r``, stamped ``now``, kept for the next view."""
+        s = self.read(r)
+        if s.time != now:
+            s = dataclasses.replace(s, time=now)
+        self._snaps[r] = s
+        return s
 
     def dispatched(self, r: int, req: DispatchRequest) -> None:
         """Count ``req`` as waiting on replica ``r`` until its next read (optimistic)."""
@@ -143,22 +156,47 @@ class LoadBoard:
         )
 
 
+class _FreshView(Sequence):
+    """A ``LoadBoard``'s snapshots at staleness 0: replica ``r``'s is read when first indexed."""
+
+    def __init__(self, board: LoadBoard, now: float) -> None:
+        self.board, self.now = board, now
+        self.snaps: list[Snapshot | None] = [None] * board.n
+
+    def __len__(self) -> int:
+        return self.board.n
+
+    def __getitem__(self, r: int) -> Snapshot:
+        if r < 0:
+            r += self.board.n
+        if not 0 <= r < self.board.n:
+            raise IndexError(r)  # (ends iteration, as a list's)
+        s = self.snaps[r]
+        if s is None:
+            s = self.snaps[r] = self.board._read(r, self.now)
+        return s
+
+
 def queue_signals(waiting: Iterable, admitted: Iterable) -> dict:
     """The queue part of a ``Snapshot`` (its keyword arguments) from a scheduler's waiting and
     admitted requests: counts and tokens by class and the prefill left. The N-engine simulator
     and a real replica (``qllm_jax.ray_serve``) publish the same numbers."""
     w, wtok, run, rtok = [0, 0], [0, 0], [0, 0], [0, 0]
     prefill = 0
+    # (a router reads this for every replica at every dispatch: one pass, no property calls)
     for req in waiting:
-        c = 0 if req.priority <= 0 else 1
+        c = req.priority > 0
+        prompt_left = len(req.prompt_token_ids) - req.num_computed
         w[c] += 1
-        wtok[c] += req.num_tokens - req.num_computed
-        prefill += len(req.prompt_token_ids) - req.num_computed
+        wtok[c] += prompt_left + len(req.output_token_ids)
+        prefill += prompt_left
     for req in admitted:
-        c = 0 if req.priority <= 0 else 1
+        c = req.priority > 0
+        prompt = len(req.prompt_token_ids)
         run[c] += 1
-        rtok[c] += req.num_tokens
-        prefill += max(0, len(req.prompt_token_ids) - req.num_computed)
+        rtok[c] += prompt + len(req.output_token_ids)
+        if prompt > req.num_computed:
+            prefill += prompt - req.num_computed
     return dict(
         waiting=tuple(w),
         running=tuple(run),

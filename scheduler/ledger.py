@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 
 from .plan import Chunk, Plan, PlanError
 
@@ -142,6 +143,9 @@ class Ledger:
             self._set(pid, moves[-1].record)
         if not plan.runs:
             return Applied(tuple(gone), freed, tuple(moves), None, None)
+        if plan.new and plan.finishes:  # (a fused plan: its carry is made and gone at once)
+            rec = CarryRecord(plan.cursor + plan.num_segments, tuple(plan.chunks))
+            return Applied(tuple(gone), freed, tuple(moves), None, rec)
         if plan.new:
             self._set(plan.pass_id, CarryRecord(0, tuple(plan.chunks)))
         elif plan.absorb or plan.split_seq_ids:
@@ -171,10 +175,9 @@ class Ledger:
 
     def check(self, plan: Plan) -> None:
         """Raise ``PlanError`` naming the first thing wrong with ``plan``; change nothing."""
-        released = self._after_release(plan.finished_seq_ids)
-        rows = {pid: list(rec.chunks) for pid, rec in self.carries.items()}
-        for pid, keep in released.items():
-            rows[pid] = list(keep)
+        # each carry's rows after the plan's releases (the records' own tuples: not copied)
+        rows = {pid: rec.chunks for pid, rec in self.carries.items()}
+        rows |= self._after_release(plan.finished_seq_ids)
         live = {pid for pid, chunks in rows.items() if chunks}
         if plan.swap_out or plan.swap_in or plan.drop_slots:
             self._check_swaps(plan, rows)
@@ -187,7 +190,7 @@ class Ledger:
             if pid in live or plan.cursor != 0 or plan.absorb:
                 raise PlanError(f"pass {pid}: created twice, not at cursor 0, or absorbing")
             self._check_new_chunks(plan.chunks, rows)
-            held = list(plan.chunks)
+            held = plan.chunks
         else:
             if plan.fused:
                 raise PlanError(f"pass {pid}: a fused plan must create its pass")
@@ -200,7 +203,9 @@ class Ledger:
                     )
             if pid in plan.absorb or len(set(plan.absorb)) != len(plan.absorb):
                 raise PlanError(f"pass {pid}: absorbs itself or a pass twice")
-            held = [c for p in (pid, *plan.absorb) for c in rows[p]]
+            held = (
+                rows[pid] if not plan.absorb else [c for p in (pid, *plan.absorb) for c in rows[p]]
+            )
         if plan.split_seq_ids:
             split = set(plan.split_seq_ids)
             moved = [c for c in held if c.seq_id in split]
@@ -215,7 +220,10 @@ class Ledger:
             held = [c for c in held if c.seq_id not in split]
         elif plan.split_pass_id is not None:
             raise PlanError(f"pass {pid}: a split pass id without rows to split")
-        same = len(held) == len(plan.chunks) and all(a is b for a, b in zip(held, plan.chunks))
+        # (a pass advanced unchanged hands back the very tuple its carry records)
+        same = held is plan.chunks or (
+            len(held) == len(plan.chunks) and all(map(operator.is_, held, plan.chunks))
+        )
         if not same and sorted(held, key=_seq) != sorted(plan.chunks, key=_seq):
             raise PlanError(f"pass {pid}: carry rows differ from plan.chunks")
         end = plan.cursor + plan.num_segments
@@ -277,9 +285,10 @@ class Ledger:
         if len(set(seqs)) != len(seqs) or elsewhere & set(seqs):
             raise PlanError(f"a request has rows in two passes: sequences {seqs}")
         for c in chunks:
-            if c.num_tokens < 1 or c.start < 0:
+            n = len(c.token_ids)  # (c.num_tokens: every row of every new pass comes here)
+            if n < 1 or c.start < 0:
                 raise PlanError(f"sequence {c.seq_id}: an empty chunk or a negative start")
-            if len(c.pages) * self.page_size < c.end:
+            if len(c.pages) * self.page_size < c.start + n:
                 raise PlanError(
                     f"sequence {c.seq_id}: {len(c.pages)} pages do not hold {c.end} tokens"
                 )

@@ -46,6 +46,15 @@ class Replica:
     dispatched: int = 0
     dispatched_tokens: int = 0
     started: dict[int, float] = dataclasses.field(default_factory=dict)  # seq id -> first run
+    # (chunks, pass_shape(chunks)) of its last priced plan: a pass's plans share one chunks
+    # tuple, so a pass advanced block by block is measured once, not once per block
+    shape: tuple = (None, None)
+
+    def pass_shape(self, chunks: tuple) -> tuple[int, int, int, int]:
+        """``pass_shape(chunks)``, memoised on the identity of ``chunks``."""
+        if chunks is not self.shape[0]:
+            self.shape = (chunks, pass_shape(chunks))
+        return self.shape[1]
 
     @property
     def sched(self) -> Scheduler:
@@ -131,7 +140,7 @@ class MultiSimulator:
             ps = s.passes[rep.pending[0].pass_id]
         if ps is None or not ps.chunks:
             return max(0.0, rep.busy_until - self.now), 0.0
-        rows, ctx, span, sampled = pass_shape(ps.snapshot())
+        rows, ctx, span, sampled = rep.pass_shape(ps.snapshot())
         segs = self.segments[ps.cursor : -1]
         t = sum(self.cost.segment_time(g, rows, ctx, self.num_experts, span) for g in segs)
         t += self.cost.segment_time(self.segments[-1], sampled, ctx, self.num_experts)
@@ -142,6 +151,9 @@ class MultiSimulator:
         ps = self.replicas[0].sched.config.page_size
         n = reusable_pages(len(req.prompt_token_ids), ps)
         hashes = extend_hashes([], req.prompt_token_ids, ps, n)
+        if not req.page_hashes and not req.output_token_ids:
+            # the chain the replica's scheduler computes at admission: hashed once, not twice
+            req.page_hashes = list(hashes)
         match = tuple(
             len(rep.sched.allocator.lookup(hashes)) * ps
             if rep.sched.config.enable_prefix_caching
@@ -276,15 +288,19 @@ class MultiSimulator:
         for r, plan in enumerate(plans):
             if plan is None or not plan.runs:
                 continue
-            rows, ctx, span, sampled = pass_shape(plan.chunks)
+            rows, ctx, span, sampled = self.replicas[r].pass_shape(plan.chunks)
             others, experts = self._split_segments(plan.cursor, plan.num_segments)
             t = cost.host_overhead + (cost.embed_base if plan.new else 0.0)
+            # a non-expert segment's time depends on its kind only: priced once per kind
+            by_kind: dict[str, float] = {}
             for seg in others:  # in order (None: an expert segment's overhead)
-                t += (
-                    cost.segment_overhead
-                    if seg is None
-                    else cost.segment_time(seg, rows, ctx, E, span)
-                )
+                if seg is None:
+                    t += cost.segment_overhead
+                    continue
+                dt = by_kind.get(seg.kind)
+                if dt is None:
+                    dt = by_kind[seg.kind] = cost.segment_time(seg, rows, ctx, E, span)
+                t += dt
             for layer, size in experts:
                 rows_at.setdefault(layer, [0.0] * len(plans))[r] += rows * size / E
             if plan.finishes:

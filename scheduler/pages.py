@@ -87,6 +87,7 @@ class PageAllocator:
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.cache_evictions = 0  # cached pages whose content was dropped to make room
         self.version = 0  # contents registered so far: lookups can only gain when it moves
+        self.contents_version = 0  # changes of the cached contents: lookups may change with it
 
     # -- counts ---------------------------------------------------------------------------------
 
@@ -139,6 +140,7 @@ class PageAllocator:
                 page, _ = self._evictable.popitem(last=False)
                 del self._page_of[self._hash_of.pop(page)]
                 self.cache_evictions += 1
+                self.contents_version += 1
             self._refs[page] = 1
             out.append(page)
         return out
@@ -210,6 +212,7 @@ class PageAllocator:
         self._page_of[key] = page
         self._hash_of[page] = key
         self.version += 1
+        self.contents_version += 1
         return True
 
     def clear_cache(self) -> None:
@@ -219,6 +222,7 @@ class PageAllocator:
         self._evictable.clear()
         self._page_of.clear()
         self._hash_of.clear()
+        self.contents_version += 1
 
     def check(self) -> None:
         """Raise ``AssertionError`` unless every page 1..num_pages-1 is in exactly one state

@@ -132,13 +132,21 @@ class CostModel:
 
 
 def pass_shape(chunks: tuple[Chunk, ...]) -> tuple[int, int, int, int]:
-    """rows, ctx, span and sampled rows of a pass, as ``CostModel.plan_time`` uses them."""
-    return (
-        sum(c.num_tokens for c in chunks),
-        sum(c.end for c in chunks),
-        max(c.start for c in chunks),
-        sum(c.samples for c in chunks),
-    )
+    """rows, ctx, span and sampled rows of a pass, as ``CostModel.plan_time`` uses them (one
+    loop: the lockstep simulator prices every new pass with it)."""
+    if not chunks:
+        raise ValueError("pass_shape of a pass without rows")
+    rows = ctx = sampled = 0
+    span = chunks[0].start
+    for c in chunks:
+        n = len(c.token_ids)
+        rows += n
+        ctx += c.start + n
+        if c.start > span:
+            span = c.start
+        if c.sample is not None:
+            sampled += 1
+    return rows, ctx, span, sampled
 
 
 def count_experts(segments: list[Segment]) -> int:

@@ -187,6 +187,16 @@ def test_board_staleness_and_optimistic_increments():
     fresh = d.LoadBoard(1, read, staleness_s=0.0)
     fresh.view(0.0), fresh.view(0.0)
     assert fresh.reads == 2
+    # at staleness 0 a replica is read when the policy first looks at it, as of the view
+    reads.clear()
+    state["waiting"] = 3
+    view = d.LoadBoard(3, read, staleness_s=0.0).view(0.5)
+    assert len(view) == 3 and reads == []
+    assert view[2].num_waiting == 3 and view[2] is view[2] and reads == [2]
+    assert [s.replica for s in view] == [0, 1, 2] and reads == [2, 0, 1]
+    assert all(s.time == 0.5 for s in view) and view[-1] is view[2]
+    with pytest.raises(IndexError):
+        view[3]
     with pytest.raises(ValueError):
         d.LoadBoard(1, read, staleness_s=-1)
 

@@ -85,6 +85,7 @@ def test_refcounts_lru_reuse_and_invariants():
     assert not al.register(a[0], keys[0])  # already cached
     b = al.allocate(1)
     assert not al.register(b[0], keys[0])  # another page holds that content: stays private
+    assert al.contents_version == 3  # moved by each content registered, not by the refusals
     assert al.lookup(keys) == a and al.match_length(list(range(13))) == 12
     assert al.match_length(list(range(12))) == 8  # the last token is always computed
     al.acquire(a[:2])  # a second holder of the first two pages
@@ -96,8 +97,9 @@ def test_refcounts_lru_reuse_and_invariants():
     # unheld cached pages stay cached and count as free; reuse takes the free list first,
     # then the cached pages released last-in-list first (a sequence's tail before its head)
     assert al.num_cached == 3 and al.num_evictable == 3 and al.num_free == 4
-    assert al.allocate(1) == [5]
+    assert al.allocate(1) == [5] and al.contents_version == 3  # a free page: no content lost
     assert al.allocate(1) == [3] and al.num_cached == 2 and al.cache_evictions == 1
+    assert al.contents_version == 4  # a cached content forgotten: lookups may change
     assert al.lookup(keys) == [1, 2]  # the chain's head is still cached
     with pytest.raises(ValueError, match="nobody holds"):
         al.free([1])  # cached but unheld: a double free
@@ -111,6 +113,7 @@ def test_refcounts_lru_reuse_and_invariants():
     al.check()
     al.clear_cache()
     assert al.num_cached == 0 and al.lookup(keys) == [] and al.num_free == 2
+    assert al.contents_version == 5
     al.check()
 
 
