@@ -14,20 +14,24 @@ default tier, best-effort ones on ``flex``) is run four ways:
 each window runs through the engine and over HTTP (both stay up meanwhile), in an order rotated
 by one each window (whichever arm ran first after the idle gap between windows measured
 differently), so a change in the machine's load falls on all arms alike; the per-window p90s
-show the spread. The HTTP client (``--client``) is ``httpx`` by default, the ``AsyncClient``
-the official ``openai`` package is built on; ``--client raw`` (or ``--also-client raw``, one
-more arm in the same windows) times ``StreamClient`` instead, which sends the bytes httpx
-sends on bare asyncio streams and reads the chunked SSE stream: a cheaper client, to show the
-client's own share (on the idle 2-core machine it was not faster at p90).
+show the spread. The HTTP client (``--client``) is ``raw`` by default: ``StreamClient``, which
+sends the bytes httpx sends on bare asyncio streams and reads the chunked SSE stream, so the
+``http`` arm times the server and not the client's own parsing, which here runs on the same
+two cores as the server and its XLA threads (a real client runs elsewhere);
+``--also-client httpx`` adds an arm in the same windows with httpx's ``AsyncClient``, the
+transport of the official ``openai`` package, which shows the client's share.
 
 Reported: LS TTFT p50/p90 of each arm, the ratio http / engine of the LS TTFT p90 (target
-<= 1.15), http+batch / http, completed requests/s. Each arm is preceded by a short warm-up
-run of the same workload so no window compiles (the server also warms up at start); the
-compilations inside each measured window are recorded (this process's for ``engine``, the
-server's ``qllm:compilations_total`` for the others), and the run is valid only if all are 0.
+<= 1.15) with a 95 % bootstrap interval (requests resampled within each arm), the same for
+every other client arm, http+batch / http, completed requests/s. Each arm is preceded by a
+short warm-up run of the same workload so no window compiles (the server also warms up at
+start); the compilations inside each measured window are recorded (this process's for
+``engine``, the server's ``qllm:compilations_total`` for the others), and the run is valid
+only if all are 0.
 
     python experiments/serve_bench.py --quick      # a short smoke run (~1 min on 2 CPU cores)
     python experiments/serve_bench.py              # 30 s per arm
+    python experiments/serve_bench.py --duration 60 --rounds 6 --also-client httpx  # README
 
 Writes ``experiments/results/serve-bench-<device>.json`` unless ``--out`` is given.
 """
@@ -415,6 +419,16 @@ def start_server(args, state_dir: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.2)
 
 
+def p90_ratio_ci(num: list[float], den: list[float], n: int = 2000, seed: int = 0) -> list:
+    """95 % bootstrap interval of p90(num) / p90(den), each arm's requests resampled."""
+    rng = random.Random(seed)
+    ratios = sorted(
+        percentile(rng.choices(num, k=len(num)), 90) / percentile(rng.choices(den, k=len(den)), 90)
+        for _ in range(n)
+    )
+    return [ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]]
+
+
 def summary(res: dict) -> dict:
     return {
         "ls_ttft_p50_s": percentile(res["ls_ttft"], 50),
@@ -455,9 +469,9 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--client",
         choices=("raw", "httpx"),
-        default="httpx",
-        help="HTTP client of the measured requests: httpx (its AsyncClient, as the openai "
-        "client uses) or raw (StreamClient: httpx's request bytes on asyncio streams)",
+        default="raw",
+        help="HTTP client of the measured requests: raw (StreamClient: httpx's request bytes "
+        "on asyncio streams) or httpx (its AsyncClient, as the openai client uses)",
     )
     ap.add_argument(
         "--also-client",
@@ -557,14 +571,26 @@ def main(argv=None) -> dict:
             {arm: percentile(res["ls_ttft"], 90) for arm, res in r.items()} for r in rounds
         ],
         "ls_ttft_p90_ratio_vs_engine": {arm: v / p90["engine"] for arm, v in p90.items()},
+        "ls_ttft_p90_ratio_vs_engine_ci95": {
+            arm: p90_ratio_ci(res["ls_ttft"], arms["engine"]["ls_ttft"])
+            for arm, res in arms.items()
+            if arm != "engine"
+        },
         "ls_ttft_p90_ratio_batch_vs_none": p90["http+batch"] / p90["http"],
         "batch_progress_during_window": batch["request_counts"],
         "burst": burst,
         "raw": {arm: {k: res[k] for k in ("ls_ttft", "be_ttft")} for arm, res in arms.items()},
     }
+    lo, hi = result["ls_ttft_p90_ratio_vs_engine_ci95"]["http"]
+    others = "".join(
+        f", {arm} {1e3 * p90[arm]:.1f} ms (x{p90[arm] / p90['engine']:.2f})"
+        for arm in p90
+        if arm.startswith("http-")
+    )
     print(
-        f"LS TTFT p90: engine {1e3 * p90['engine']:.1f} ms, http {1e3 * p90['http']:.1f} ms "
-        f"(ratio {result['ls_ttft_p90_ratio_http_vs_engine']:.2f}, target <= 1.15), "
+        f"LS TTFT p90: engine {1e3 * p90['engine']:.1f} ms, http ({args.client}) "
+        f"{1e3 * p90['http']:.1f} ms (ratio {result['ls_ttft_p90_ratio_http_vs_engine']:.2f} "
+        f"[{lo:.2f}, {hi:.2f}], target <= 1.15){others}, "
         f"http with a batch {1e3 * p90['http+batch']:.1f} ms "
         f"(x{result['ls_ttft_p90_ratio_batch_vs_none']:.2f}); burst "
         f"{burst['requests_per_s']:.1f} req/s"
