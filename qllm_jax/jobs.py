@@ -868,11 +868,14 @@ class JobRunner:
 
     def _finish_if_done(self, job: Job) -> None:
         """A job with nothing pending or in flight is finalized: files synced and closed,
-        checkpoints removed, ``completed`` (or ``cancelled``)."""
+        checkpoints removed, ``completed`` (or ``cancelled``). A reader may see ``finalizing``
+        meanwhile, or ``cancelling`` for a cancelled job (never ``finalizing``: the server's
+        cancel answers with the status it reads)."""
         if job.finished or job.pending or job.in_flight:
             return
         cancelled = job.state == "cancelling"
-        job.set_state("finalizing")
+        if not cancelled:  # a cancelled job goes cancelling -> cancelled, as OpenAI's batches
+            job.set_state("finalizing")
         if job.store is not None:  # first: its writer may be syncing the files
             with contextlib.suppress(ckpt.CheckpointWriteError):
                 job.store.close()
