@@ -55,6 +55,7 @@ from pathlib import Path
 
 import httpx
 import jax
+from job_bench import bootstrap_ratio  # (experiments/: the same p_q ratio interval)
 
 import qllm_jax
 from qllm_jax import compile_log
@@ -419,16 +420,6 @@ def start_server(args, state_dir: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.2)
 
 
-def p90_ratio_ci(num: list[float], den: list[float], n: int = 2000, seed: int = 0) -> list:
-    """95 % bootstrap interval of p90(num) / p90(den), each arm's requests resampled."""
-    rng = random.Random(seed)
-    ratios = sorted(
-        percentile(rng.choices(num, k=len(num)), 90) / percentile(rng.choices(den, k=len(den)), 90)
-        for _ in range(n)
-    )
-    return [ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]]
-
-
 def summary(res: dict) -> dict:
     return {
         "ls_ttft_p50_s": percentile(res["ls_ttft"], 50),
@@ -572,7 +563,7 @@ def main(argv=None) -> dict:
         ],
         "ls_ttft_p90_ratio_vs_engine": {arm: v / p90["engine"] for arm, v in p90.items()},
         "ls_ttft_p90_ratio_vs_engine_ci95": {
-            arm: p90_ratio_ci(res["ls_ttft"], arms["engine"]["ls_ttft"])
+            arm: bootstrap_ratio(res["ls_ttft"], arms["engine"]["ls_ttft"], 90, 2000, 0)["ci95"]
             for arm, res in arms.items()
             if arm != "engine"
         },
