@@ -213,6 +213,11 @@ def attend(q: Array, k: Array, v: Array, mask: Array, cfg: ModelConfig) -> Array
 # block of masked keys in another order. The runtime's smallest page bucket, so every bucket is
 # a whole number of blocks.
 ATTENTION_BLOCK_PAGES = 4
+# Rows per tile of the paged attention on XLA:CPU: each tile of a pass runs only the blocks its
+# furthest row reaches, so a prefill chunk at positions 0..121 in a pass bucketed to 512 keys
+# (for one long decode row) reads 128 keys a row, not 512. Fixed, like the block, so a row's
+# arithmetic does not depend on its pass (a pass of fewer rows is one tile).
+ATTENTION_ROW_TILE = 32
 
 
 def paged_attention(
@@ -239,22 +244,63 @@ def paged_attention(
     position alone, not on the other rows of its pass, the row and page buckets, or how its
     prompt was cut into chunks: a request gets the same tokens however it is scheduled
     (preempted, resumed from a checkpoint, batched with anyone). Work and memory are rows x
-    P*ps per layer, never rows x all keys of the pass.
+    P*ps per layer, never rows x all keys of the pass. On XLA:CPU rows go in tiles of
+    ``ATTENTION_ROW_TILE`` that stop after the last block their furthest row reaches (the
+    blocks skipped would have left every row's state as it was: the same bits, less work).
+    Elsewhere one tile runs every block: a loop of data-dependent length reads its condition
+    back to the host each iteration on XLA:GPU (a ragged Pallas kernel is the way there; not
+    built).
     """
     n, p = pages.shape
-    groups = cfg.num_heads // cfg.num_kv_heads
-    qg = q.reshape(n, cfg.num_kv_heads, groups, cfg.head_dim)  # [N, Hkv, G, hd]
-    scale = jnp.asarray(cfg.head_dim**-0.5, q.dtype)
-    masked = jnp.finfo(jnp.float32).min
     block = min(p, ATTENTION_BLOCK_PAGES)
     while p % block:
         block -= 1  # P is a power of two in practice, so this ends on one
+    cpu = jax.default_backend() == "cpu"
+    tile = min(n, ATTENTION_ROW_TILE) if cpu and n % ATTENTION_ROW_TILE == 0 else n
+    tiles = n // tile
+    shape = (tiles, tile, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+    qg = q.reshape(shape)  # [tiles, T, Hkv, G, hd]
+    if not cpu:  # one tile, every block: a loop of static trip count
+        out = _attend_blocks(
+            qg[0], k_cache, v_cache, pages, positions, valid, p // block, block, window, page_size
+        )
+        return out.reshape(n, cfg.q_size)
+    # the blocks each tile's furthest row reaches (padding rows sit at position 0)
+    reach = (positions // (block * page_size) + 1).reshape(tiles, tile).max(axis=1)
+
+    def one_tile(xs) -> Array:
+        qt, pg, pos, ok, blocks = xs
+        return _attend_blocks(qt, k_cache, v_cache, pg, pos, ok, blocks, block, window, page_size)
+
+    split = lambda a: a.reshape(tiles, tile, *a.shape[1:])  # noqa: E731
+    out = jax.lax.map(one_tile, (qg, split(pages), split(positions), split(valid), reach))
+    return out.reshape(n, cfg.q_size)
+
+
+def _attend_blocks(
+    qg: Array,
+    k_cache: Array,
+    v_cache: Array,
+    pages: Array,
+    positions: Array,
+    valid: Array,
+    num_blocks: Array | int,
+    block: int,
+    window: int | None,
+    page_size: int,
+) -> Array:
+    """One tile of ``paged_attention``: qg [T, Hkv, G, hd], pages [T, P], positions/valid [T],
+    over its first ``num_blocks`` blocks of ``block`` pages (an int, or traced: a loop of
+    data-dependent length) → [T, Hkv, G, hd] in q's dtype."""
+    t, hkv, groups, hd = qg.shape
+    scale = jnp.asarray(hd**-0.5, qg.dtype)
+    masked = jnp.finfo(jnp.float32).min
     offsets = jnp.arange(block * page_size, dtype=jnp.int32)
 
     def step(j, carry):
         mx, total, acc = carry  # running max, sum of exp, weighted values (f32)
-        blk = jax.lax.dynamic_slice_in_dim(pages, j * block, block, axis=1)  # [N, B]
-        slots = (blk[:, :, None] * page_size + jnp.arange(page_size)).reshape(n, -1)  # [N, M]
+        blk = jax.lax.dynamic_slice_in_dim(pages, j * block, block, axis=1)  # [T, B]
+        slots = (blk[:, :, None] * page_size + jnp.arange(page_size)).reshape(t, -1)  # [T, M]
         k_pos = j * block * page_size + offsets  # [M]
         mask = (k_pos[None, :] <= positions[:, None]) & valid[:, None]
         if window is not None:
@@ -263,18 +309,18 @@ def paged_attention(
         s = jnp.where(mask[:, None, None, :], s.astype(jnp.float32), masked)
         mx_new = jnp.maximum(mx, s.max(-1))
         r, e = jnp.exp(mx - mx_new), jnp.exp(s - mx_new[..., None])
-        vals = v_cache[slots]  # [N, M, Hkv, hd]
-        acc = acc * r[..., None] + jnp.einsum("nhgm,nmhd->nhgd", e.astype(q.dtype), vals)
+        vals = v_cache[slots]  # [T, M, Hkv, hd]
+        acc = acc * r[..., None] + jnp.einsum("nhgm,nmhd->nhgd", e.astype(qg.dtype), vals)
         return mx_new, total * r + row_sum(e), acc  # not e.sum: see row_sum
 
-    shape = (n, cfg.num_kv_heads, groups)
+    shape = (t, hkv, groups)
     init = (
         jnp.full(shape, masked),
         jnp.zeros(shape, jnp.float32),
-        jnp.zeros((*shape, cfg.head_dim), jnp.float32),
+        jnp.zeros((*shape, hd), jnp.float32),
     )
-    _, total, acc = jax.lax.fori_loop(0, p // block, step, init)
-    return (acc / total[..., None]).astype(q.dtype).reshape(n, cfg.q_size)
+    _, total, acc = jax.lax.fori_loop(0, num_blocks, step, init)
+    return (acc / total[..., None]).astype(qg.dtype)
 
 
 def route(router: Array, cfg: ModelConfig, x: Array) -> tuple[Array, Array]:

@@ -260,9 +260,11 @@ def test_paged_attention_equals_dense_attention(monkeypatch, window):
 
 def test_paged_attention_of_a_row_does_not_depend_on_its_pass():
     """Bitwise: a row's output is the same whatever else its pass holds, however many rows and
-    pages the pass is bucketed to, wherever the row sits in it, and however its prompt was cut
-    into chunks. What makes a resumed or preempted request's tokens identical. (Up to 32 rows:
-    from 64 rows on, XLA:CPU multiplies matrices in another order, here as in every matmul.)"""
+    pages the pass is bucketed to, wherever the row sits in it (in which tile of rows, beside a
+    row that reaches further blocks or not), and however its prompt was cut into chunks. What
+    makes a resumed or preempted request's tokens identical. (Any number of rows: attention
+    runs in tiles of ``ATTENTION_ROW_TILE`` rows; from 64 rows on, XLA:CPU multiplies plain
+    matrices in another order, as every matmul does.)"""
     import functools
 
     from qllm_jax.models import model as M
@@ -270,20 +272,24 @@ def test_paged_attention_of_a_row_does_not_depend_on_its_pass():
     cfg = _tiny_attention_config()
     rng = np.random.default_rng(4)
     ps, hkv, hd = 4, cfg.num_kv_heads, cfg.head_dim
-    k_cache = jnp.asarray(rng.normal(size=(40 * ps, hkv, hd)), jnp.float32)
-    v_cache = jnp.asarray(rng.normal(size=(40 * ps, hkv, hd)), jnp.float32)
+    k_cache = jnp.asarray(rng.normal(size=(80 * ps, hkv, hd)), jnp.float32)
+    v_cache = jnp.asarray(rng.normal(size=(80 * ps, hkv, hd)), jnp.float32)
     q_seq = rng.normal(size=(12, cfg.num_heads, hd)).astype(np.float32)
     own = np.array([3, 8, 5], np.int32)  # the sequence's pages: positions 0..11
     attend = jax.jit(functools.partial(M.paged_attention, window=None, cfg=cfg, page_size=ps))
 
-    def out(rows: int, num_pages: int, offset: int, start: int) -> np.ndarray:
+    def out(rows: int, num_pages: int, offset: int, start: int, far: int | None = None):
         """The sequence's rows start..11 at ``offset`` of a pass of ``rows`` rows whose page
-        bucket is ``num_pages``; the other rows are another sequence's decode rows."""
+        bucket is ``num_pages``; the other rows are another sequence's decode rows, and row
+        ``far`` one at position 4 * num_pages - 1 (on pages 40.. of its own)."""
         q = rng.normal(size=(rows, cfg.num_heads, hd)).astype(np.float32)
         pages = np.zeros((rows, num_pages), np.int32)
         pages[:, 0] = 20  # the other rows: one page of another sequence
         positions = np.full(rows, 2, np.int32)
         valid = np.ones(rows, bool)
+        if far is not None:
+            pages[far] = 40 + np.arange(num_pages) % 40
+            positions[far] = ps * num_pages - 1
         mine = slice(offset, offset + 12 - start)
         q[mine], pages[mine, :3], positions[mine] = q_seq[start:], own, np.arange(start, 12)
         return np.asarray(attend(jnp.asarray(q), k_cache, v_cache, pages, positions, valid))[mine][
@@ -291,10 +297,12 @@ def test_paged_attention_of_a_row_does_not_depend_on_its_pass():
         ]
 
     base = out(16, 4, 0, 0)
-    for rows, num_pages, offset, start in [
+    for case in [
         (16, 4, 3, 0), (16, 8, 1, 4), (32, 16, 8, 11), (16, 32, 2, 6), (32, 64, 5, 9), (8, 4, 0, 6),
+        (32, 16, 8, 0, 30), (64, 16, 40, 3, 33), (64, 32, 40, 3, 60), (128, 16, 100, 0, 1),
+        (256, 64, 180, 7, 185),
     ]:  # fmt: skip
-        np.testing.assert_array_equal(out(rows, num_pages, offset, start), base)
+        np.testing.assert_array_equal(out(*case), base, err_msg=str(case))
 
 
 def test_a_rows_logits_and_kv_do_not_depend_on_its_pass():
