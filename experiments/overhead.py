@@ -18,12 +18,18 @@ marks any with one invalid). Decode of one batch of ``--batch`` sequences:
   per-sequence cost, which should stay flat (each row reads only its own keys);
 - ``--trace``: a profiler trace of fused steps, time by XLA op;
 - preemption wait: LS arrivals while a ``--prefill-len``-token BE prompt prefills under
-  ``qllm``, expert granularity.
+  ``qllm``, expert granularity;
+- ``--only passes``: the passes of the demo's backlog (up to 512 rows: decode rows of 100-270
+  tokens, prefill chunks, both), each run whole through the executor fused, per layer and per
+  expert, interleaved: what segmenting costs at those sizes, and the attention work each pass
+  does (key blocks computed per layer; with and without the row tiles of
+  ``models.model.paged_attention``), in a JSON of its own.
 
     python experiments/overhead.py                       # built-in model, float32, CPU
     python experiments/overhead.py --attention-sweep --trace --out experiments/results/x.json
     python experiments/overhead.py --model random:mixtral-8x7b-16l --dtype bfloat16 --no-hf
     python experiments/overhead.py --only sampling --repeats 7 --out /tmp/sampling.json
+    python experiments/overhead.py --only passes --repeats 8
 
 Writes ``experiments/results/overhead-<device>.json`` unless ``--out`` is given.
 """
@@ -451,9 +457,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preempt-samples", type=int, default=0, help="0: skip the preemption wait")
     ap.add_argument(
         "--only",
-        choices=["sampling"],
+        choices=["sampling", "passes"],
         help="sampling: only the fused greedy, top_p, top_k and top_p+top_k decode arms "
-        "(their step times and ratios to greedy; no segmented, host, roofline or HF arms)",
+        "(their step times and ratios to greedy; no segmented, host, roofline or HF arms); "
+        "passes: only the backlog's pass shapes, fused vs per layer vs per expert",
     )
     ap.add_argument("--out", help="JSON path (default experiments/results/overhead-<dev>.json)")
     args = ap.parse_args(argv)
@@ -465,6 +472,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = qllm_jax.load(model_dir, dtype=args.dtype)
     cfg = model.config
+    if args.only == "passes":
+        report = pass_costs(model, args, argv)
+        return _write(report, report["summary"], args.out, "overhead-passes")
     rng = np.random.default_rng(0)
     prompts = [
         [int(t) for t in rng.integers(3, cfg.vocab_size, args.prompt_len)]
@@ -537,6 +547,125 @@ def main(argv: list[str] | None = None) -> dict:
         **report,
     }  # fmt: skip
     return _write(report, summary, args.out, "overhead")
+
+
+# (name, [(first position, tokens), ...]): the backlog's passes (reproduce_paper.py's demo:
+# BE prompts of ~160 tokens (at most 256) and 8 new tokens, LS prompts of ~48, a 512-token
+# budget), one chunk per sequence, each sequence on pages of its own
+PASS_SHAPES = {
+    "decode22": [(100 + 8 * i, 1) for i in range(22)],
+    "decode22+prefill4x122": [(100 + 8 * i, 1) for i in range(22)] + [(0, 122)] * 4,
+    "prefill4x122": [(0, 122)] * 4,
+    "prefill3x168": [(0, 168)] * 3,
+    "prefill1x490": [(0, 490)],
+    "decode22+prefill1x490": [(100 + 8 * i, 1) for i in range(22)] + [(0, 490)],
+}
+
+
+def pass_chunks(spec, page_size: int) -> list:
+    """``Chunk``s for a pass shape: greedy, each sampling its last row, fresh pages."""
+    from qllm_jax.scheduler.plan import Chunk, SampleSpec
+
+    greedy, chunks, page = SampleSpec(0.0, 0, 1.0, 0, 0), [], 1
+    for seq, (start, n) in enumerate(spec):
+        count = -(-(start + n) // page_size)
+        chunks.append(Chunk(seq, start, (5,) * n, tuple(range(page, page + count)), greedy))
+        page += count
+    return chunks
+
+
+def attention_blocks(chunks, page_size: int, tiled: bool) -> int:
+    """Key blocks one layer's paged attention computes for ``chunks`` (rows x blocks, over
+    the pass's row and page buckets), with the row tiles or without (every row runs every
+    block of the page bucket). The work, counted, not timed."""
+    from qllm_jax.carry import PAGE_BUCKET_MIN, ROW_BUCKET_MIN, bucket
+    from qllm_jax.models.model import ATTENTION_BLOCK_PAGES, ATTENTION_ROW_TILE
+
+    positions = [c.start + i for c in chunks for i in range(c.num_tokens)]
+    rows = bucket(len(positions), ROW_BUCKET_MIN)
+    pages = bucket(max(len(c.pages) for c in chunks), PAGE_BUCKET_MIN)
+    block = min(pages, ATTENTION_BLOCK_PAGES)
+    if not tiled:
+        return rows * pages // block
+    positions += [0] * (rows - len(positions))  # padding rows
+    tile = ATTENTION_ROW_TILE if rows % ATTENTION_ROW_TILE == 0 else rows
+    reach = [max(positions[i : i + tile]) // (block * page_size) + 1 for i in range(0, rows, tile)]
+    return tile * sum(reach)
+
+
+def pass_costs(model, args, argv) -> dict:
+    """``--only passes``: each backlog pass shape run whole through the executor (no
+    scheduler), fused, per layer and per expert, ``args.repeats`` interleaved rounds of 5 runs
+    each; medians and per-round ratios to the fused pass."""
+    page_size = 16
+    kw = dict(policy="priority", max_batch_size=32, max_num_batched_tokens=512,
+              page_size=page_size, kv_pages=4096)  # fmt: skip
+    experts = model.config.num_experts
+    engines = {
+        "fused": qllm_jax.Engine(model, mode="fused", **kw),
+        "segmented_layer": qllm_jax.Engine(
+            model, mode="segmented", expert_group_size=experts, **kw
+        ),
+        "segmented_expert": qllm_jax.Engine(model, mode="segmented", expert_group_size=1, **kw),
+    }
+    shapes = {name: pass_chunks(spec, page_size) for name, spec in PASS_SHAPES.items()}
+
+    def run(arm: str, chunks) -> None:
+        engines[arm].executor.forward(chunks, fused=arm == "fused")
+
+    for chunks in shapes.values():  # compile and first-call effects, outside every window
+        for arm in engines:
+            run(arm, chunks)
+            run(arm, chunks)
+    times = {s: {a: [] for a in engines} for s in shapes}
+    rounds = {s: {a: [] for a in engines} for s in shapes}
+    with compile_log.Window() as window:
+        for r in range(args.repeats):
+            for name, chunks in shapes.items():
+                for arm in engines:
+                    ts = []
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        run(arm, chunks)
+                        ts.append(time.perf_counter() - t0)
+                    times[name][arm] += ts
+                    rounds[name][arm].append(statistics.median(ts))
+            print(f"round {r + 1}/{args.repeats}", flush=True)
+    out = {}
+    for name, chunks in shapes.items():
+        fused = rounds[name]["fused"]
+        entry = {
+            "rows": sum(c.num_tokens for c in chunks),
+            "max_pages": max(len(c.pages) for c in chunks),
+            "attention_blocks_per_layer": attention_blocks(chunks, page_size, tiled=True),
+            "attention_blocks_per_layer_untiled": attention_blocks(chunks, page_size, False),
+        }
+        for arm in engines:
+            entry[f"{arm}_ms"] = stats(times[name][arm])
+            if arm != "fused":
+                ratios = [a / f for a, f in zip(rounds[name][arm], fused, strict=True)]
+                entry[f"{arm}_over_fused"] = {
+                    "min": min(ratios), "median": statistics.median(ratios), "max": max(ratios),
+                }  # fmt: skip
+        out[name] = entry
+        print(f"[{name}] rows {entry['rows']}: fused {entry['fused_ms']['median']:.1f} ms, "
+              f"per layer x{entry['segmented_layer_over_fused']['median']:.2f}, "
+              f"per expert x{entry['segmented_expert_over_fused']['median']:.2f}; attention "
+              f"blocks {entry['attention_blocks_per_layer']} "
+              f"(untiled {entry['attention_blocks_per_layer_untiled']})", flush=True)  # fmt: skip
+    ratios = ("segmented_layer_over_fused", "segmented_expert_over_fused")
+    summary = {name: {k: e[k]["median"] for k in ratios} for name, e in out.items()}
+    return {
+        **_run_header(argv),
+        "load_average": list(os.getloadavg()),
+        "summary": summary | {"valid": window.compiles == 0},
+        "repeats": args.repeats,
+        "runs_per_round": 5,
+        "engine": kw,
+        "compiles_in_measured_windows": window.compiles,
+        "valid": window.compiles == 0,
+        "passes": out,
+    }
 
 
 def _sampling_report(arms: dict, args, argv, model_dir) -> dict:
