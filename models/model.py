@@ -461,7 +461,8 @@ def expert_group(
     function serves every group of every layer. ``impl``: "ragged" (sort rows by expert, grouped
     matmuls: work ∝ N*k, the right choice on accelerators), "dense" (every expert of the group
     on every row, unrouted rows weighted 0: XLA:CPU lowers ragged_dot densely over N*k rows
-    anyway, so N*G rows is less work there), or "auto" (by backend).
+    anyway, so N*G rows is less work there; from ``GATHER_MIN_ROWS`` rows on, each expert on
+    its routed rows in fixed tiles, work ∝ N*k + G*tile), or "auto" (by backend).
 
     ``slots`` (stacked layout only): ``ep`` holds physical expert slots, some of them copies of
     hot experts (expert load balancing), and ``slots`` says which hold which expert; ``ids``
@@ -490,17 +491,61 @@ def expert_group(
     return combine(y, order, in_group, weights, n)
 
 
+# Passes of at least this many rows run each expert on its routed rows only, in tiles of
+# EXPERT_ROW_TILE (``_expert_group_gathered``); smaller ones on every row (``_expert_group_dense``)
+GATHER_MIN_ROWS = 64
+EXPERT_ROW_TILE = 32
+
+
 def _expert_group_dense(x, weights, ids, group_start, group_size, w_gate_up, w_down) -> Array:
     """x [N, D], each expert's w_gate_up [D, 2F] and w_down [F, D] (G of them, stacked or a
     tuple) → [N, D], experts added in id order as HF accumulates them. One 2-D matmul pair per
     expert: XLA:CPU runs a single einsum over stacked experts with a transposing copy of the
-    weights, about 2x slower."""
+    weights, about 2x slower. From ``GATHER_MIN_ROWS`` rows on, each expert runs on the rows
+    routed to it (``_expert_group_gathered``)."""
+    if x.shape[0] >= GATHER_MIN_ROWS:
+        return _expert_group_gathered(x, weights, ids, group_start, group_size, w_gate_up, w_down)
     local = ids - group_start  # [N, k]
     out = jnp.zeros_like(x)
     for g in range(group_size):  # static
         y = dense_expert(x, expert_at(w_gate_up, g), expert_at(w_down, g))
         out = add_weighted(out, y, weights, local == g)
     return out
+
+
+def _expert_group_gathered(
+    x, weights, ids, group_start, group_size, w_gate_up, w_down, tile: int = EXPERT_ROW_TILE
+) -> Array:
+    """``_expert_group_dense``'s result, each expert computed on its routed rows only: the
+    (row, pick) pairs of the group sorted by expert, each expert's run of them in tiles of
+    ``tile`` rows (a loop of data-dependent length: work ∝ N*k + G*tile, not N*G), then every
+    row's picks added from zero in ascending expert id, the order the dense path adds them in.
+    A row's expert output comes from a ``tile``-row matmul whatever the pass's size, as in a
+    pass of at most ``tile`` rows on the dense path. x [N, D], weights/ids [N, k] → [N, D]."""
+    n, k = ids.shape
+    local = (ids - group_start).reshape(-1)  # [N*k]
+    key = jnp.where((local >= 0) & (local < group_size), local, group_size)  # others last
+    order = jnp.argsort(key, stable=True)  # [N*k] (row, pick) pairs by expert
+    counts = jnp.bincount(key, length=group_size + 1)[:group_size]  # [G]
+    starts = jnp.cumsum(counts) - counts
+    pad = jnp.zeros((tile, x.shape[1]), x.dtype)
+    xs = jnp.concatenate([x[order // k], pad])  # [N*k + tile, D]: a last tile may run over
+    ys = jnp.zeros_like(xs)
+    for g in range(group_size):  # static
+        w_gu, w_d = expert_at(w_gate_up, g), expert_at(w_down, g)
+
+        def one_tile(i, ys, g=g, w_gu=w_gu, w_d=w_d):
+            at = starts[g] + i * tile
+            y = dense_expert(jax.lax.dynamic_slice_in_dim(xs, at, tile), w_gu, w_d)  # [T, D]
+            mine = i * tile + jnp.arange(tile) < counts[g]  # the tile's rows of expert g
+            old = jax.lax.dynamic_slice_in_dim(ys, at, tile)
+            return jax.lax.dynamic_update_slice_in_dim(ys, jnp.where(mine[:, None], y, old), at, 0)
+
+        ys = jax.lax.fori_loop(0, (counts[g] + tile - 1) // tile, one_tile, ys)
+    y = jnp.zeros((n * k, x.shape[1]), x.dtype).at[order].set(ys[: n * k])  # (row, pick) order
+    chosen = (key < group_size).reshape(n, k)
+    contrib = (y.reshape(n, k, -1) * jnp.where(chosen, weights, 0)[..., None]).astype(x.dtype)
+    return _sum_by_expert(jnp.where(chosen[..., None], contrib, 0), ids)
 
 
 def _expert_group_slots(

@@ -30,6 +30,40 @@ def test_ragged_and_dense_expert_groups_agree(group_size, start):
     assert np.abs(np.asarray(dense)).sum() > 0
 
 
+@pytest.mark.parametrize("group_size,start", [(8, 0), (1, 5)])
+def test_large_passes_run_each_expert_on_its_routed_rows(group_size, start):
+    """From GATHER_MIN_ROWS rows on, the dense path computes each expert on the rows routed to
+    it, in tiles: the same math as every expert on every row, padding rows (id E) untouched,
+    and bitwise a row's output does not depend on the other rows of its pass nor on where it
+    sits (any pass of >= GATHER_MIN_ROWS rows)."""
+    from qllm_jax.models import model as M
+
+    rng = np.random.default_rng(1)
+    n, d, f, e, k = 200, 32, 24, 8, 2
+    ep = ExpertParams(
+        jnp.asarray(rng.normal(size=(e, d, 2 * f)), jnp.float32),
+        jnp.asarray(rng.normal(size=(e, f, d)), jnp.float32),
+    )
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    ids[-5:] = e  # padding rows
+    weights = rng.random((n, k)).astype(np.float32)
+    run = jax.jit(lambda x, w, i: expert_group(ep, x, w, i, start, group_size, impl="dense"))
+    full = np.asarray(run(x, weights, ids))
+    every_row = [  # every expert of the group on every row, in passes below GATHER_MIN_ROWS
+        np.asarray(run(x[r : r + 8], weights[r : r + 8], ids[r : r + 8])) for r in range(0, n, 8)
+    ]
+    np.testing.assert_allclose(full, np.concatenate(every_row), rtol=1e-5, atol=1e-4)
+    assert (full[-5:] == 0).all() and np.abs(full).sum() > 0
+    assert n >= M.GATHER_MIN_ROWS
+    for rows, at in [(64, 10), (128, 0), (64, 63)]:  # row 120 at ``at`` of another pass
+        xo = rng.normal(size=(rows, d)).astype(np.float32)
+        io = np.stack([rng.choice(e, k, replace=False) for _ in range(rows)]).astype(np.int32)
+        wo = rng.random((rows, k)).astype(np.float32)
+        xo[at], io[at], wo[at] = x[120], ids[120], weights[120]
+        np.testing.assert_array_equal(np.asarray(run(xo, wo, io))[at], full[120])
+
+
 def _sample(logits, temperature=1.0, top_k=0, top_p=1.0, seeds=None, steps=None):
     s = logits.shape[0]
     full = lambda v, dt: jnp.full((s,), v, dt)  # noqa: E731
