@@ -516,36 +516,31 @@ def _expert_group_dense(x, weights, ids, group_start, group_size, w_gate_up, w_d
 def _expert_group_gathered(
     x, weights, ids, group_start, group_size, w_gate_up, w_down, tile: int = EXPERT_ROW_TILE
 ) -> Array:
-    """``_expert_group_dense``'s result, each expert computed on its routed rows only: the
-    (row, pick) pairs of the group sorted by expert, each expert's run of them in tiles of
-    ``tile`` rows (a loop of data-dependent length: work ∝ N*k + G*tile, not N*G), then every
-    row's picks added from zero in ascending expert id, the order the dense path adds them in.
-    A row's expert output comes from a ``tile``-row matmul whatever the pass's size, as in a
-    pass of at most ``tile`` rows on the dense path. x [N, D], weights/ids [N, k] → [N, D]."""
-    n, k = ids.shape
-    local = (ids - group_start).reshape(-1)  # [N*k]
-    key = jnp.where((local >= 0) & (local < group_size), local, group_size)  # others last
-    order = jnp.argsort(key, stable=True)  # [N*k] (row, pick) pairs by expert
-    counts = jnp.bincount(key, length=group_size + 1)[:group_size]  # [G]
-    starts = jnp.cumsum(counts) - counts
-    pad = jnp.zeros((tile, x.shape[1]), x.dtype)
-    xs = jnp.concatenate([x[order // k], pad])  # [N*k + tile, D]: a last tile may run over
-    ys = jnp.zeros_like(xs)
+    """``_expert_group_dense``'s result, each expert computed on its routed rows only: expert
+    by expert in id order, its rows gathered ``tile`` at a time (a loop of data-dependent
+    length: work ∝ N*k + G*tile, not N*G), its weighted outputs added to theirs, so a row's
+    picks are added from zero in ascending expert id, as on the dense path. A row's expert
+    output comes from a ``tile``-row matmul whatever the pass's size, as in a pass of at most
+    ``tile`` rows on the dense path. x [N, D], weights/ids [N, k] → [N, D]."""
+    n = x.shape[0]
+    local = ids - group_start  # [N, k]
+    out = jnp.zeros_like(x)
     for g in range(group_size):  # static
         w_gu, w_d = expert_at(w_gate_up, g), expert_at(w_down, g)
+        chosen = local == g  # [N, k]
+        hit = chosen.any(-1)  # [N] rows routed to expert g
+        # their indices first, then n (no row) up to a whole last tile
+        rows = jnp.nonzero(hit, size=n + tile - 1, fill_value=n)[0]
+        weight = jnp.where(chosen, weights, 0).sum(-1)  # [N] as add_weighted takes it
 
-        def one_tile(i, ys, g=g, w_gu=w_gu, w_d=w_d):
-            at = starts[g] + i * tile
-            y = dense_expert(jax.lax.dynamic_slice_in_dim(xs, at, tile), w_gu, w_d)  # [T, D]
-            mine = i * tile + jnp.arange(tile) < counts[g]  # the tile's rows of expert g
-            old = jax.lax.dynamic_slice_in_dim(ys, at, tile)
-            return jax.lax.dynamic_update_slice_in_dim(ys, jnp.where(mine[:, None], y, old), at, 0)
+        def one_tile(i, out, rows=rows, weight=weight, w_gu=w_gu, w_d=w_d):
+            r = jax.lax.dynamic_slice_in_dim(rows, i * tile, tile)  # [T]
+            y = dense_expert(x.at[r].get(mode="fill", fill_value=0), w_gu, w_d)  # [T, D]
+            w = weight.at[r].get(mode="fill", fill_value=0)
+            return out.at[r].add((y * w[:, None]).astype(out.dtype), mode="drop")
 
-        ys = jax.lax.fori_loop(0, (counts[g] + tile - 1) // tile, one_tile, ys)
-    y = jnp.zeros((n * k, x.shape[1]), x.dtype).at[order].set(ys[: n * k])  # (row, pick) order
-    chosen = (key < group_size).reshape(n, k)
-    contrib = (y.reshape(n, k, -1) * jnp.where(chosen, weights, 0)[..., None]).astype(x.dtype)
-    return _sum_by_expert(jnp.where(chosen[..., None], contrib, 0), ids)
+        out = jax.lax.fori_loop(0, (hit.sum() + tile - 1) // tile, one_tile, out)
+    return out
 
 
 def _expert_group_slots(
