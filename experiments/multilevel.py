@@ -26,9 +26,17 @@ second between the ``CAPACITY_WINDOW`` quantiles of their finish times). A run i
 arm, the mean over seeds of mean TTFT (and its queueing part), p99 TTFT, mean TPOT and
 throughput, with a 95 % bootstrap interval over seeds.
 
+Trace mode (``--routing trace[:PATH]``, "trace mode" below): the expert loads come from a
+routing trace recorded on the real engine (``--record-trace``: the built-in model, Mixtral-
+shaped, on this repository's text) instead of the Zipf model, at that shape (8 experts, top-2)
+with Mixtral-8x7B's layers and A100 costs (``MODELS["mixtral"]``); arms ``TRACE_STUDY_ARMS``
+(EPLB variants and inter-layer-affinity placement), N in 2, 4, 8, two all-to-all pricings.
+
     python experiments/multilevel.py                  # the grid: 108 configs x 5 seeds
     python experiments/multilevel.py --quick          # tiny: a smoke run (seconds)
     python experiments/multilevel.py --sensitivity    # the unknowns, one at a time
+    python experiments/multilevel.py --record-trace   # the routing trace (jax; ~10 s)
+    python experiments/multilevel.py --routing trace  # the trace study: 24 configs x 3 seeds
 """
 
 from __future__ import annotations
@@ -196,12 +204,13 @@ TRACE_ARMS: dict[str, dict] = {
     "multilevel-affinity": dict(order="sjf", dispatch="dplb", eplb=True, affinity=True),
     # no redundant slots: no extra weights to read, but at N = E nothing to move either
     "expert-r0": _EXPERT | dict(ep=dict(redundant_per_rank=0)),
+    "multilevel-r0": dict(order="sjf", dispatch="dplb", eplb=True, ep=dict(redundant_per_rank=0)),
     # re-placed every 100 steps from the last 100 (runs here last ~1-3k steps: at vLLM's
     # 3000 the first placement, fitted to the whole trace, stays): following the text's drift
     "expert-replace": _EXPERT | dict(ep=dict(rebalance_steps=100, window_steps=100)),
 }
 TRACE_STUDY_ARMS = ("baseline", "expert", "expert-r0", "expert-replace", "expert-affinity",
-                    "multilevel", "multilevel-affinity")  # fmt: skip
+                    "multilevel", "multilevel-r0", "multilevel-affinity")  # fmt: skip
 TRACE_SEEDS = 3
 
 # -- workloads ----------------------------------------------------------------------------------
