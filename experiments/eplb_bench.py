@@ -36,6 +36,7 @@ from qllm_jax.models.random_init import MODEL_PRESETS, random_model
 from qllm_jax.scheduler.experts import (
     ExpertParallel,
     colocated_placement,
+    copy_rank,
     ep_expert_time,
     eplb_placement,
     rank_loads,
@@ -109,18 +110,11 @@ def concentration(t: np.ndarray) -> tuple[float, float]:
     return float(t.max(-1).sum() / t.sum()), float(independent / t.sum())
 
 
-def copy_rank(placement: list[list[int]], num_experts: int) -> list[list[int]]:
-    """expert -> the ranks of its copies, in slot order (the engine's copy ``row % copies``)."""
-    out: list[list[int]] = [[] for _ in range(num_experts)]
-    for r, experts in enumerate(placement):
-        for e in experts:
-            out[e].append(r)
-    return out
-
-
 def stay_fraction(placements: list[list[list[int]]], traces: list[np.ndarray], e: int) -> float:
     """Share of a token's consecutive-layer (pick, pick) pairs whose two copies share a rank
-    (a token's copy of an expert: ``token index % copies``, as the engine splits rows)."""
+    (a token's copy of an expert: ``token index % copies``, as the engine splits rows). The
+    simulator's ``scheduler.experts.pair_stay_share`` counts it from transitions alone, each
+    copy taken evenly: the same without redundant copies."""
     ranks = [copy_rank(p, e) for p in placements]
     stay = total = 0
     for tr in traces:

@@ -26,9 +26,17 @@ second between the ``CAPACITY_WINDOW`` quantiles of their finish times). A run i
 arm, the mean over seeds of mean TTFT (and its queueing part), p99 TTFT, mean TPOT and
 throughput, with a 95 % bootstrap interval over seeds.
 
+Trace mode (``--routing trace[:PATH]``, "trace mode" below): the expert loads come from a
+routing trace recorded on the real engine (``--record-trace``: the built-in model, Mixtral-
+shaped, on this repository's text) instead of the Zipf model, at that shape (8 experts, top-2)
+with Mixtral-8x7B's layers and A100 costs (``MODELS["mixtral"]``); arms ``TRACE_STUDY_ARMS``
+(EPLB variants and inter-layer-affinity placement), N in 2, 4, 8, two all-to-all pricings.
+
     python experiments/multilevel.py                  # the grid: 108 configs x 5 seeds
     python experiments/multilevel.py --quick          # tiny: a smoke run (seconds)
     python experiments/multilevel.py --sensitivity    # the unknowns, one at a time
+    python experiments/multilevel.py --record-trace   # the routing trace (jax; ~10 s)
+    python experiments/multilevel.py --routing trace  # the trace study: 24 configs x 3 seeds
 """
 
 from __future__ import annotations
@@ -54,10 +62,22 @@ import harness as h  # noqa: E402
 
 from qllm_jax.scheduler import SchedulerConfig, segment_layout  # noqa: E402
 from qllm_jax.scheduler.dispatch import DEFAULT_STALENESS_S, make_policy  # noqa: E402
-from qllm_jax.scheduler.experts import ExpertParallel  # noqa: E402
+from qllm_jax.scheduler.experts import (  # noqa: E402
+    ExpertParallel,
+    RoutingTrace,
+    colocated_placement,
+    eplb_placement,
+    imbalance,
+    pair_stay_share,
+    static_placement,
+)
 from qllm_jax.scheduler.metrics import bootstrap_ci, mean, percentile  # noqa: E402
 from qllm_jax.scheduler.multisim import MultiSimulator  # noqa: E402
-from qllm_jax.scheduler.simulator import CostModel, make_request  # noqa: E402
+from qllm_jax.scheduler.simulator import (  # noqa: E402
+    MIXTRAL_A100_EFFICIENT,
+    CostModel,
+    make_request,
+)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -90,6 +110,43 @@ QWEN3_A100 = CostModel(
     embed_base=10e-6,
     host_overhead=10e-6,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What ``run_arm`` simulates: the MoE shape, its cost model per simulated layer (a block of
+    ``layers_per_block`` real layers) and how many real layers ``ExpertState`` prices per
+    simulated one (``ep_layers_per_block``)."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    hidden: int
+    layers_per_block: int
+    cost: CostModel
+    ep_layers_per_block: int
+
+
+def block_cost(cost: CostModel, g: int) -> CostModel:
+    """``cost`` (per real layer) for a simulated layer of ``g`` real layers: the per-layer
+    terms times ``g``; the head, overheads and embedding as they are."""
+    per_layer = ("attn_base", "attn_per_row", "attn_per_ctx", "attn_per_row_ctx",
+                 "attn_per_row_sq", "expert_base", "expert_per_row", "shared_base",
+                 "shared_per_row")  # fmt: skip
+    return dataclasses.replace(
+        cost, name=f"{cost.name}-block{g}", **{k: g * getattr(cost, k) for k in per_layer}
+    )
+
+
+MODELS = {
+    # ep_layers_per_block=1: what the committed grid ran (multilevel-sim.json): ExpertState
+    # then prices each simulated block as one real layer (the balance of real layers 0-7, one
+    # all-to-all per block of 6 real layers); kept so that the grid's numbers reproduce
+    "qwen3": ModelShape(NUM_LAYERS, NUM_EXPERTS, TOP_K, HIDDEN, G, QWEN3_A100, 1),
+    # the routing trace's shape (the built-in model is Mixtral-shaped: 8 experts, top-2) at
+    # Mixtral-8x7B's size on A100s: 32 layers, hidden 4096, blocks of 4 real layers
+    "mixtral": ModelShape(32, 8, 2, 4096, 4, block_cost(MIXTRAL_A100_EFFICIENT, 4), 4),
+}
 ENGINE = dict(
     max_batch_size=32,
     max_num_batched_tokens=2048,
@@ -139,6 +196,22 @@ ARMS: dict[str, dict] = {
     "llmd": dict(order="fcfs", dispatch="llmd", eplb=False),
 }
 ROUTERS = ("vllm", "pow2", "cache-aware", "llmd")
+# trace mode (--routing trace) only: EPLB with inter-layer affinity (colocated_placement), and
+# EPLB variants whose expert-parallel overrides ("ep") set what the others leave at EP_DEFAULTS
+_EXPERT = dict(order="fcfs", dispatch="round_robin", eplb=True)
+TRACE_ARMS: dict[str, dict] = {
+    "expert-affinity": _EXPERT | dict(affinity=True),
+    "multilevel-affinity": dict(order="sjf", dispatch="dplb", eplb=True, affinity=True),
+    # no redundant slots: no extra weights to read, but at N = E nothing to move either
+    "expert-r0": _EXPERT | dict(ep=dict(redundant_per_rank=0)),
+    "multilevel-r0": dict(order="sjf", dispatch="dplb", eplb=True, ep=dict(redundant_per_rank=0)),
+    # re-placed every 100 steps from the last 100 (runs here last ~1-3k steps: at vLLM's
+    # 3000 the first placement, fitted to the whole trace, stays): following the text's drift
+    "expert-replace": _EXPERT | dict(ep=dict(rebalance_steps=100, window_steps=100)),
+}
+TRACE_STUDY_ARMS = ("baseline", "expert", "expert-r0", "expert-replace", "expert-affinity",
+                    "multilevel", "multilevel-r0", "multilevel-affinity")  # fmt: skip
+TRACE_SEEDS = 3
 
 # -- workloads ----------------------------------------------------------------------------------
 #
@@ -284,10 +357,13 @@ def run_arm(
     seed: int,
     ep_overrides: dict | None = None,
     arm_overrides: dict | None = None,
+    model: str = "qwen3",
 ) -> dict:
     """One arm on one workload at ``rate`` requests/s (None: all at once). The numbers of
-    the issue's JSON shape plus what explains them."""
-    spec = ARMS[arm] | (arm_overrides or {})
+    the issue's JSON shape plus what explains them. ``model``: a ``MODELS`` shape;
+    ``ep_overrides["trace"]``: a routing trace file's path (trace mode)."""
+    spec = (ARMS | TRACE_ARMS)[arm] | (arm_overrides or {})
+    shape = MODELS[model]
     classes = spec.get("classes", False)
     sched = dict(ENGINE)
     if classes and spec.get("policy", "qllm") == "qllm":
@@ -301,22 +377,28 @@ def run_arm(
     config = SchedulerConfig(
         num_pages=KV_TOKENS // ENGINE["page_size"] + 1, max_model_len=MAX_MODEL_LEN, **sched
     )
-    segments = segment_layout(NUM_LAYERS // G, NUM_EXPERTS, NUM_EXPERTS, False)
+    g = shape.layers_per_block
+    segments = segment_layout(shape.num_layers // g, shape.num_experts, shape.num_experts, False)
+    ep_o = EP_DEFAULTS | spec.get("ep", {}) | (ep_overrides or {})
+    if "trace" in ep_o:
+        ep_o["trace"] = load_trace(ep_o["trace"])
     ep = ExpertParallel(
-        num_layers=NUM_LAYERS,
-        num_experts=NUM_EXPERTS,
-        top_k=TOP_K,
-        hidden=HIDDEN,
+        num_layers=shape.num_layers,
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        hidden=shape.hidden,
         ranks=n_replicas,
         eplb=spec["eplb"],
         seed=seed,
-        **(EP_DEFAULTS | (ep_overrides or {})),
+        affinity=spec.get("affinity", False),
+        **ep_o,
     )
     policy = make_policy(spec["dispatch"], seed=seed, **spec.get("dispatch_options", {}))
     staleness = spec.get("staleness_s", DEFAULT_STALENESS_S[spec["dispatch"]])
     sim = MultiSimulator(
-        n_replicas, config, segments, QWEN3_A100, policy, staleness, ep, check_kv=False
-    )
+        n_replicas, config, segments, shape.cost, policy, staleness, ep,
+        shape.ep_layers_per_block, check_kv=False,
+    )  # fmt: skip
     events = []
     for k, it in enumerate(items):
         t = it.arrival / rate if rate else 0.0
@@ -338,7 +420,8 @@ def run_arm(
     # the estimate this script used before (explain()): until 80 % finished, from the start
     k = max(1, math.ceil(0.8 * len(finishes)))
     old_capacity = k / (finishes[k - 1] - min(r.arrival for r in recs))
-    return {
+    trace = {} if ep.trace is None else {"expert_stay_share": res.stats["expert_stay_share"]}
+    return trace | {
         "ttft_mean_s": mean(ttft),
         "ttft_p99_s": percentile(ttft, 99),
         "tpot_mean_s": mean(tpot),
@@ -372,6 +455,13 @@ METRICS = (
     "queue_mean_s", "queued_share",
     "prefix_hit_rate", "dispatch_imbalance", "expert_rank_balance",
 )  # fmt: skip
+TRACE_METRICS = ("expert_stay_share",)  # trace mode only
+
+
+@functools.lru_cache(maxsize=4)
+def load_trace(path: str) -> RoutingTrace:
+    """A routing trace file, read once per worker."""
+    return RoutingTrace.load(path)
 
 
 @functools.lru_cache(maxsize=8)
@@ -384,9 +474,9 @@ def _shared_items(workload: str, n: int, seed: int) -> tuple[Item, ...]:
 
 
 def _job(args: tuple) -> tuple:
-    key, arm, workload, n_req, rate, n, seed, ep_o, arm_o = args
+    key, arm, workload, n_req, rate, n, seed, ep_o, arm_o, *model = args  # model: optional
     items = list(_shared_items(workload, n_req, seed))
-    return key, arm, seed, run_arm(arm, items, rate, n, seed, ep_o, arm_o)
+    return key, arm, seed, run_arm(arm, items, rate, n, seed, ep_o, arm_o, *model)
 
 
 def requests_for(n_replicas: int, quick: bool) -> int:
@@ -423,20 +513,28 @@ def _pool_map(jobs: list[tuple], workers: int, label: str) -> Iterator[tuple]:
         pool.shutdown()
 
 
-def measure_capacity(workloads, pairs, quick, seed, workers) -> dict:
+def measure_capacity(
+    workloads, pairs, quick, seed, workers, model="qwen3", ep_extra=None, tag=""
+) -> dict:
     """Requests/s the baseline sustains per (workload, N, all-to-all bandwidth): the seed's
     ``CAPACITY_BURST`` requests per replica arriving at once (``saturated_throughput``);
-    ``pairs``: (N, bandwidth or None for the default)."""
+    ``pairs``: (N, bandwidth or None for the default). ``ep_extra``: more expert-parallel
+    overrides (trace mode), ``tag`` ends their capacities' keys."""
     jobs = [
         ((w, n, bw), "baseline", w, capacity_requests(n, quick), None, n, seed,
-         None if bw is None else {"a2a_gbps": bw}, None)
+         _ep_overrides(bw, ep_extra), None, model)
         for w in workloads
         for n, bw in pairs
     ]  # fmt: skip
     out = {}
     for (w, n, bw), _, _, r in _pool_map(jobs, workers, "capacity"):
-        out[_cap_key(w, n, bw)] = r["capacity_rps"]
+        out[_cap_key(w, n, bw) + tag] = r["capacity_rps"]
     return out
+
+
+def _ep_overrides(bw: float | None, extra: dict | None) -> dict | None:
+    out = None if bw is None else {"a2a_gbps": bw}
+    return out if not extra else (out or {}) | extra
 
 
 def _cap_key(w: str, n: int, bw: float | None) -> str:
@@ -446,7 +544,7 @@ def _cap_key(w: str, n: int, bw: float | None) -> str:
 def aggregate(per_seed: list[dict], boot_seed: int = 0) -> dict:
     """Per arm: each metric's mean over seeds and its 95 % bootstrap interval over seeds."""
     out = {}
-    for m in METRICS:
+    for m in METRICS + tuple(m for m in TRACE_METRICS if m in per_seed[0]):
         vals = [r[m] for r in per_seed if r[m] is not None and not math.isnan(r[m])]
         out[m] = mean(vals) if vals else math.nan
         out[f"{m}_ci95"] = list(bootstrap_ci(vals, mean, seed=boot_seed))
@@ -473,9 +571,14 @@ def reductions(configs: list[dict], arm: str, ref: str = "baseline") -> dict:
     return out
 
 
-def run_grid(args, workloads, replicas, loads, arms, seeds, a2a, on_config=None) -> dict:
+def run_grid(
+    args, workloads, replicas, loads, arms, seeds, a2a, on_config=None,
+    model="qwen3", ep_extra=None, tag="", extra_info=None,
+) -> dict:  # fmt: skip
     """The grid, cheapest configurations (smallest N) first; ``on_config(grid so far)`` after
-    each configuration whose every arm and seed has run (a run stopped early keeps those)."""
+    each configuration whose every arm and seed has run (a run stopped early keeps those).
+    ``model``, ``ep_extra`` (trace mode): as ``measure_capacity``; ``tag`` ends the
+    configurations' names, ``extra_info`` joins their fields."""
     # every bandwidth at the N of A2A_LOW_REPLICAS, only the highest at the others
     pairs = [(n, bw) for n in sorted(replicas) for bw in a2a
              if bw == max(a2a) or n in args.a2a_low_replicas]  # fmt: skip
@@ -484,19 +587,21 @@ def run_grid(args, workloads, replicas, loads, arms, seeds, a2a, on_config=None)
     configs: list[dict] = []
     for n in sorted(replicas):  # one N at a time: its capacities, then its configurations
         group = [(m, bw) for m, bw in pairs if m == n]
-        cap |= measure_capacity(workloads, group, args.quick, args.seed, args.jobs)
+        cap |= measure_capacity(workloads, group, args.quick, args.seed, args.jobs, model,
+                                ep_extra, tag)  # fmt: skip
         jobs, info = [], {}
         for _, bw in group:
             for w in workloads:
                 for load in loads:
-                    name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}"
-                    rate = load * cap[_cap_key(w, n, bw)]
+                    name = f"{w}/N{n}/load{round(load * 100)}/a2a{bw:g}{tag}"
+                    rate = load * cap[_cap_key(w, n, bw) + tag]
                     info[name] = dict(workload=w, replicas=n, load=load, a2a_gbps=bw,
-                                      rate_rps=rate)  # fmt: skip
+                                      rate_rps=rate) | (extra_info or {})  # fmt: skip
                     for arm in arms:
                         for s in seeds:
                             jobs.append((name, arm, w, requests_for(n, args.quick), rate, n,
-                                         s, {"a2a_gbps": bw}, None))  # fmt: skip
+                                         s, _ep_overrides(bw, ep_extra), None,
+                                         model))  # fmt: skip
         results: dict = {}
         for name, arm, _seed, r in _pool_map(jobs, args.jobs, f"grid N={n}"):
             by_arm = results.setdefault(name, {})
@@ -632,6 +737,186 @@ def explain(workers: int, quick: bool) -> dict:
         "knee": knee,
         "run_length": run_length,
     }
+
+
+# -- trace mode: the built-in model's routing on real text --------------------------------------
+#
+# ``--record-trace`` records the built-in model's own top-k picks (``qllm_jax.eplb.
+# routing_trace``) on this repository's text (``eplb_bench.text_sequences``: its *.md files),
+# TRACE_SEQUENCES sequences of TRACE_TOKENS tokens, one window of counts per sequence.
+# ``--routing trace[:PATH]`` simulates the trace's shape (8 experts, top-2) at Mixtral-8x7B's
+# size and costs (``MODELS["mixtral"]``) with the expert loads from the trace
+# (``scheduler.experts.RoutingTrace``), under both all-to-all pricings: ``home`` (every token
+# back to its rank between layers: vLLM's DP attention, placement saves no bytes) and
+# ``handoff`` (only picks whose next-layer expert is on another rank travel: the premise of
+# inter-layer affinity, an upper bound on what it could save).
+TRACE_PATH = RESULTS / "routing-trace-builtin.json"
+TRACE_SEQUENCES, TRACE_TOKENS = 256, 128
+TRACE_WORKLOADS = ("burst-random", "sharegpt")
+TRACE_REPLICAS = (2, 4, 8)  # N dividing the 8 experts
+TRACE_LOADS = (0.85, 1.0)
+TRACE_PRICINGS = ("home", "handoff")
+
+
+def record_trace(
+    path: Path, sequences: int = TRACE_SEQUENCES, length: int = TRACE_TOKENS
+) -> RoutingTrace:
+    """Record the built-in model's routing on real text into ``path`` (module section above).
+    Imports jax and the model (nothing else in this script does)."""
+    import hashlib
+
+    import eplb_bench
+
+    import qllm_jax
+    from qllm_jax.eplb import routing_trace
+
+    model = qllm_jax.load(qllm_jax.builtin_model_dir(), dtype="float32")
+    seqs = eplb_bench.text_sequences(model, sequences, length)
+    ids = [routing_trace(model, s).tolist() for s in seqs]  # each [L, T, k]
+    source = {
+        "model": "built-in (qllm_jax.builtin_model_dir()), float32",
+        "text": "this repository's *.md files (experiments/eplb_bench.text_sequences)",
+        "text_tokens_sha256": hashlib.sha256(str(seqs).encode()).hexdigest()[:16],
+        "sequences": sequences,
+        "tokens_per_sequence": length,
+        "routing": "qllm_jax.eplb.routing_trace: the model's own top-k ids per token and layer",
+        "recorded_by": "experiments/multilevel.py --record-trace",
+    }
+    trace = RoutingTrace.from_ids(ids, model.config.num_experts, length, source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(trace.to_dict(), separators=(",", ":")) + "\n")
+    return trace
+
+
+def trace_placements(trace: RoutingTrace, replicas, slack: float) -> dict:
+    """Per N, offline: static placement, EPLB and EPLB with inter-layer affinity (each without
+    and with the arms' redundant slots), fitted on the trace's first half and judged on its
+    second (held out): busiest / mean rank tokens (mean over the trace's layers) and the share
+    of consecutive-layer pick pairs that stay on a rank."""
+    half = trace.num_windows // 2 * trace.window_tokens
+    n_pairs = trace.num_layers - 1  # recorded pairs only (not the independent wrap)
+    fit_l, fit_p = trace.loads(0, half), trace.pairs(0, half)[:n_pairs]
+    test_l, test_p = trace.loads(half, trace.tokens), trace.pairs(half, trace.tokens)[:n_pairs]
+    e, out = trace.num_experts, {}
+    for n in replicas:
+        per = e // n
+        variants = {"static": [static_placement(e, n)] * trace.num_layers}
+        for extra in sorted({0, EP_DEFAULTS["redundant_per_rank"]}):
+            variants[f"eplb_r{extra}"] = [eplb_placement(w, n, per + extra) for w in fit_l]
+            variants[f"affinity_r{extra}"] = colocated_placement(fit_l, fit_p, n, per + extra,
+                                                                 slack)  # fmt: skip
+        out[f"N{n}"] = {
+            v: {
+                "max_over_mean": mean([imbalance(p, w) for p, w in zip(pls, test_l, strict=True)]),
+                "stay_on_rank": pair_stay_share(pls, test_p),
+            }
+            for v, pls in variants.items()
+        }
+    return out
+
+
+def run_trace_study(args, seeds: list[int], trace_path: Path, on_config=None) -> dict:
+    """The trace-driven grid: per all-to-all pricing, ``run_grid`` at the Mixtral shape."""
+    workloads = args.workloads or (["burst-random"] if args.quick else list(TRACE_WORKLOADS))
+    replicas = args.replicas or ([2] if args.quick else list(TRACE_REPLICAS))
+    loads = args.loads or ([0.85] if args.quick else list(TRACE_LOADS))
+    a2a = args.a2a or [EP_DEFAULTS["a2a_gbps"]]
+    out: dict = {"capacity_rps": {}, "configs": [], "planned": 0}
+    for pricing in TRACE_PRICINGS:
+        extra = {"trace": str(trace_path), "a2a_handoff": pricing == "handoff"}
+        done = dict(out)
+
+        def saved(grid, done=done):
+            if on_config is not None:
+                on_config({"capacity_rps": done["capacity_rps"] | grid["capacity_rps"],
+                           "configs": done["configs"] + grid["configs"],
+                           "planned": done["planned"] + grid["planned"]})  # fmt: skip
+
+        grid = run_grid(args, workloads, replicas, loads, args.arms, seeds, a2a, saved,
+                        "mixtral", extra, f"/{pricing}", {"a2a_pricing": pricing})  # fmt: skip
+        out = {"capacity_rps": out["capacity_rps"] | grid["capacity_rps"],
+               "configs": out["configs"] + grid["configs"],
+               "planned": out["planned"] + grid["planned"]}  # fmt: skip
+    return out
+
+
+def trace_table(configs: list[dict], arms: list[str]) -> list[list[str]]:
+    """Per configuration and arm: mean TTFT and TPOT (ms), busiest / mean rank tokens per
+    step, and the share of pick pairs staying on a rank."""
+    rows = [["config", "arm", "TTFT ms", "TPOT ms", "p99 TTFT ms", "rank balance", "stay"]]
+    for c in configs:
+        for a in arms:
+            x = c["arms"][a]
+            rows.append([c["name"], a, f"{x['ttft_mean_s'] * 1e3:.1f}",
+                         f"{x['tpot_mean_s'] * 1e3:.2f}", f"{x['ttft_p99_s'] * 1e3:.0f}",
+                         f"{x['expert_rank_balance']:.3f}",
+                         f"{x['expert_stay_share']:.3f}"])  # fmt: skip
+    return rows
+
+
+def _trace_main(args, seeds: list[int], meta: dict, t0: float) -> dict:
+    """``--routing trace[:PATH]``: the trace study, its JSON and its tables."""
+    path = Path(args.routing.partition(":")[2] or TRACE_PATH)
+    if not path.is_file():
+        raise SystemExit(f"--routing {args.routing}: no trace at {path} (--record-trace)")
+    trace = load_trace(str(path))
+    shape = MODELS["mixtral"]
+    meta = meta | {
+        "model": dict(
+            layers=shape.num_layers,
+            experts=shape.num_experts,
+            top_k=shape.top_k,
+            hidden=shape.hidden,
+            layers_per_block=shape.layers_per_block,
+        ),  # fmt: skip
+        "cost_model": shape.cost.to_dict(),
+        "routing": {
+            "trace": path.name,
+            "window_tokens": trace.window_tokens,
+            "windows": trace.num_windows,
+            "trace_layers": trace.num_layers,
+            "layer_rule": "real layer l replays trace layer l % trace_layers",
+            "source": trace.source,
+        },  # fmt: skip
+        "ep_defaults": {
+            k: v for k, v in EP_DEFAULTS.items() if k not in ("skew", "drift_s", "drift_fraction")
+        },  # fmt: skip
+        "affinity_slack": ExpertParallel.affinity_slack,
+        "a2a_pricings": list(TRACE_PRICINGS),
+        "note": "simulated (cost model of Mixtral-8x7B on A100s, lockstep DP+EP) with expert "
+        "loads from the built-in model's routing on real text; the all-to-all bandwidth, its "
+        "pricing and the migration time are parameters, not measurements",
+    }
+    placements = trace_placements(trace, args.replicas or TRACE_REPLICAS,
+                                  ExpertParallel.affinity_slack)  # fmt: skip
+    out = args.results_dir / ("multilevel-trace-sim" + ("-quick" if args.quick else "") + ".json")
+
+    def save(grid: dict) -> dict:
+        summary = {a: reductions(grid["configs"], a) for a in args.arms if a != "baseline"}
+        by_pricing = {
+            p: {a: reductions([c for c in grid["configs"] if c["a2a_pricing"] == p], a)
+                for a in args.arms if a != "baseline"}
+            for p in TRACE_PRICINGS
+        }  # fmt: skip
+        res = {"meta": meta, "placements_held_out": placements, **grid, "summary": summary,
+               "summary_by_pricing": by_pricing}  # fmt: skip
+        res["meta"] |= {"wall_s": time.monotonic() - t0, "configs": len(grid["configs"])}
+        res["meta"]["complete"] = len(grid["configs"]) == grid["planned"]
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        return res
+
+    res = save(run_trace_study(args, seeds, path, save))
+    print("held-out placement balance (busiest / mean rank tokens; stay on rank):")
+    for n, vs in placements.items():
+        print(f"  {n}: " + "  ".join(f"{v} {x['max_over_mean']:.3f} ({x['stay_on_rank']:.3f})"
+                                     for v, x in vs.items()))  # fmt: skip
+    print(h.format_table(trace_table(res["configs"], args.arms)))
+    for p, summary in res["summary_by_pricing"].items():
+        print(f"\nall-to-all pricing {p}, reductions vs baseline (median config):")
+        print(h.format_table(summary_table(summary)))
+    print(f"wrote {out}: {len(res['configs'])} configs x {len(seeds)} seeds, "
+          f"{res['meta']['wall_s']:.0f} s")  # fmt: skip
+    return res
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -800,7 +1085,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per config (5; quick 1)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        choices=list(ARMS | TRACE_ARMS),
+        help="default: every arm of ARMS (trace mode: TRACE_STUDY_ARMS)",
+    )
+    ap.add_argument(
+        "--routing",
+        default="synthetic",
+        help="synthetic (the Zipf model: the grid) or trace[:PATH]: the trace study, expert "
+        f"loads from a recorded routing trace (default {TRACE_PATH.name})",
+    )
+    ap.add_argument(
+        "--record-trace",
+        action="store_true",
+        help="record the built-in model's routing on the repository's text first "
+        "(needs jax; into --routing's PATH or the default)",
+    )
     ap.add_argument("--workloads", nargs="+", default=None, choices=WORKLOADS)
     ap.add_argument("--replicas", type=int, nargs="+", default=None)
     ap.add_argument("--loads", type=float, nargs="+", default=None)
@@ -833,9 +1136,21 @@ def main(argv=None) -> dict:
         files = [json.loads(p.read_text()) for p in args.report]
         print(markdown_report(files[0], files[1] if len(files) > 1 else None))
         return {}
+    trace_mode = args.routing == "trace" or args.routing.startswith("trace:")
+    if args.routing != "synthetic" and not trace_mode:
+        ap.error(f"--routing must be synthetic, trace or trace:PATH, got {args.routing!r}")
+    if args.record_trace:
+        path = Path(args.routing.partition(":")[2] or TRACE_PATH)
+        trace = record_trace(path)
+        print(f"wrote {path}: {trace.num_windows} windows of {trace.window_tokens} tokens")
+        if not trace_mode:
+            return {}
+    args.arms = args.arms or list(TRACE_STUDY_ARMS if trace_mode else ARMS)
+    if not trace_mode and set(args.arms) & set(TRACE_ARMS):
+        ap.error(f"arms {sorted(set(args.arms) & set(TRACE_ARMS))} need --routing trace")
     if "baseline" not in args.arms:
         ap.error("the baseline arm is needed (every number is relative to it)")
-    n_seeds = args.seeds or (1 if args.quick else 5)
+    n_seeds = args.seeds or (1 if args.quick else TRACE_SEEDS if trace_mode else 5)
     seeds = list(range(args.seed, args.seed + n_seeds))
     t0 = time.monotonic()
     meta = {
@@ -882,6 +1197,8 @@ def main(argv=None) -> dict:
         "all-to-all bandwidth and the migration time are parameters, not measurements",
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    if trace_mode:
+        return _trace_main(args, seeds, meta, t0)
     if args.explain:
         res = {"meta": meta, "explain": explain(args.jobs, args.quick)}
         res["meta"]["wall_s"] = time.monotonic() - t0

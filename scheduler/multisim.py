@@ -16,7 +16,9 @@ Two couplings:
   costs the slowest replica's non-expert work (attention, head, overheads) plus, for every
   layer any replica's plan runs, the busiest rank's expert time for all replicas' tokens and
   the all-to-all of the busiest sender; ``experts.ExpertState`` prices that, moves the hot
-  experts and, with EPLB, re-places them (all replicas stall for the migration).
+  experts and, with EPLB, re-places them (all replicas stall for the migration). Its routing is
+  a synthetic model or a trace recorded on the real engine (``ExpertParallel.trace``); a
+  simulated layer stands for ``layers_per_block`` real ones.
 """
 
 from __future__ import annotations
@@ -349,6 +351,7 @@ class MultiSimulator:
             "dispatch_imbalance": max(loads) / mean_load if mean_load else 1.0,
             "dispatched": [rep.dispatched for rep in self.replicas],
             "expert_rank_balance": self.ep.rank_balance if self.ep else None,
+            "expert_stay_share": self.ep.stay_share if self.ep else None,
             "migrations": self.ep.migrations if self.ep else 0,
             "migration_stall_s": self.stall_s,
             "steps": self.steps,

@@ -19,8 +19,10 @@ from qllm_jax.models.random_init import MODEL_PRESETS, random_model
 from qllm_jax.scheduler.experts import (
     colocated_placement,
     eplb_placement,
+    pair_stay_share,
     slot_experts,
     slot_sources,
+    static_placement,
 )
 
 TINY = MODEL_PRESETS["mixtral-tiny"]  # 8 experts, top_k 2, 2 layers
@@ -205,3 +207,37 @@ def test_cli_flags_reach_the_engine():
     eng = build_engine(engine_flags(args))
     assert eng.rebalance_every == 5 and eng.expert_stats_every == 3
     assert eng.executor.expert_slots.num_slots == 10 and eng.executor.expert_slots.ranks == 2
+
+
+def _experiment(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    return importlib.import_module(name)
+
+
+def test_simulator_stay_share_is_eplb_bench_stay_fraction_without_copies():
+    """The simulator prices co-location from transitions alone (``pair_stay_share``, copies
+    taken evenly); eplb_bench counts per token with the engine's copy rule: the same where
+    every expert has one copy."""
+    bench = _experiment("eplb_bench")
+    rng = np.random.default_rng(0)
+    traces = [rng.integers(0, 8, (3, 40, 2)) for _ in range(3)]  # [L, T, k]
+    t = bench.transitions(traces, 8).tolist()
+    placements = colocated_placement(rng.random((3, 8)).tolist(), t, 4, 2, 0.2)
+    want = bench.stay_fraction(placements, traces, 8)
+    assert pair_stay_share(placements, t) == pytest.approx(want)
+    assert pair_stay_share([static_placement(8, 4)] * 3, t) != pytest.approx(want)
+
+
+def test_recorded_trace_holds_the_models_own_routing(tmp_path):
+    ml = _experiment("multilevel")
+    trace = ml.record_trace(tmp_path / "t.json", sequences=2, length=16)
+    assert (trace.num_windows, trace.window_tokens, trace.top_k) == (2, 16, 2)
+    model = qllm_jax.load(qllm_jax.builtin_model_dir(), dtype="float32")
+    seqs = _experiment("eplb_bench").text_sequences(model, 2, 16)
+    ids = routing_trace(model, seqs[1])  # [L, T, k]
+    assert trace.counts[1] == [np.bincount(x.ravel(), minlength=8).tolist() for x in ids]
+    assert ml.load_trace(str(tmp_path / "t.json")).counts == trace.counts

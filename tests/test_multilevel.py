@@ -116,3 +116,30 @@ def test_quick_run_writes_the_issue_json_shape(tmp_path):
         for a in c["arms"].values():  # TTFT's queueing part
             assert 0 <= a["queue_mean_s"] < a["ttft_mean_s"] and 0 <= a["queued_share"] <= 1
     assert set(data["summary"]) == set(ml.ARMS) - {"baseline"}
+
+
+def test_trace_mode_runs_the_trace_study_and_writes_the_issue_json_shape(tmp_path):
+    res = ml.main(["--routing", f"trace:{ml.TRACE_PATH}", "--quick", "--jobs", "1",
+                   "--results-dir", str(tmp_path)])  # fmt: skip
+    data = json.loads((tmp_path / "multilevel-trace-sim-quick.json").read_text())
+    assert data["configs"] == json.loads(json.dumps(res["configs"]))
+    assert [c["a2a_pricing"] for c in data["configs"]] == list(ml.TRACE_PRICINGS)
+    assert data["meta"]["model"]["experts"] == 8 and data["meta"]["routing"]["windows"] > 0
+    for c in data["configs"]:
+        assert set(c["arms"]) == set(ml.TRACE_STUDY_ARMS)
+        for a in c["arms"].values():
+            for k in ("ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "throughput_rps"):
+                assert isinstance(a[k], float) and a[k] > 0
+            assert 0 <= a["expert_stay_share"] <= 1 and a["expert_rank_balance"] >= 1
+        arms = c["arms"]  # EPLB balances the real routing better than the static placement
+        assert arms["expert"]["expert_rank_balance"] < arms["baseline"]["expert_rank_balance"]
+    placed = data["placements_held_out"]["N2"]
+    assert placed["eplb_r1"]["max_over_mean"] < placed["static"]["max_over_mean"]
+    assert set(data["summary"]) == set(ml.TRACE_STUDY_ARMS) - {"baseline"}
+
+
+def test_trace_arms_need_a_trace():
+    with pytest.raises(SystemExit):
+        ml.main(["--quick", "--arms", "baseline", "expert-affinity"])
+    with pytest.raises(SystemExit):
+        ml.main(["--routing", "zipf", "--quick"])
