@@ -139,10 +139,10 @@ def block_cost(cost: CostModel, g: int) -> CostModel:
 
 
 MODELS = {
-    # ep_layers_per_block=1: what the committed grid ran (multilevel-sim.json): ExpertState
-    # then prices each simulated block as one real layer (the balance of real layers 0-7, one
-    # all-to-all per block of 6 real layers); kept so that the grid's numbers reproduce
-    "qwen3": ModelShape(NUM_LAYERS, NUM_EXPERTS, TOP_K, HIDDEN, G, QWEN3_A100, 1),
+    # each simulated block of G real layers pays G all-to-alls at the mean balance of its real
+    # layers (the grid before 2026-12-02 ran with 1 here: one all-to-all per block, the balance
+    # of real layers 0-7 only, which under-priced the expert level at every N)
+    "qwen3": ModelShape(NUM_LAYERS, NUM_EXPERTS, TOP_K, HIDDEN, G, QWEN3_A100, G),
     # the routing trace's shape (the built-in model is Mixtral-shaped: 8 experts, top-2) at
     # Mixtral-8x7B's size on A100s: 32 layers, hidden 4096, blocks of 4 real layers
     "mixtral": ModelShape(32, 8, 2, 4096, 4, block_cost(MIXTRAL_A100_EFFICIENT, 4), 4),
