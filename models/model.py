@@ -461,8 +461,8 @@ def expert_group(
     function serves every group of every layer. ``impl``: "ragged" (sort rows by expert, grouped
     matmuls: work ∝ N*k, the right choice on accelerators), "dense" (every expert of the group
     on every row, unrouted rows weighted 0: XLA:CPU lowers ragged_dot densely over N*k rows
-    anyway, so N*G rows is less work there; from ``GATHER_MIN_ROWS`` rows on, each expert on
-    its routed rows in fixed tiles, work ∝ N*k + G*tile), or "auto" (by backend).
+    anyway, so N*G rows is less work there; on XLA:CPU from ``GATHER_MIN_ROWS`` rows on, each
+    expert on its routed rows in fixed tiles, work ∝ N*k + G*tile), or "auto" (by backend).
 
     ``slots`` (stacked layout only): ``ep`` holds physical expert slots, some of them copies of
     hot experts (expert load balancing), and ``slots`` says which hold which expert; ``ids``
@@ -491,8 +491,8 @@ def expert_group(
     return combine(y, order, in_group, weights, n)
 
 
-# Passes of at least this many rows run each expert on its routed rows only, in tiles of
-# EXPERT_ROW_TILE (``_expert_group_gathered``); smaller ones on every row (``_expert_group_dense``)
+# On XLA:CPU passes of at least this many rows run each expert on its routed rows only, in tiles
+# of EXPERT_ROW_TILE (``_expert_group_gathered``); smaller ones on every row
 GATHER_MIN_ROWS = 64
 EXPERT_ROW_TILE = 32
 
@@ -501,9 +501,10 @@ def _expert_group_dense(x, weights, ids, group_start, group_size, w_gate_up, w_d
     """x [N, D], each expert's w_gate_up [D, 2F] and w_down [F, D] (G of them, stacked or a
     tuple) → [N, D], experts added in id order as HF accumulates them. One 2-D matmul pair per
     expert: XLA:CPU runs a single einsum over stacked experts with a transposing copy of the
-    weights, about 2x slower. From ``GATHER_MIN_ROWS`` rows on, each expert runs on the rows
-    routed to it (``_expert_group_gathered``)."""
-    if x.shape[0] >= GATHER_MIN_ROWS:
+    weights, about 2x slower. On XLA:CPU from ``GATHER_MIN_ROWS`` rows on, each expert runs
+    on the rows routed to it (``_expert_group_gathered``: its loops have data-dependent trip
+    counts, which cost a read back to the host per iteration on XLA:GPU)."""
+    if x.shape[0] >= GATHER_MIN_ROWS and jax.default_backend() == "cpu":
         return _expert_group_gathered(x, weights, ids, group_start, group_size, w_gate_up, w_down)
     local = ids - group_start  # [N, k]
     out = jnp.zeros_like(x)
