@@ -824,20 +824,24 @@ def run_trace_study(args, seeds: list[int], trace_path: Path, on_config=None) ->
     out: dict = {"capacity_rps": {}, "configs": [], "planned": 0}
     for pricing in TRACE_PRICINGS:
         extra = {"trace": str(trace_path), "a2a_handoff": pricing == "handoff"}
-        done = dict(out)
 
-        def saved(grid, done=done):
+        def saved(grid, done=out):
             if on_config is not None:
-                on_config({"capacity_rps": done["capacity_rps"] | grid["capacity_rps"],
-                           "configs": done["configs"] + grid["configs"],
-                           "planned": done["planned"] + grid["planned"]})  # fmt: skip
+                on_config(_joined(done, grid))
 
         grid = run_grid(args, workloads, replicas, loads, args.arms, seeds, a2a, saved,
                         "mixtral", extra, f"/{pricing}", {"a2a_pricing": pricing})  # fmt: skip
-        out = {"capacity_rps": out["capacity_rps"] | grid["capacity_rps"],
-               "configs": out["configs"] + grid["configs"],
-               "planned": out["planned"] + grid["planned"]}  # fmt: skip
+        out = _joined(out, grid)
     return out
+
+
+def _joined(a: dict, b: dict) -> dict:
+    """Two grid parts as one: capacities, configurations and planned counts together."""
+    return {
+        "capacity_rps": a["capacity_rps"] | b["capacity_rps"],
+        "configs": a["configs"] + b["configs"],
+        "planned": a["planned"] + b["planned"],
+    }
 
 
 def trace_table(configs: list[dict], arms: list[str]) -> list[list[str]]:

@@ -579,7 +579,7 @@ def attention_blocks(chunks, page_size: int, tiled: bool) -> int:
     the pass's row and page buckets), with the row tiles or without (every row runs every
     block of the page bucket). The work, counted, not timed."""
     from qllm_jax.carry import PAGE_BUCKET_MIN, ROW_BUCKET_MIN, bucket
-    from qllm_jax.models.model import ATTENTION_BLOCK_PAGES, ATTENTION_ROW_TILE
+    from qllm_jax.models.model import ATTENTION_BLOCK_PAGES, attention_row_tile
 
     positions = [c.start + i for c in chunks for i in range(c.num_tokens)]
     rows = bucket(len(positions), ROW_BUCKET_MIN)
@@ -588,7 +588,7 @@ def attention_blocks(chunks, page_size: int, tiled: bool) -> int:
     if not tiled:
         return rows * pages // block
     positions += [0] * (rows - len(positions))  # padding rows
-    tile = ATTENTION_ROW_TILE if rows % ATTENTION_ROW_TILE == 0 else rows
+    tile = attention_row_tile(rows)
     reach = [max(positions[i : i + tile]) // (block * page_size) + 1 for i in range(0, rows, tile)]
     return tile * sum(reach)
 

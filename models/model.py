@@ -256,7 +256,7 @@ def paged_attention(
     while p % block:
         block -= 1  # P is a power of two in practice, so this ends on one
     cpu = jax.default_backend() == "cpu"
-    tile = min(n, ATTENTION_ROW_TILE) if cpu and n % ATTENTION_ROW_TILE == 0 else n
+    tile = attention_row_tile(n) if cpu else n
     tiles = n // tile
     shape = (tiles, tile, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
     qg = q.reshape(shape)  # [tiles, T, Hkv, G, hd]
@@ -275,6 +275,13 @@ def paged_attention(
     split = lambda a: a.reshape(tiles, tile, *a.shape[1:])  # noqa: E731
     out = jax.lax.map(one_tile, (qg, split(pages), split(positions), split(valid), reach))
     return out.reshape(n, cfg.q_size)
+
+
+def attention_row_tile(rows: int) -> int:
+    """Rows per tile of ``paged_attention`` on XLA:CPU for a pass of ``rows`` rows: the fixed
+    tile, or the whole pass when it is not a whole number of tiles (fewer rows, or an odd
+    caller's N)."""
+    return ATTENTION_ROW_TILE if rows % ATTENTION_ROW_TILE == 0 else rows
 
 
 def _attend_blocks(
@@ -532,13 +539,13 @@ def _expert_group_gathered(
         hit = chosen.any(-1)  # [N] rows routed to expert g
         # their indices first, then n (no row) up to a whole last tile
         rows = jnp.nonzero(hit, size=n + tile - 1, fill_value=n)[0]
-        weight = jnp.where(chosen, weights, 0).sum(-1)  # [N] as add_weighted takes it
+        weight = routing_weight(weights, chosen)  # [N]
 
         def one_tile(i, out, rows=rows, weight=weight, w_gu=w_gu, w_d=w_d):
             r = jax.lax.dynamic_slice_in_dim(rows, i * tile, tile)  # [T]
             y = dense_expert(x.at[r].get(mode="fill", fill_value=0), w_gu, w_d)  # [T, D]
             w = weight.at[r].get(mode="fill", fill_value=0)
-            return out.at[r].add((y * w[:, None]).astype(out.dtype), mode="drop")
+            return out.at[r].add(_weighted(y, w, out.dtype), mode="drop")
 
         out = jax.lax.fori_loop(0, (hit.sum() + tile - 1) // tile, one_tile, out)
     return out
@@ -607,8 +614,18 @@ def add_weighted(out: Array, y: Array, weights: Array, chosen: Array) -> Array:
     """out [N, D] plus one expert's output y [N, D] weighted by its routing weight on each
     row: weights [N, k], chosen [N, k] (which of a row's k picks are this expert; zero weight
     on rows that did not pick it)."""
-    w = jnp.where(chosen, weights, 0).sum(-1)  # [N] routing weight of the expert
-    return out + (y * w[:, None]).astype(out.dtype)
+    return out + _weighted(y, routing_weight(weights, chosen), out.dtype)
+
+
+def routing_weight(weights: Array, chosen: Array) -> Array:
+    """weights/chosen [N, k] → [N]: each row's routing weight of one expert (0 where the row
+    did not pick it)."""
+    return jnp.where(chosen, weights, 0).sum(-1)
+
+
+def _weighted(y: Array, w: Array, dtype) -> Array:
+    """One expert's output y [N, D] times its routing weight w [N], in ``dtype``."""
+    return (y * w[:, None]).astype(dtype)
 
 
 def shared_expert(sp: SharedExpertParams, x: Array) -> Array:

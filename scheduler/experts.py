@@ -474,10 +474,8 @@ class ExpertParallel:
         picks ``off_rank`` leave the rank (default ``(R - 1) / R``: routing spread evenly)."""
         if self.ranks == 1:
             return 0.0
-        if off_rank is None:
-            out = max_rows * self.top_k * (self.ranks - 1) / self.ranks
-        else:
-            out = max_rows * self.top_k * off_rank
+        share = (self.ranks - 1) / self.ranks if off_rank is None else off_rank
+        out = max_rows * self.top_k * share
         return 2 * (
             self.a2a_latency_s + out * self.hidden * self.bytes_per_value / self.a2a_gbps / 1e9
         )
